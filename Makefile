@@ -1,0 +1,28 @@
+# The two set-up commands of the README. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export TRITON_DEFAULT_FP_FUSION ?= 1
+
+.PHONY: demo test fuzz setup clean
+
+$(BIN)/dsrc: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	touch $(BIN)/dsrc
+
+setup: $(BIN)/dsrc
+
+demo: setup
+	$(BIN)/dsrc compile --out out/demo
+	$(BIN)/dsrc run --backend interpret --check
+
+test: setup
+	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q tests
+
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf out .dsr_cache

@@ -1,0 +1,202 @@
+"""Text IR parser: the inverse of the printer, so that `parse(str(g)) == g`.
+
+Comments (`# ...` lines) are ignored except a trailing `# origin` on a statement, which
+is the node's origin. Errors name the line and column.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .errors import ParseError
+
+from .graph import Graph, Kernel, Node, Value
+from .types import DType, TensorType, _split_top, parse_dim, parse_type
+
+_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.]*"
+_VAL_RE = re.compile(rf"%({_NAME})")
+_KERNEL_RE = re.compile(rf"^kernel\s+@({_NAME})\((.*)\)\s*(.*)\{{\s*$")
+_GRAPH_RE = re.compile(rf"^graph\s+({_NAME})\((.*)\)\s*\{{\s*$")
+
+
+def _strip_comment(line: str) -> tuple[str, str]:
+    """Split a line into code and trailing comment, ignoring '#' inside strings."""
+    quote = None
+    i = 0
+    while i < len(line):
+        ch = line[i]
+        if quote:
+            if ch == "\\":
+                i += 2
+                continue
+            if ch == quote:
+                quote = None
+        elif ch == '"':
+            quote = ch
+        elif ch == "#":
+            return line[:i].rstrip(), line[i + 1:].strip()
+        i += 1
+    return line.rstrip(), ""
+
+
+def parse_attr_value(text: str) -> Any:
+    t = text.strip()
+    if not t:
+        raise ValueError("empty attribute value")
+    if t.startswith("(") and t.endswith(")"):
+        inner = t[1:-1].strip()
+        if not inner:
+            return ()
+        parts = _split_top(inner)
+        if parts and parts[-1] == "":
+            parts = parts[:-1]
+        return tuple(parse_attr_value(p) for p in parts)
+    if t.startswith('"') and t.endswith('"') and len(t) >= 2:
+        return re.sub(r'\\(.)', r"\1", t[1:-1])
+    if t in ("True", "False"):
+        return t == "True"
+    if t == "None":
+        return None
+    if t in ("inf", "-inf", "nan"):
+        return float(t)
+    if re.fullmatch(r"-?\d+", t):
+        return int(t)
+    if re.fullmatch(r"-?(\d+\.\d*|\d*\.\d+|\d+)([eE][-+]?\d+)?", t):
+        return float(t)
+    try:
+        return DType(t)
+    except ValueError:
+        pass
+    return parse_dim(t)
+
+
+def _parse_signature(text: str, where: str) -> tuple[list[Value], list[str]]:
+    inputs, params = [], []
+    for part in _split_top(text) if text.strip() else []:
+        is_param = part.startswith("param ")
+        if is_param:
+            part = part[len("param "):]
+        m = re.fullmatch(rf"%({_NAME})\s*:\s*(.+)", part.strip())
+        if not m:
+            raise ParseError(f"bad parameter {part!r}", where=where, hint="write `%name : f32[T,256]`")
+        inputs.append(Value(m.group(1), parse_type(m.group(2))))
+        if is_param:
+            params.append(m.group(1))
+    return inputs, params
+
+
+def _parse_node(code: str, origin: str, where: str) -> Node:
+    lhs, eq, rhs = code.partition(" = ")
+    if not eq:
+        lhs, rhs = "", code
+    outputs: list[Value] = []
+    if lhs:
+        names_part, colon, types_part = lhs.partition(" : ")
+        if not colon:
+            raise ParseError("statement needs `%out : type = op(...)`", where=where)
+        names = [n.strip() for n in names_part.split(",")]
+        types = _split_top(types_part)
+        if len(names) != len(types):
+            raise ParseError(f"{len(names)} names but {len(types)} types", where=where)
+        for n, t in zip(names, types):
+            m = re.fullmatch(rf"%({_NAME})", n)
+            if not m:
+                raise ParseError(f"bad value name {n!r}", where=where)
+            outputs.append(Value(m.group(1), parse_type(t)))
+    rhs = rhs.strip()
+    m = re.fullmatch(rf"(call\s+@({_NAME})|([a-z_][a-z0-9_]*))\((.*)\)", rhs)
+    if not m:
+        raise ParseError(f"cannot read op call {rhs!r}", where=where, hint="write `op(%a, %b, key=value)`")
+    op = "call" if m.group(2) else m.group(3)
+    inputs: list[str] = []
+    attrs: list[tuple[str, Any]] = []
+    if op == "call":
+        attrs.append(("kernel", m.group(2)))
+    for arg in _split_top(m.group(4)) if m.group(4).strip() else []:
+        vm = re.fullmatch(rf"%({_NAME})", arg)
+        if vm:
+            if attrs and op != "call" or (op == "call" and len(attrs) > 1):
+                raise ParseError("value arguments must come before attributes", where=where)
+            inputs.append(vm.group(1))
+            continue
+        key, eq2, val = arg.partition("=")
+        if not eq2 or not re.fullmatch(r"[a-z_][a-z0-9_]*", key.strip()):
+            raise ParseError(f"bad argument {arg!r}", where=where)
+        try:
+            attrs.append((key.strip(), parse_attr_value(val)))
+        except Exception as e:  # sympy and int errors
+            raise ParseError(f"bad attribute value {val!r}: {e}", where=where) from None
+    return Node(tuple(outputs), op, tuple(inputs), tuple(attrs), origin)
+
+
+def _parse_block(lines: list[tuple[int, str]], i: int, name: str, inputs: list[Value], params: list[str],
+                 kernels: list[Kernel]) -> tuple[Graph, int]:
+    nodes: list[Node] = []
+    outputs: list[str] | None = None
+    while i < len(lines):
+        lineno, raw = lines[i]
+        code, comment = _strip_comment(raw)
+        code = code.strip()
+        where = f"line {lineno}: {raw.strip()}"
+        i += 1
+        if not code:
+            continue
+        if code == "}":
+            if outputs is None:
+                raise ParseError(f"block {name} has no return", where=where)
+            return Graph(name, tuple(inputs), tuple(nodes), tuple(outputs), tuple(params), tuple(kernels)), i
+        if outputs is not None:
+            raise ParseError("statement after return", where=where)
+        if code.startswith("return"):
+            rest = code[len("return"):].strip()
+            outputs = []
+            for part in [p for p in rest.split(",") if p.strip()]:
+                m = re.fullmatch(rf"%({_NAME})", part.strip())
+                if not m:
+                    raise ParseError(f"bad return value {part!r}", where=where)
+                outputs.append(m.group(1))
+            continue
+        nodes.append(_parse_node(code, comment, where))
+    raise ParseError(f"block {name} is not closed with '}}'", where="end of text")
+
+
+def parse(text: str) -> Graph:
+    """Parse text IR (as printed by `print_graph`) back into a Graph."""
+    lines = list(enumerate(text.splitlines(), start=1))
+    kernels: list[Kernel] = []
+    i = 0
+    graph: Graph | None = None
+    while i < len(lines):
+        lineno, raw = lines[i]
+        code, _ = _strip_comment(raw)
+        code = code.strip()
+        where = f"line {lineno}: {raw.strip()}"
+        i += 1
+        if not code:
+            continue
+        if graph is not None:
+            raise ParseError("text after the graph block", where=where)
+        km = _KERNEL_RE.match(code)
+        if km:
+            ins, ps = _parse_signature(km.group(2), where)
+            kattrs: list[tuple[str, Any]] = []
+            for part in _split_top(km.group(3).strip(), sep=" ") if km.group(3).strip() else []:
+                k, eq, v = part.partition("=")
+                if not eq:
+                    raise ParseError(f"bad kernel attribute {part!r}", where=where)
+                kattrs.append((k, parse_attr_value(v)))
+            d = dict(kattrs)
+            if "family" not in d:
+                raise ParseError("kernel needs family=...", where=where)
+            body, i = _parse_block(lines, i, km.group(1), ins, ps, [])
+            kernels.append(Kernel(km.group(1), d.pop("family"), body, tuple((k, v) for k, v in kattrs if k != "family")))
+            continue
+        gm = _GRAPH_RE.match(code)
+        if gm:
+            ins, ps = _parse_signature(gm.group(2), where)
+            graph, i = _parse_block(lines, i, gm.group(1), ins, ps, kernels)
+            continue
+        raise ParseError(f"expected `kernel @name(...)` or `graph name(...)`, got {code!r}", where=where)
+    if graph is None:
+        raise ParseError("no graph block in text", hint="the text must contain `graph NAME(...) { ... }`")
+    return graph
