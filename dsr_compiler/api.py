@@ -1,0 +1,211 @@
+"""The front door: `trace` and `compile`, returning a callable `CompiledModule`.
+
+compile = trace (frontend) -> PIPELINE of passes (verified, timed) -> lower each fused
+kernel to a KernelSpec -> render through its Jinja template -> triton.compile to PTX and
+cubin for sm_90a (cached by content) -> a LaunchPlan run by the `cuda` or `interpret` backend.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import sympy
+import torch
+from torch import nn
+
+from dsr_compiler import knobs
+from dsr_compiler.errors import DsrError
+from dsr_compiler.ir import Graph
+from dsr_compiler.ir.interp import bind_symbols
+from dsr_compiler.ir.passes import PIPELINE, PassContext, PassRecord, run_passes
+from dsr_compiler.ir.printer import header_line, print_graph
+
+H200 = {"bytes_per_s": 4.8e12, "flops_bf16": 989e12, "flops_fp8": 1979e12, "flops_f32": 67e12}
+TARGETS = ("sm_90a",)
+
+
+def trace(module: nn.Module, example_inputs: Sequence[torch.Tensor], dynamic: dict | None = None,
+          name: str | None = None) -> Graph:
+    """Trace `module` into the IR (see dsr_compiler.frontend)."""
+    from dsr_compiler.frontend import trace as _trace
+    return _trace(module, tuple(example_inputs), dynamic=dynamic, name=name)
+
+
+@dataclass
+class KernelArtifact:
+    spec: Any              # codegen.spec.KernelSpec
+    source: str            # rendered Triton source
+    compiled: Any          # codegen.compile.CompiledKernel (ptx, cubin, registers, spills, ...)
+    compile_ms: float
+    cached: bool
+
+
+@dataclass
+class CompiledModule:
+    """A compiled module: call it like the original (with the same non-parameter inputs)."""
+
+    graph: Graph
+    passes: list[PassRecord]
+    kernels: list[KernelArtifact]
+    options: dict[str, Any]
+    params: list[torch.Tensor]
+    example_env: dict[str, int]
+    compile_ms: dict[str, float] = field(default_factory=dict)
+    _plans: dict[str, Any] = field(default_factory=dict)
+    _device_params: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def plan(self, backend: str | None = None):
+        from dsr_compiler.runtime.device import resolve_backend
+        from dsr_compiler.runtime.launch import build_plan
+        be = resolve_backend(backend or self.options["backend"])
+        if be not in self._plans:
+            self._plans[be] = build_plan(self.graph, self.kernels, be)
+            dev = self._plans[be].device
+            self._device_params[be] = [p.detach().to(dev).contiguous() for p in self.params]
+        return be, self._plans[be]
+
+    def __call__(self, *inputs: torch.Tensor, backend: str | None = None):
+        be, plan = self.plan(backend)
+        n_data = len(self.graph.data_inputs)
+        if len(inputs) != n_data:
+            raise DsrError(f"{self.graph.name}: expected {n_data} inputs "
+                           f"({', '.join('%' + v.name for v in self.graph.data_inputs)}), got {len(inputs)}")
+        outs = plan.run(list(inputs) + self._device_params[be])
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    # ------------------------------------------------------------------ reporting
+    def report(self) -> dict[str, Any]:
+        env = {sympy.Symbol(k, integer=True, positive=True): v for k, v in self.example_env.items()}
+        kernels = []
+        for k in self.kernels:
+            s, c = k.spec, k.compiled
+            br = _eval(s.bytes_read, env)
+            bw = _eval(s.bytes_written, env)
+            fl = _eval(s.flops, env)
+            peak = H200["flops_bf16"]
+            roof = max((br + bw) / H200["bytes_per_s"], fl / peak) * 1e6
+            kernels.append({
+                "name": s.name, "template": s.template, "family": s.family, "backend": "triton",
+                "source_nodes": list(s.source_nodes), "grid": list(s.grid),
+                "grid_at_example": [_eval(x, env) for x in s.grid],
+                "num_warps": s.num_warps, "registers": c.registers, "spills": c.spills,
+                "shared_mem": c.shared_mem, "bytes_read": br, "bytes_written": bw, "flops": fl,
+                "bytes_read_expr": s.bytes_read, "bytes_written_expr": s.bytes_written, "flops_expr": s.flops,
+                "roofline_us_h200": roof, "compile_ms": round(k.compile_ms, 1), "cached": k.cached,
+                "spec_hash": s.hash(),
+            })
+        return {
+            "graph": self.graph.name,
+            "options": self.options,
+            "example_sizes": self.example_env,
+            "passes": [{"index": r.index, "name": r.name, "ms": round(r.ms, 3), "notes": list(r.notes),
+                        "rewrites": dict(r.counts)} for r in self.passes],
+            "compile_ms": {k: round(v, 1) for k, v in self.compile_ms.items()},
+            "kernels": kernels,
+            "totals": {"kernels": len(kernels), "bytes": sum(k["bytes_read"] + k["bytes_written"] for k in kernels),
+                       "flops": sum(k["flops"] for k in kernels),
+                       "roofline_us_h200": sum(k["roofline_us_h200"] for k in kernels)},
+            "h200": H200,
+        }
+
+    def dump(self, out_dir: str | os.PathLike) -> Path:
+        """Write the dump layout of DESIGN §3 atomically (temporary folder, then rename)."""
+        out = Path(out_dir)
+        parent = out.parent if str(out.parent) else Path(".")
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        try:
+            (tmp / "ir").mkdir()
+            (tmp / "kernels").mkdir()
+            total = len(self.passes) - 1
+            prev = ""
+            for r in self.passes:
+                text = print_graph(r.graph, header_line(r.graph, r.index, total, r.name, r.ms))
+                stem = f"{r.index:02d}_{r.name}"
+                (tmp / "ir" / f"{stem}.ir").write_text(text)
+                body = text.split("\n", 1)[1]
+                diff = difflib.unified_diff(prev.splitlines(keepends=True), body.splitlines(keepends=True),
+                                            fromfile="previous", tofile=stem)
+                (tmp / "ir" / f"{stem}.diff").write_text("".join(diff))
+                prev = body
+            for k in self.kernels:
+                (tmp / "kernels" / f"{k.spec.name}.py").write_text(k.source)
+                (tmp / "kernels" / f"{k.spec.name}.ptx").write_text(k.compiled.ptx)
+                (tmp / "kernels" / f"{k.spec.name}.cubin").write_bytes(k.compiled.cubin)
+            (tmp / "report.json").write_text(json.dumps(self.report(), indent=2, sort_keys=False, default=str) + "\n")
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+                os.replace(out, old / "d")
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+
+def _eval(expr: Any, env: dict) -> int | float:
+    from dsr_compiler.ir.types import parse_dim
+    e = parse_dim(expr) if isinstance(expr, str) else sympy.sympify(expr)
+    v = e.subs({sympy.Symbol(s.name, integer=True, positive=True): val for s, val in env.items()}) if e.free_symbols else e
+    return int(v) if v.is_Integer else float(v)
+
+
+def compile(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, fp8: bool = False, target: str = "sm_90a",
+            backend: str = "auto", dynamic: dict | None = None, name: str | None = None,
+            on_pass: Callable[[PassRecord], None] | None = None) -> CompiledModule:
+    """Compile `module` for `target`; the result runs on `backend` (auto | cuda | interpret)."""
+    from dsr_compiler.frontend.trace import param_tensors
+    from dsr_compiler.runtime.device import BACKENDS
+    if target not in TARGETS:
+        raise DsrError(f"unknown target {target!r}", hint=f"supported: {', '.join(TARGETS)}")
+    if backend not in BACKENDS:
+        raise DsrError(f"unknown backend {backend!r}", hint=f"use one of {', '.join(BACKENDS)}")
+    if fp8:
+        raise DsrError("fp8=True: the quantize_fp8 pass (DeepSeek FP8 block recipe) is not in this version yet",
+                       hint="compile with fp8=False (CLI: --no-fp8); FP8 lands with the FP8 recipe work")
+    t0 = time.perf_counter()
+    g = trace(module, example_inputs, dynamic=dynamic, name=name)
+    t_trace = (time.perf_counter() - t0) * 1e3
+    ctx = PassContext(options={"fp8": fp8, "target": target})
+    t1 = time.perf_counter()
+    records = run_passes(g, list(PIPELINE), ctx, on_pass=on_pass)
+    t_passes = (time.perf_counter() - t1) * 1e3
+    final = records[-1].graph
+    t2 = time.perf_counter()
+    kernels = build_kernels(final, target)
+    t_codegen = (time.perf_counter() - t2) * 1e3
+    env = bind_symbols([v.type for v in g.inputs], list(example_inputs) + param_tensors(module, g),
+                       where=f"example inputs of {g.name}")
+    return CompiledModule(
+        graph=final, passes=records, kernels=kernels,
+        options={"fp8": fp8, "target": target, "backend": backend, "dynamic": dynamic or {}},
+        params=param_tensors(module, g), example_env={str(k): v for k, v in env.items()},
+        compile_ms={"trace": t_trace, "passes": t_passes, "codegen": t_codegen,
+                    "total": (time.perf_counter() - t0) * 1e3})
+
+
+def build_kernels(g: Graph, target: str = "sm_90a") -> list[KernelArtifact]:
+    """Lower, render and compile (through the artifact cache) every kernel of a fused graph."""
+    from dsr_compiler.codegen.compile import compile_triton_cached
+    from dsr_compiler.codegen.lower import lower_kernel
+    from dsr_compiler.codegen.render import render
+    from dsr_compiler.runtime.cache import ArtifactCache
+    cache = ArtifactCache()
+    out = []
+    for i, k in enumerate(g.kernels, start=1):
+        spec = lower_kernel(k, i)
+        source = render(spec)
+        t = time.perf_counter()
+        compiled, cached = compile_triton_cached(spec, source, target, cache)
+        out.append(KernelArtifact(spec, source, compiled, (time.perf_counter() - t) * 1e3, cached))
+    return out

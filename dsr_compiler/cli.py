@@ -1,0 +1,178 @@
+"""`dsrc`: the command line (compile, run, ir, bench). See DESIGN §3 and the README.
+
+Exit codes: 0 success, 1 check failed, 2 user error (message, no traceback unless DSR_DEBUG>=1).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+MODULES = ("mlp", "moe", "mla", "decoder", "mtp", "grpo", "model")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse errors are user errors: exit 2, one paragraph
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"dsrc: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _selectors(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("selectors")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="built-in config: deepseek-v3-tiny (default), deepseek-v2-lite, deepseek-v3")
+    src.add_argument("--config", default=None, help="path to a DeepSeek config.json (HF or reference ModelArgs format)")
+    g.add_argument("--module", default="mlp", choices=MODULES, help="which part of the model to compile (default: mlp)")
+    g.add_argument("--batch", type=int, default=1, help="batch size of the example inputs (default 1)")
+    g.add_argument("--seq", type=int, default=16, help="sequence length of the example inputs (default 16)")
+    g.add_argument("--dtype", default="f32", choices=("f32", "bf16"), help="activation/weight dtype (default f32)")
+    fp8 = g.add_mutually_exclusive_group()
+    fp8.add_argument("--fp8", dest="fp8", action="store_true", help="FP8 block-scaled recipe (not in this version yet)")
+    fp8.add_argument("--no-fp8", dest="fp8", action="store_false", help="keep GEMMs in the activation dtype (default)")
+    p.set_defaults(fp8=False)
+    g.add_argument("--mla", default="absorb", choices=("naive", "absorb"), help="MLA decode form (with --module mla/decoder)")
+    g.add_argument("--target", default="sm_90a", choices=("sm_90a",), help="GPU target (default sm_90a)")
+
+
+def _config(args):
+    from dsr_compiler.models import ModelConfig
+    if args.config:
+        return ModelConfig.from_json(args.config)
+    return ModelConfig.named(args.model or "deepseek-v3-tiny")
+
+
+def _workload(args, seed: int = 0):
+    from dsr_compiler.workloads import build
+    return build(_config(args), args.module, args.batch, args.seq, args.dtype, seed)
+
+
+def _compile(args, wl):
+    import dsr_compiler as dsr
+    return dsr.compile(wl.module, wl.example_inputs, fp8=args.fp8, target=args.target,
+                       backend=getattr(args, "backend", "auto"), dynamic=wl.dynamic, name=wl.name)
+
+
+def _summary(cm) -> str:
+    rep = cm.report()
+    rows = [("kernel", "family", "ops", "regs", "spills", "smem", "bytes", "MFLOP", "roof us")]
+    for k in rep["kernels"]:
+        rows.append((k["name"], k["family"], str(len(k["source_nodes"])), str(k["registers"]), str(k["spills"]),
+                     str(k["shared_mem"]), str(k["bytes_read"] + k["bytes_written"]), f"{k['flops'] / 1e6:.2f}",
+                     f"{k['roofline_us_h200']:.2f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    t = rep["totals"]
+    lines.append(f"{t['kernels']} kernels, {t['bytes']} bytes, {t['flops'] / 1e6:.2f} MFLOP, "
+                 f"roofline {t['roofline_us_h200']:.2f} us on H200 (sizes {rep['example_sizes']}); "
+                 f"compile {rep['compile_ms']['total']:.0f} ms")
+    return "\n".join(lines)
+
+
+def cmd_compile(args) -> int:
+    wl = _workload(args)
+    cm = _compile(args, wl)
+    print(_summary(cm))
+    if args.out:
+        out = cm.dump(args.out)
+        print(f"dump written to {out}/ (ir/, kernels/, report.json)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    import torch
+    from dsr_compiler.errors import CheckFailed
+    from dsr_compiler.tolerance import compare
+    wl = _workload(args, seed=args.seed)
+    cm = _compile(args, wl)
+    be, _ = cm.plan(args.backend)
+    inputs = wl.make_inputs(args.batch * args.seq, args.seed)
+    dev = "cuda" if be == "cuda" else "cpu"
+    out = cm(*[x.to(dev) for x in inputs], backend=be)
+    print(f"ran {len(cm.kernels)} kernels on backend {be}; output {tuple(out.shape)} {str(out.dtype).replace('torch.', '')}")
+    if not args.check:
+        return 0
+    with torch.no_grad():
+        ref = wl.module(*inputs)
+    r = compare(out.cpu(), ref)
+    print(f"check vs eager PyTorch: max abs err {r['max_abs']:.3e}, max rel err {r['max_rel']:.3e}; "
+          f"tolerance atol {r['atol']:.1e} rtol {r['rtol']:.1e} ({str(ref.dtype).replace('torch.', '')})")
+    if not r["ok"]:
+        raise CheckFailed("check failed: compiled output differs from eager beyond tolerance",
+                          where=f"--module {args.module}", hint="DSR_DEBUG=4 shows the generated kernels")
+    print("check passed")
+    return 0
+
+
+def cmd_ir(args) -> int:
+    from dsr_compiler.ir.passes import PIPELINE
+    from dsr_compiler.ir.printer import header_line, print_graph
+    import dsr_compiler as dsr
+    names = ["trace"] + [n for n, _ in PIPELINE]
+    if args.after and args.after not in names:
+        from dsr_compiler.errors import DsrError
+        raise DsrError(f"unknown pass {args.after!r} for --after", hint=f"passes: {', '.join(names)}")
+    wl = _workload(args)
+    from dsr_compiler.ir.passes import PassContext, run_passes
+    g = dsr.trace(wl.module, wl.example_inputs, dynamic=wl.dynamic, name=wl.name)
+    records = run_passes(g, list(PIPELINE), PassContext())
+    total = len(records) - 1
+    for r in records:
+        if args.after is None or r.name == args.after:
+            sys.stdout.write(print_graph(r.graph, header_line(r.graph, r.index, total, r.name, r.ms)))
+            if args.after is None and r is not records[-1]:
+                sys.stdout.write("\n")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from dsr_compiler.bench import bench_workload
+    wl = _workload(args)
+    print(bench_workload(wl, fp8=args.fp8, target=args.target))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="dsrc", description="dsr_compiler: compile DeepSeek-style PyTorch modules to Triton/PTX for sm_90a")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    c = sub.add_parser("compile", help="trace, optimize, generate and compile; write the dump with --out")
+    _selectors(c)
+    c.add_argument("--out", default=None, help="dump folder: ir/, kernels/, report.json")
+    c.set_defaults(fn=cmd_compile)
+    r = sub.add_parser("run", help="compile and run on seeded random inputs; --check compares with eager")
+    _selectors(r)
+    r.add_argument("--backend", default="auto", choices=("auto", "cuda", "interpret"))
+    r.add_argument("--check", action="store_true", help="compare with eager PyTorch; exit 1 beyond tolerance")
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(fn=cmd_run)
+    i = sub.add_parser("ir", help="print the IR after each pass (or after --after PASS)")
+    _selectors(i)
+    i.add_argument("--after", default=None, help="pass name (trace, cse, fold_constants, dce, fuse)")
+    i.set_defaults(fn=cmd_ir)
+    b = sub.add_parser("bench", help="kernel launches and modeled DRAM bytes vs eager, compile times")
+    _selectors(b)
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from dsr_compiler.errors import DsrError
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except DsrError as e:
+        if os.environ.get("DSR_DEBUG", "0") not in ("", "0"):
+            traceback.print_exc()
+        sys.stderr.write(f"dsrc {args.cmd}: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

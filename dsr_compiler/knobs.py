@@ -1,0 +1,79 @@
+"""Typed, documented knobs: every `DSR_*` environment variable the compiler reads.
+
+Read them through `knobs.get(name)`; tests scope them with `knobs.scoped(DSR_DEBUG=3)`.
+DSR_DEBUG levels: 1 summary, 2 timings, 3 fusion decisions, 4 generated source, 5 IR per pass,
+6 rewrite matches, 7 PTX.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from dsr_compiler.errors import DsrError
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+
+
+def _int(s: str) -> int:
+    return int(s)
+
+
+def _path(s: str) -> Path:
+    return Path(s).expanduser()
+
+
+def _default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dsr_compiler"
+
+
+KNOBS: dict[str, Knob] = {k.name: k for k in (
+    Knob("DSR_DEBUG", _int, 0, "verbosity: 1 summary, 2 timings, 3 fusion decisions, 4 generated source, "
+                               "5 IR per pass, 6 rewrite matches, 7 PTX; >=1 also shows tracebacks"),
+    Knob("DSR_CACHE_DIR", _path, None, "artifact cache folder (default: $XDG_CACHE_HOME/dsr_compiler)"),
+    Knob("DSR_NO_CACHE", _int, 0, "1 disables the on-disk artifact cache (every compile is cold)"),
+    Knob("DSR_BACKEND", str, "auto", "default runtime backend: auto | cuda | interpret"),
+)}
+
+
+def get(name: str) -> Any:
+    k = KNOBS.get(name)
+    if k is None:
+        raise KeyError(f"unknown knob {name}")
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return _default_cache() if name == "DSR_CACHE_DIR" else k.default
+    try:
+        return k.parse(raw)
+    except (TypeError, ValueError):
+        raise DsrError(f"bad value for {name}: {raw!r}", hint=k.help) from None
+
+
+@contextlib.contextmanager
+def scoped(**values: Any) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if k not in KNOBS:
+                raise KeyError(f"unknown knob {k}")
+            os.environ[k] = str(v)
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def debug(level: int) -> bool:
+    return get("DSR_DEBUG") >= level

@@ -1,0 +1,69 @@
+"""Workloads for the CLI: a (module, example inputs, dynamic dims) triple per `--module`.
+
+Each builder constructs a zoo module from a ModelConfig with seeded weights, and example
+inputs whose token dimension is symbolic (`T`), so one compile serves every token count.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from dsr_compiler.errors import DsrError
+from dsr_compiler.models import ModelConfig
+
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Workload:
+    name: str
+    module: nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    dynamic: dict[str, dict[int, str]]
+    make_inputs: Callable[[int, int], tuple[torch.Tensor, ...]]   # (tokens, seed) -> inputs
+
+
+def _init_(module: nn.Module, seed: int) -> None:
+    """Deterministic weights scaled like a trained model (rows ~ unit RMS after the matmul)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+            elif name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def _mlp(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int) -> Workload:
+    from dsr_compiler.models.layers import MLPBlock
+    m = MLPBlock(cfg)
+    _init_(m, seed)
+    m = m.to(dtype).eval()
+
+    def make(tokens: int, s: int) -> tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(s)
+        return (torch.randn(tokens, cfg.hidden_size, generator=g).to(dtype),)
+    return Workload("mlp", m, make(batch * seq, seed), {"x": {0: "T"}}, make)
+
+
+BUILDERS: dict[str, Callable[..., Workload]] = {"mlp": _mlp}
+PLANNED = ("moe", "mla", "decoder", "mtp", "grpo", "model")
+
+
+def build(cfg: ModelConfig, module: str, batch: int = 1, seq: int = 16, dtype: str = "f32", seed: int = 0) -> Workload:
+    if module not in BUILDERS:
+        if module in PLANNED:
+            raise DsrError(f"--module {module}: not compiled yet in this version",
+                           where=f"--module {module}",
+                           hint=f"available now: {', '.join(BUILDERS)}; {module} lands with the MoE/MLA, MTP and GRPO work")
+        raise DsrError(f"unknown --module {module!r}", hint=f"use one of {', '.join(BUILDERS)}")
+    if dtype not in DTYPES:
+        raise DsrError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
+    if batch < 1 or seq < 1:
+        raise DsrError(f"--batch and --seq must be >= 1, got {batch} and {seq}")
+    return BUILDERS[module](cfg, batch, seq, DTYPES[dtype], seed)

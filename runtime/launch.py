@@ -1,0 +1,52 @@
+"""Build a LaunchPlan from a fused graph and its compiled kernels, for one backend.
+
+`interpret`: each kernel's Triton source is loaded under TRITON_INTERPRET=1 and runs on CPU
+tensors. `cuda`: the same source is loaded as a real `triton.jit` function and launched on
+the GPU through Triton's launcher (compiled for the device on first launch; the sm_90a
+artifacts in the dump are the ahead-of-time record of the same source).
+"""
+from __future__ import annotations
+
+import torch
+
+from dsr_compiler.codegen.compile import load_interpreted, load_jit
+from dsr_compiler.ir.errors import RuntimeLaunchError
+from dsr_compiler.ir.graph import Graph
+from dsr_compiler.ir.ops import OPS, SOURCE
+
+from .plan import ConstStep, KernelStep, LaunchPlan, ViewStep, _lambdify
+
+
+def build_plan(g: Graph, kernels: list, backend: str) -> LaunchPlan:
+    syms: set = set()
+    for v in g.inputs:
+        syms |= v.type.free_symbols()
+    symbols = sorted(syms, key=lambda s: s.name)
+    by_name = {k.spec.name: k for k in kernels}
+    device = torch.device("cuda" if backend == "cuda" else "cpu")
+    steps: list = []
+    for n in g.nodes:
+        if n.op == "call":
+            art = by_name.get(n.attr("kernel"))
+            if art is None:
+                raise RuntimeLaunchError(f"plan: kernel @{n.attr('kernel')} was not compiled")
+            spec = art.spec
+            fn = load_interpreted(spec, art.source) if backend == "interpret" else load_jit(spec, art.source)
+            targs, sfns = [], []
+            for a in spec.args:
+                if a.kind == "scalar":
+                    targs.append((a.expr, "scalar"))
+                    sfns.append(_lambdify(a.expr, symbols))
+                else:
+                    targs.append((a.value, a.role))
+                    sfns.append(None)
+            steps.append(KernelStep(spec.name, fn, targs, sfns, [_lambdify(x, symbols) for x in spec.grid],
+                                    list(n.outputs)))
+        elif n.op == "reshape":
+            steps.append(ViewStep(n))
+        elif OPS[n.op].kind == SOURCE:
+            steps.append(ConstStep(n))
+        else:
+            raise RuntimeLaunchError(f"plan: top-level op {n.op} is not a kernel call",
+                                     hint="the fuse pass must place every compute op in a kernel")
+    return LaunchPlan(g, steps, device)

@@ -1,0 +1,96 @@
+"""Launch plan: the compiled graph's top level as a list of steps over buffers.
+
+Steps are kernel launches (a generated kernel, its argument binding and grid), free views
+(`reshape` of a contiguous buffer) and constants. Symbolic sizes are bound once per call
+from the input shapes; scalar arguments and grids are sympy expressions compiled to
+Python functions when the plan is built. Nothing here reads device memory back to the host.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import sympy
+import torch
+
+from dsr_compiler.ir.errors import RuntimeLaunchError
+from dsr_compiler.ir.graph import Graph, Node, Value
+from dsr_compiler.ir.interp import bind_symbols, concrete_attr
+
+
+def _lambdify(expr: str, symbols: Sequence[sympy.Symbol]) -> Callable[..., int]:
+    from dsr_compiler.ir.types import parse_dim
+    e = parse_dim(expr) if isinstance(expr, str) else sympy.sympify(expr)
+    extra = e.free_symbols - set(symbols)
+    if extra:
+        raise RuntimeLaunchError(f"expression {expr} uses unknown symbols {sorted(map(str, extra))}")
+    if not e.free_symbols:
+        v = int(e)
+        return lambda *a: v
+    f = sympy.lambdify(list(symbols), e, modules="math")
+    return lambda *a: int(f(*a))
+
+
+@dataclass
+class KernelStep:
+    name: str
+    fn: Any                                  # launchable: fn[grid](*args)
+    tensor_args: list[tuple[str, str]]       # (value name, role) in signature order, scalars marked "scalar"
+    scalar_fns: list[Callable[..., int] | None]
+    grid_fns: list[Callable[..., int]]
+    outputs: list[Value]
+
+
+@dataclass
+class ViewStep:
+    node: Node
+
+
+@dataclass
+class ConstStep:
+    node: Node
+
+
+class LaunchPlan:
+    def __init__(self, graph: Graph, steps: list, device: torch.device):
+        self.graph = graph
+        self.steps = steps
+        self.device = device
+        syms: set[sympy.Symbol] = set()
+        for v in graph.inputs:
+            syms |= v.type.free_symbols()
+        self.symbols = sorted(syms, key=lambda s: s.name)
+
+    def run(self, args: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        g = self.graph
+        if len(args) != len(g.inputs):
+            raise RuntimeLaunchError(f"{g.name}: expected {len(g.inputs)} tensors, got {len(args)}")
+        for v, a in zip(g.inputs, args):
+            if not isinstance(a, torch.Tensor):
+                raise RuntimeLaunchError(f"{g.name}: input %{v.name} must be a tensor, got {type(a).__name__}")
+            if a.device.type != self.device.type:
+                raise RuntimeLaunchError(f"{g.name}: input %{v.name} is on {a.device}, the plan runs on {self.device}",
+                                         hint=f"move inputs with .to('{self.device}') or pick the matching --backend")
+        env_sym = bind_symbols([v.type for v in g.inputs], args, where=f"inputs of {g.name}")
+        symvals = [env_sym.get(s) for s in self.symbols]
+        env: dict[str, torch.Tensor] = {v.name: a.contiguous() for v, a in zip(g.inputs, args)}
+        for step in self.steps:
+            if isinstance(step, KernelStep):
+                for o in step.outputs:
+                    env[o.name] = torch.empty(o.type.concrete_shape(env_sym), dtype=o.type.dtype.torch,
+                                              device=self.device)
+                grid = tuple(f(*symvals) for f in step.grid_fns)
+                if any(x <= 0 for x in grid):
+                    continue  # empty problem (e.g. zero tokens): nothing to launch
+                call_args = []
+                for (name, role), sf in zip(step.tensor_args, step.scalar_fns):
+                    call_args.append(sf(*symvals) if role == "scalar" else env[name])
+                step.fn[grid](*call_args)
+            elif isinstance(step, ViewStep):
+                n = step.node
+                shape = concrete_attr(n.attr("shape"), env_sym)
+                env[n.out.name] = env[n.inputs[0]].view(shape)
+            elif isinstance(step, ConstStep):
+                n = step.node
+                env[n.out.name] = torch.tensor(n.attr("value"), dtype=n.attr("dtype").torch, device=self.device)
+        return [env[o] for o in g.outputs]
