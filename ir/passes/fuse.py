@@ -63,15 +63,23 @@ class _Fuser:
     def preds(self, i: int) -> set[int]:
         return {self.index_of[x] for x in self.nodes[i].inputs if x in self.index_of}
 
-    def _reaches_via_outside(self, members: set[int], target: int) -> bool:
-        """Is there a path members -> (node outside members) -> ... -> target?"""
+    def _reaches_via_outside(self, members: set[int], target: int, own: _Group | None = None) -> bool:
+        """Is there a path members -> (node outside members) -> ... -> target?
+
+        Another group runs as one kernel, so reaching any of its members reaches all of them
+        (kernel-level edges, not only node-level ones, can close a cycle)."""
         stack = [u for m in members for u in self.users[m] if u not in members and u != target]
         seen: set[int] = set()
         while stack:
             x = stack.pop()
-            if x in seen or x > target:
-                continue  # nodes are topologically ordered: beyond target cannot reach it
+            if x in seen:
+                continue
             seen.add(x)
+            other = self.group_of.get(x)
+            if other is not None and other is not own:
+                stack.extend(m for m in other.members if m not in seen and m not in members and m != target)
+            if x > target:
+                continue  # nodes are topologically ordered: beyond target cannot reach it
             if target in self.users[x]:
                 return True
             stack.extend(u for u in self.users[x] if u not in members)
@@ -82,12 +90,12 @@ class _Fuser:
             return False
         members = set(grp.members)
         # cycle check both ways: group -> outside -> i, and i -> outside -> group
-        if self._reaches_via_outside(members, i):
+        if self._reaches_via_outside(members, i, grp):
             self.ctx.note(f"cannot fuse {self.name(i)} into {why_prefix}: a value it needs is computed "
                           f"outside the kernel from the kernel's own results (would create a cycle)")
             return False
         for m in members:
-            if self._reaches_via_outside({i}, m):
+            if self._reaches_via_outside({i}, m, grp):
                 self.ctx.note(f"cannot fuse {self.name(i)} into {why_prefix}: the kernel needs a value computed "
                               f"outside it from this node's result (would create a cycle)")
                 return False
@@ -104,17 +112,19 @@ class _Fuser:
         return grp
 
     # --- fusion rules
-    def pointwise_ok(self, i: int, shape_of: TensorType, what: str) -> bool:
+    def pointwise_ok(self, i: int, shape_of: TensorType, what: str, also: TensorType | None = None) -> bool:
         n = self.nodes[i]
         if self.op_kind(i) not in (POINTWISE, SOURCE):
             return False
+        if also is not None and n.outputs and _same_shape(n.outputs[0].type, also):
+            return True  # a per-row value in a reduction kernel (e.g. rsqrt(mean + eps))
         if n.outputs and n.outputs[0].type.rank and not _same_shape(n.outputs[0].type, shape_of):
             self.ctx.note(f"cannot fuse {self.name(i)} into {what}: its shape {n.outputs[0].type} differs from "
                           f"the kernel's iteration shape {shape_of}")
             return False
         return True
 
-    def absorb_epilogue(self, grp: _Group, out_type: TensorType, what: str) -> None:
+    def absorb_epilogue(self, grp: _Group, out_type: TensorType, what: str, also: TensorType | None = None) -> None:
         """Greedily pull pointwise consumers of group values into the group."""
         changed = True
         while changed:
@@ -124,7 +134,7 @@ class _Fuser:
                 # rope reads its input's pair partner, so its x must come from memory: it starts a kernel
                 if u in self.group_of or self.nodes[u].op == "rope":
                     continue
-                if not self.pointwise_ok(u, out_type, what):
+                if not self.pointwise_ok(u, out_type, what, also):
                     continue
                 if not self.can_join(grp, u, what):
                     continue
@@ -177,7 +187,9 @@ class _Fuser:
                 grp = self.new_group("reduction", i)
                 what = f"reduction kernel of {self.name(i)}"
                 self.absorb_prologue(grp, x, xt, what)
-                self.absorb_epilogue(grp, xt, what)
+                red = n.outputs[0].type
+                per_row = xt.with_shape(xt.shape[:-1] + (1,)) if red.rank < xt.rank else red
+                self.absorb_epilogue(grp, xt, what, also=per_row if not _same_shape(per_row, xt) else None)
             else:
                 self.ctx.note(f"cannot make a reduction kernel of {self.name(i)}: only last-dim reductions are supported")
         # 3. attention
@@ -260,7 +272,8 @@ def fuse(g: Graph, ctx: PassContext) -> Graph:
         for m in grp.members:
             unit_of[m] = grp
     for i, n in enumerate(nodes):
-        if i not in unit_of and OPS[n.op].kind != SOURCE:
+        returned = any(o.name in f.graph_outputs for o in n.outputs)  # a returned constant stays at top level
+        if i not in unit_of and (OPS[n.op].kind != SOURCE or returned):
             unit_of[i] = i
             units.append(i)
 
@@ -305,11 +318,14 @@ def fuse(g: Graph, ctx: PassContext) -> Graph:
         u = units[k]
         if not isinstance(u, _Group):
             n = nodes[u]
+            if any(o.name in top_consts for o in n.outputs):
+                continue  # a returned constant already emitted for a reshape
             for inp in n.inputs:  # a loose node (reshape) reading a constant keeps the constant
                 if inp in const_nodes and inp not in top_consts:
                     new_nodes.append(const_nodes[inp])
                     top_consts.add(inp)
             new_nodes.append(n)
+            top_consts.update(o.name for o in n.outputs if o.name in const_nodes)
             continue
         mset = set(u.members)
         produced = {o.name: o for m in u.members for o in nodes[m].outputs}

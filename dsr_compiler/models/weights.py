@@ -1,0 +1,252 @@
+"""Loading HF-format DeepSeek checkpoints (safetensors) into the zoo modules.
+
+Where it sits: beside the zoo; the front door calls :func:`load_state_dict_safetensors` before
+tracing so compiled and eager runs see real weights. HF names (``model.layers.3.self_attn.q_a_proj.weight``)
+are mapped segment by segment onto ours (``layers.3.attn.wq_a.weight``). FP8 weights
+(``float8_e4m3fn`` + ``weight_scale_inv`` with one fp32 scale per 128x128 block) are dequantized on
+load. Only ``safetensors`` is ever used to read files: never ``torch.load`` (pickles run code).
+
+:func:`save_safetensors` writes the format directly (no numpy needed), for tests and examples.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from dsr_compiler.errors import DsrError
+
+__all__ = ["load_state_dict_safetensors", "save_safetensors", "hf_to_ours", "ours_to_hf",
+           "quantize_fp8_blocks", "dequantize_fp8_blocks", "FP8_MAX"]
+
+FP8_MAX = 448.0
+_SCALE_SUFFIX = "_scale_inv"
+
+# HF name segment -> our name segment (DeepSeek-V3 reference names).
+_HF_SEGMENTS = {
+    "embed_tokens": "embed",
+    "self_attn": "attn",
+    "mlp": "ffn",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "q_proj": "wq",
+    "q_a_proj": "wq_a",
+    "q_a_layernorm": "q_norm",
+    "q_b_proj": "wq_b",
+    "kv_a_proj_with_mqa": "wkv_a",
+    "kv_a_layernorm": "kv_norm",
+    "kv_b_proj": "wkv_b",
+    "o_proj": "wo",
+    "gate_proj": "w1",
+    "up_proj": "w3",
+    "down_proj": "w2",
+}
+_OUR_SEGMENTS = {v: k for k, v in _HF_SEGMENTS.items()}
+
+
+def hf_to_ours(name: str) -> str:
+    """``model.layers.0.mlp.experts.3.gate_proj.weight`` -> ``layers.0.ffn.experts.3.w1.weight``."""
+    if name == "lm_head.weight":
+        return "head.weight"
+    if name.startswith("model."):
+        name = name[len("model."):]
+    return ".".join(_HF_SEGMENTS.get(p, p) for p in name.split("."))
+
+
+def ours_to_hf(name: str, prefix: str | None = None) -> str:
+    """Inverse of :func:`hf_to_ours`; with ``prefix`` (e.g. ``model.layers.1.mlp.``) for a sub-module."""
+    hf = ".".join(_OUR_SEGMENTS.get(p, p) for p in name.split("."))
+    if prefix is not None:
+        return prefix + hf
+    return "lm_head.weight" if name == "head.weight" else "model." + hf
+
+
+# ---- FP8 blocks ---------------------------------------------------------------------------------
+def quantize_fp8_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [N, K]`` -> ``(q float8_e4m3fn [N, K], scale_inv fp32 [ceil(N/b), ceil(K/b)])`` with ``w ~ q * s``.
+
+    Per DESIGN.md §5: ``s = max(amax, 1e-4) / 448`` per block, ``q = cast(clamp(w / s, ±448))``.
+    """
+    n, k = w.shape
+    nb, kb = math.ceil(n / block), math.ceil(k / block)
+    padded = torch.zeros(nb * block, kb * block, dtype=torch.float32)
+    padded[:n, :k] = w.float()
+    tiles = padded.view(nb, block, kb, block)
+    scale = tiles.abs().amax(dim=(1, 3)).clamp_min(1e-4) / FP8_MAX
+    q = (tiles / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(nb * block, kb * block)[:n, :k].contiguous(), scale
+
+
+def dequantize_fp8_blocks(q: torch.Tensor, scale_inv: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """``q [N, K]`` fp8 times its block scale ``[ceil(N/b), ceil(K/b)]`` -> fp32 ``[N, K]``."""
+    n, k = q.shape
+    s = scale_inv.float().repeat_interleave(block, dim=0)[:n].repeat_interleave(block, dim=1)[:, :k]
+    return q.float() * s
+
+
+# ---- writing ------------------------------------------------------------------------------------
+_DTYPE_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``tensors`` as a ``.safetensors`` file (names sorted, 8-byte aligned header)."""
+    header: dict[str, object] = {}
+    blobs: list[bytes] = []
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.dtype not in _DTYPE_CODES:
+            raise DsrError(f"cannot write tensor {name!r}: dtype {t.dtype} has no safetensors code",
+                           where=str(path), hint=f"use one of {sorted(str(d) for d in _DTYPE_CODES)}")
+        nbytes = t.numel() * t.element_size()
+        blob = ctypes.string_at(t.data_ptr(), nbytes) if nbytes else b""
+        header[name] = {"dtype": _DTYPE_CODES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        blobs.append(blob)
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for blob in blobs:
+            f.write(blob)
+
+
+# ---- loading ------------------------------------------------------------------------------------
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise DsrError(f"no .safetensors files in {path}", where=str(path),
+                           hint="point at a checkpoint file or a directory of *.safetensors shards")
+        return files
+    if not path.exists():
+        raise DsrError(f"checkpoint not found: {path}", where=str(path),
+                       hint="pass a .safetensors file or a directory holding the shards")
+    return [path]
+
+
+def _read(files: Iterable[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                for k in st.keys():
+                    if k in out:
+                        raise DsrError(f"tensor {k!r} appears in two checkpoint shards", where=str(f),
+                                       hint="the shards of one checkpoint must not overlap")
+                    out[k] = st.get_tensor(k)
+        except DsrError:
+            raise
+        except Exception as e:  # safetensors raises its own error type for corrupt files
+            raise DsrError(f"cannot read safetensors file {f}: {e}", where=str(f),
+                           hint="is it a .safetensors file? (PyTorch .bin/.pt pickles are not read)") from None
+    return out
+
+
+def _listing(title: str, items: list[str], limit: int = 40) -> list[str]:
+    if not items:
+        return []
+    lines = [f"    {title} ({len(items)}):"] + [f"      {s}" for s in items[:limit]]
+    if len(items) > limit:
+        lines.append(f"      ... and {len(items) - limit} more")
+    return lines
+
+
+def load_state_dict_safetensors(module: nn.Module, path: str | Path, prefix: str | None = None,
+                                strict: bool = True, block: int = 128) -> nn.Module:
+    """Load an HF-format DeepSeek checkpoint (file or directory of shards) into ``module`` in place.
+
+    ``prefix`` selects a sub-module's tensors and strips it (``model.layers.1.mlp.`` for a
+    :class:`MoE`, ``model.layers.0.`` for a :class:`DecoderLayer`); without it the names are those
+    of a whole :class:`DeepSeekModel`. FP8 weights are dequantized with their ``weight_scale_inv``
+    and every tensor is cast to the dtype of the parameter it fills. Unknown (unless
+    ``strict=False``), missing and mis-shaped tensors are reported together in one DsrError.
+    Returns ``module``.
+    """
+    path = Path(path)
+    raw = _read(_files(path))
+    if prefix is not None:
+        raw = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+    expected = module.state_dict()
+    loaded: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    bad_shape: list[str] = []
+    bad_other: list[str] = []
+    reported: set[str] = set()  # our names already listed as mis-shaped or invalid
+    scales = {k for k in raw if k.endswith(_SCALE_SUFFIX)}
+    for hf_name in sorted(raw):
+        if hf_name in scales:
+            weight_name = hf_name[: -len(_SCALE_SUFFIX)]
+            if weight_name not in raw:
+                unknown.append(f"{_show(hf_name, prefix)} (a scale without its weight)")
+            continue
+        t = raw[hf_name]
+        ours = hf_to_ours(hf_name) if prefix is None else ".".join(_HF_SEGMENTS.get(p, p) for p in hf_name.split("."))
+        if ours not in expected:
+            unknown.append(_show(hf_name, prefix))
+            continue
+        want = expected[ours]
+        reported.add(ours)
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            s = raw.get(hf_name + _SCALE_SUFFIX)
+            if s is None:
+                bad_other.append(f"{_show(hf_name, prefix)}: FP8 weight without its weight{_SCALE_SUFFIX}")
+                continue
+            if t.dim() != 2:
+                bad_other.append(f"{_show(hf_name, prefix)}: FP8 tensor must be 2-D, got {tuple(t.shape)}")
+                continue
+            want_s = (math.ceil(t.shape[0] / block), math.ceil(t.shape[1] / block))
+            if tuple(s.shape) != want_s:
+                bad_shape.append(f"{_show(hf_name + _SCALE_SUFFIX, prefix)}: shape {tuple(s.shape)}, "
+                                 f"expected {want_s} for a {tuple(t.shape)} weight in {block}x{block} blocks")
+                continue
+            t = dequantize_fp8_blocks(t, s, block)
+        elif hf_name + _SCALE_SUFFIX in raw:
+            bad_other.append(f"{_show(hf_name, prefix)}: has a {_SCALE_SUFFIX} but dtype {t.dtype} is not FP8")
+            continue
+        if tuple(t.shape) != tuple(want.shape):
+            bad_shape.append(f"{_show(hf_name, prefix)} -> {ours}: shape {tuple(t.shape)}, "
+                             f"expected {tuple(want.shape)}")
+            continue
+        loaded[ours] = t
+    missing = sorted(k for k in expected if k not in loaded and k not in reported)
+    if missing or bad_shape or bad_other or (unknown and strict):
+        lines = (_listing("missing (module tensors the checkpoint lacks)",
+                          [f"{ours_to_hf(k, prefix)} -> {k}" for k in missing])
+                 + _listing("mis-shaped", bad_shape)
+                 + _listing("invalid", bad_other)
+                 + (_listing("unknown (checkpoint tensors the module lacks)", unknown) if strict else []))
+        counts = ", ".join(f"{n} {what}" for n, what in ((len(missing), "missing"), (len(bad_shape), "mis-shaped"),
+                                                        (len(bad_other), "invalid"),
+                                                        (len(unknown) if strict else 0, "unknown")) if n)
+        raise DsrError(f"checkpoint does not match {type(module).__name__}: {counts} tensors",
+                       where=f"    {path}\n" + "\n".join(lines),
+                       hint="check that the config matches the checkpoint (layers, experts, ranks)"
+                            + ("; pass prefix= to load one sub-module" if prefix is None else "")
+                            + ("; strict=False ignores unknown tensors (e.g. MTP layers)"
+                               if unknown and strict else ""))
+    with torch.no_grad():
+        for name, t in loaded.items():
+            expected[name].copy_(t.to(expected[name].dtype))
+    return module
+
+
+def _show(name: str, prefix: str | None) -> str:
+    return name if prefix is None else prefix + name
