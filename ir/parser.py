@@ -15,7 +15,7 @@ from .types import DType, TensorType, _split_top, parse_dim, parse_type
 
 _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.]*"
 _VAL_RE = re.compile(rf"%({_NAME})")
-_KERNEL_RE = re.compile(rf"^kernel\s+@({_NAME})\((.*)\)\s*(.*)\{{\s*$")
+_KERNEL_RE = re.compile(rf"^kernel\s+@({_NAME})\((.*)\{{\s*$")  # signature and attrs split by _split_kernel_head
 _GRAPH_RE = re.compile(rf"^graph\s+({_NAME})\((.*)\)\s*\{{\s*$")
 
 
@@ -37,6 +37,35 @@ def _strip_comment(line: str) -> tuple[str, str]:
             return line[:i].rstrip(), line[i + 1:].strip()
         i += 1
     return line.rstrip(), ""
+
+
+def _type(text: str, where: str) -> TensorType:
+    try:
+        return parse_type(text)
+    except Exception as e:  # unknown dtype, unbalanced brackets, sympy errors
+        raise ParseError(f"bad type {text.strip()!r}: {e}", where=where, hint="write e.g. `f32[T,256]`") from None
+
+
+def _split_kernel_head(rest: str, where: str) -> tuple[str, str]:
+    """Split `sig) attrs ` at the parenthesis closing the signature (attrs may hold parens and strings)."""
+    depth, quote, i = 0, None, 0
+    while i < len(rest):
+        ch = rest[i]
+        if quote:
+            if ch == "\\":
+                i += 1
+            elif ch == quote:
+                quote = None
+        elif ch == '"':
+            quote = ch
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            if depth == 0:
+                return rest[:i], rest[i + 1:]
+            depth -= 1
+        i += 1
+    raise ParseError("kernel signature is not closed with ')'", where=where)
 
 
 def parse_attr_value(text: str) -> Any:
@@ -79,7 +108,7 @@ def _parse_signature(text: str, where: str) -> tuple[list[Value], list[str]]:
         m = re.fullmatch(rf"%({_NAME})\s*:\s*(.+)", part.strip())
         if not m:
             raise ParseError(f"bad parameter {part!r}", where=where, hint="write `%name : f32[T,256]`")
-        inputs.append(Value(m.group(1), parse_type(m.group(2))))
+        inputs.append(Value(m.group(1), _type(m.group(2), where)))
         if is_param:
             params.append(m.group(1))
     return inputs, params
@@ -102,7 +131,7 @@ def _parse_node(code: str, origin: str, where: str) -> Node:
             m = re.fullmatch(rf"%({_NAME})", n)
             if not m:
                 raise ParseError(f"bad value name {n!r}", where=where)
-            outputs.append(Value(m.group(1), parse_type(t)))
+            outputs.append(Value(m.group(1), _type(t, where)))
     rhs = rhs.strip()
     m = re.fullmatch(rf"(call\s+@({_NAME})|([a-z_][a-z0-9_]*))\((.*)\)", rhs)
     if not m:
@@ -130,7 +159,7 @@ def _parse_node(code: str, origin: str, where: str) -> Node:
 
 
 def _parse_block(lines: list[tuple[int, str]], i: int, name: str, inputs: list[Value], params: list[str],
-                 kernels: list[Kernel]) -> tuple[Graph, int]:
+                 kernels: list[Kernel], opened: str = "") -> tuple[Graph, int]:
     nodes: list[Node] = []
     outputs: list[str] | None = None
     while i < len(lines):
@@ -157,7 +186,7 @@ def _parse_block(lines: list[tuple[int, str]], i: int, name: str, inputs: list[V
                 outputs.append(m.group(1))
             continue
         nodes.append(_parse_node(code, comment, where))
-    raise ParseError(f"block {name} is not closed with '}}'", where="end of text")
+    raise ParseError(f"block {name} is not closed with '}}'", where=f"end of text; the block opens at {opened}")
 
 
 def parse(text: str) -> Graph:
@@ -178,23 +207,27 @@ def parse(text: str) -> Graph:
             raise ParseError("text after the graph block", where=where)
         km = _KERNEL_RE.match(code)
         if km:
-            ins, ps = _parse_signature(km.group(2), where)
+            sig, attr_text = _split_kernel_head(km.group(2), where)
+            ins, ps = _parse_signature(sig, where)
             kattrs: list[tuple[str, Any]] = []
-            for part in _split_top(km.group(3).strip(), sep=" ") if km.group(3).strip() else []:
+            for part in _split_top(attr_text.strip(), sep=" ") if attr_text.strip() else []:
                 k, eq, v = part.partition("=")
                 if not eq:
                     raise ParseError(f"bad kernel attribute {part!r}", where=where)
-                kattrs.append((k, parse_attr_value(v)))
+                try:
+                    kattrs.append((k, parse_attr_value(v)))
+                except Exception as e:  # sympy and int errors
+                    raise ParseError(f"bad kernel attribute value {v!r}: {e}", where=where) from None
             d = dict(kattrs)
             if "family" not in d:
                 raise ParseError("kernel needs family=...", where=where)
-            body, i = _parse_block(lines, i, km.group(1), ins, ps, [])
+            body, i = _parse_block(lines, i, km.group(1), ins, ps, [], where)
             kernels.append(Kernel(km.group(1), d.pop("family"), body, tuple((k, v) for k, v in kattrs if k != "family")))
             continue
         gm = _GRAPH_RE.match(code)
         if gm:
             ins, ps = _parse_signature(gm.group(2), where)
-            graph, i = _parse_block(lines, i, gm.group(1), ins, ps, kernels)
+            graph, i = _parse_block(lines, i, gm.group(1), ins, ps, kernels, where)
             continue
         raise ParseError(f"expected `kernel @name(...)` or `graph name(...)`, got {code!r}", where=where)
     if graph is None:

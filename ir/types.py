@@ -159,11 +159,15 @@ def parse_type(text: str) -> TensorType:
 
 def _split_top(text: str, sep: str = ",") -> list[str]:
     """Split on `sep` outside brackets/parentheses/quotes."""
-    out, depth, cur, quote = [], 0, [], None
+    out, depth, cur, quote, escaped = [], 0, [], None, False
     for ch in text:
         if quote:
             cur.append(ch)
-            if ch == quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True  # the printer escapes quotes inside strings as \"
+            elif ch == quote:
                 quote = None
             continue
         if ch in "'\"":

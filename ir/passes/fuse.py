@@ -188,8 +188,7 @@ class _Fuser:
                 what = f"reduction kernel of {self.name(i)}"
                 self.absorb_prologue(grp, x, xt, what)
                 red = n.outputs[0].type
-                per_row = xt.with_shape(xt.shape[:-1] + (1,)) if red.rank < xt.rank else red
-                self.absorb_epilogue(grp, xt, what, also=per_row if not _same_shape(per_row, xt) else None)
+                self.absorb_epilogue(grp, xt, what, also=None if _same_shape(red, xt) else red)
             else:
                 self.ctx.note(f"cannot make a reduction kernel of {self.name(i)}: only last-dim reductions are supported")
         # 3. attention
