@@ -15,7 +15,7 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from torch import nn
 from dsr_compiler.errors import DsrError
 
 __all__ = ["load_state_dict_safetensors", "save_safetensors", "hf_to_ours", "ours_to_hf",
+           "mtp_hf_to_ours", "mtp_ours_to_hf", "MTP_SHARED_NAMES",
            "quantize_fp8_blocks", "dequantize_fp8_blocks", "FP8_MAX"]
 
 FP8_MAX = 448.0
@@ -65,6 +66,30 @@ def ours_to_hf(name: str, prefix: str | None = None) -> str:
     if prefix is not None:
         return prefix + hf
     return "lm_head.weight" if name == "head.weight" else "model." + hf
+
+
+# MTP depths (DeepSeek-V3): depth d is stored as ``model.layers.{num_hidden_layers + d}.``. Its own
+# ``eh_proj``, ``enorm``, ``hnorm`` and ``shared_head.norm`` keep their HF names in MTPModule; the
+# decoder-layer tensors (``self_attn.*``, ``mlp.*``, the two layer norms) live under ``layer.``.
+# ``embed_tokens.weight`` and ``shared_head.head.weight`` are copies of the main model's embedding
+# and LM head, which MTPModule shares instead of owning (see load_state_dict_safetensors(shared=)).
+_MTP_LAYER_SEGMENTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+MTP_SHARED_NAMES = {"embed_tokens.weight": "embed", "shared_head.head.weight": "head"}
+
+
+def mtp_hf_to_ours(name: str) -> str:
+    """An MTP layer's HF name without its prefix -> MTPModule's: ``self_attn.o_proj.weight`` -> ``layer.attn.wo.weight``."""
+    parts = name.split(".")
+    if parts[0] in _MTP_LAYER_SEGMENTS:
+        return "layer." + ".".join(_HF_SEGMENTS.get(p, p) for p in parts)
+    return name
+
+
+def mtp_ours_to_hf(name: str, prefix: str = "") -> str:
+    """Inverse of :func:`mtp_hf_to_ours`, with ``prefix`` (e.g. ``model.layers.61.``) prepended."""
+    if name.startswith("layer."):
+        return prefix + ".".join(_OUR_SEGMENTS.get(p, p) for p in name[len("layer."):].split("."))
+    return prefix + name
 
 
 # ---- FP8 blocks ---------------------------------------------------------------------------------
@@ -170,7 +195,9 @@ def _listing(title: str, items: list[str], limit: int = 40) -> list[str]:
 
 
 def load_state_dict_safetensors(module: nn.Module, path: str | Path, prefix: str | None = None,
-                                strict: bool = True, block: int = 128) -> nn.Module:
+                                strict: bool = True, block: int = 128, *,
+                                mtp: Sequence[nn.Module] | None = None,
+                                shared: str | tuple[nn.Module, nn.Module] = "skip") -> nn.Module:
     """Load an HF-format DeepSeek checkpoint (file or directory of shards) into ``module`` in place.
 
     ``prefix`` selects a sub-module's tensors and strips it (``model.layers.1.mlp.`` for a
@@ -179,12 +206,77 @@ def load_state_dict_safetensors(module: nn.Module, path: str | Path, prefix: str
     and every tensor is cast to the dtype of the parameter it fills. Unknown (unless
     ``strict=False``), missing and mis-shaped tensors are reported together in one DsrError.
     Returns ``module``.
+
+    Multi-Token Prediction (DeepSeek-V3 stores MTP depth d as ``model.layers.{num_hidden_layers + d}.``):
+
+    * ``module`` an :class:`MTPModule`: ``prefix`` defaults to its own (``module.checkpoint_prefix``).
+    * ``mtp=[MTPModule, ...]`` with a whole :class:`DeepSeekModel`: those layers load into the
+      given depths (in order) instead of being unknown tensors.
+    * ``shared``: what to do with the MTP layer's copies of the main model's embedding and LM head
+      (``embed_tokens.weight``, ``shared_head.head.weight``), which MTPModule shares instead of
+      owning. ``"skip"`` (default): not loaded, only shape-checked when present (the main model's
+      ``embed``/``head`` are used). ``(embed, head)`` (an MTPModule loaded alone): load them into
+      these modules (then they are required).
     """
+    from dsr_compiler.models.mtp import MTPModule  # lazy: mtp.py imports the zoo, not this file
+
     path = Path(path)
+    is_mtp = isinstance(module, MTPModule)
+    mtp_list = _check_mtp_args(module, prefix, mtp, shared, is_mtp, MTPModule)
+    if is_mtp and prefix is None:
+        prefix = module.checkpoint_prefix
     raw = _read(_files(path))
     if prefix is not None:
         raw = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
-    expected = module.state_dict()
+
+    # our name -> tensor to fill; for the shared embed/head copies, a key under "<shared>."
+    expected: dict[str, torch.Tensor] = dict(module.state_dict())
+    skip_shapes: dict[str, tuple[int, ...]] = {}  # HF names checked for shape but not loaded
+    n_layers = len(module.layers) if mtp_list else 0
+    for d, m in enumerate(mtp_list):
+        expected.update({f"mtp.{d}.{k}": v for k, v in m.state_dict().items()})
+    if is_mtp and isinstance(shared, tuple):
+        for which in MTP_SHARED_NAMES.values():
+            expected[f"<shared>.{which}.weight"] = shared[0 if which == "embed" else 1].weight
+    vocab_shape = None
+    if is_mtp:
+        vocab_shape = (module.cfg.vocab_size, module.cfg.hidden_size)
+    elif mtp_list:
+        vocab_shape = tuple(module.head.weight.shape)
+
+    def to_ours(hf_name: str) -> str | None:
+        """Our key for an HF name (None: a shared copy that is only shape-checked)."""
+        if is_mtp:
+            if hf_name in MTP_SHARED_NAMES:
+                if isinstance(shared, tuple):
+                    return f"<shared>.{MTP_SHARED_NAMES[hf_name]}.weight"
+                skip_shapes[hf_name] = vocab_shape
+                return None
+            return mtp_hf_to_ours(hf_name)
+        if prefix is not None:
+            return ".".join(_HF_SEGMENTS.get(p, p) for p in hf_name.split("."))
+        if mtp_list:
+            parts = hf_name.split(".", 3)
+            if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit() \
+                    and n_layers <= int(parts[2]) < n_layers + len(mtp_list):
+                d, rest = int(parts[2]) - n_layers, parts[3]
+                if rest in MTP_SHARED_NAMES:
+                    skip_shapes[hf_name] = vocab_shape
+                    return None
+                return f"mtp.{d}." + mtp_hf_to_ours(rest)
+        return hf_to_ours(hf_name)
+
+    def to_hf(ours: str) -> str:
+        if ours.startswith("<shared>."):
+            which = ours.split(".")[1]
+            return next(prefix + h for h, w in MTP_SHARED_NAMES.items() if w == which)
+        if is_mtp:
+            return mtp_ours_to_hf(ours, prefix)
+        if ours.startswith("mtp.") and mtp_list:
+            _, d, rest = ours.split(".", 2)
+            return mtp_ours_to_hf(rest, f"model.layers.{n_layers + int(d)}.")
+        return ours_to_hf(ours, prefix)
+
     loaded: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     bad_shape: list[str] = []
@@ -198,7 +290,12 @@ def load_state_dict_safetensors(module: nn.Module, path: str | Path, prefix: str
                 unknown.append(f"{_show(hf_name, prefix)} (a scale without its weight)")
             continue
         t = raw[hf_name]
-        ours = hf_to_ours(hf_name) if prefix is None else ".".join(_HF_SEGMENTS.get(p, p) for p in hf_name.split("."))
+        ours = to_ours(hf_name)
+        if ours is None:  # a shared embed/head copy that is not loaded: check its shape only
+            if tuple(t.shape) != tuple(skip_shapes[hf_name]):
+                bad_shape.append(f"{_show(hf_name, prefix)} (shared copy, not loaded): shape {tuple(t.shape)}, "
+                                 f"expected {tuple(skip_shapes[hf_name])}")
+            continue
         if ours not in expected:
             unknown.append(_show(hf_name, prefix))
             continue
@@ -229,23 +326,57 @@ def load_state_dict_safetensors(module: nn.Module, path: str | Path, prefix: str
     missing = sorted(k for k in expected if k not in loaded and k not in reported)
     if missing or bad_shape or bad_other or (unknown and strict):
         lines = (_listing("missing (module tensors the checkpoint lacks)",
-                          [f"{ours_to_hf(k, prefix)} -> {k}" for k in missing])
+                          [f"{to_hf(k)} -> {k}" for k in missing])
                  + _listing("mis-shaped", bad_shape)
                  + _listing("invalid", bad_other)
                  + (_listing("unknown (checkpoint tensors the module lacks)", unknown) if strict else []))
         counts = ", ".join(f"{n} {what}" for n, what in ((len(missing), "missing"), (len(bad_shape), "mis-shaped"),
                                                         (len(bad_other), "invalid"),
                                                         (len(unknown) if strict else 0, "unknown")) if n)
-        raise DsrError(f"checkpoint does not match {type(module).__name__}: {counts} tensors",
+        what = type(module).__name__ + (f" + {len(mtp_list)} MTPModule" if mtp_list else "")
+        raise DsrError(f"checkpoint does not match {what}: {counts} tensors",
                        where=f"    {path}\n" + "\n".join(lines),
                        hint="check that the config matches the checkpoint (layers, experts, ranks)"
                             + ("; pass prefix= to load one sub-module" if prefix is None else "")
                             + ("; strict=False ignores unknown tensors (e.g. MTP layers)"
-                               if unknown and strict else ""))
+                               if unknown and strict else "")
+                            + ("; mtp=make_mtp_modules(cfg) loads the MTP layers "
+                               "(model.layers.{num_hidden_layers + d}.*)"
+                               if unknown and strict and prefix is None and not is_mtp else ""))
     with torch.no_grad():
         for name, t in loaded.items():
             expected[name].copy_(t.to(expected[name].dtype))
     return module
+
+
+def _check_mtp_args(module, prefix, mtp, shared, is_mtp: bool, mtp_cls) -> list:
+    """Validate ``mtp=`` and ``shared=``; returns the MTP depths to load alongside a whole model."""
+    where = "load_state_dict_safetensors"
+    if not (shared == "skip" or (isinstance(shared, tuple) and len(shared) == 2
+                                 and all(isinstance(getattr(m, "weight", None), torch.Tensor) for m in shared))):
+        raise DsrError(f"shared must be 'skip' or an (embed, head) pair of modules, got {shared!r:.80}", where=where,
+                       hint="'skip' leaves the MTP layer's embedding/LM-head copies to the main model; "
+                            "(model.embed, model.head) loads them into those modules")
+    if isinstance(shared, tuple) and not is_mtp:
+        raise DsrError("shared=(embed, head) is for loading an MTPModule alone", where=where,
+                       hint="a whole model loads its own embed/head; leave shared='skip' with mtp=")
+    if mtp is None:
+        return []
+    mods = [mtp] if isinstance(mtp, nn.Module) and not isinstance(mtp, nn.ModuleList) else list(mtp)
+    if not all(isinstance(m, mtp_cls) for m in mods):
+        raise DsrError("mtp= must be a list of MTPModule", where=where,
+                       hint="build them with make_mtp_modules(cfg)")
+    if prefix is not None or is_mtp or not isinstance(getattr(module, "layers", None), nn.ModuleList) \
+            or not isinstance(getattr(module, "head", None), nn.Module):
+        raise DsrError("mtp= loads MTP depths alongside a whole DeepSeekModel (no prefix=)", where=where,
+                       hint="load one MTPModule with load_state_dict_safetensors(mtp_module, path)")
+    n = len(module.layers)
+    for d, m in enumerate(mods):
+        if m.layer_id != n + d:
+            raise DsrError(f"mtp[{d}] is MTP depth {m.depth_index} (layer {m.layer_id}), expected layer {n + d}",
+                           where=where, hint="pass the depths in order, built from the model's config "
+                                             "(make_mtp_modules(cfg))")
+    return mods
 
 
 def _show(name: str, prefix: str | None) -> str:
