@@ -7,6 +7,7 @@ cubin for sm_90a (cached by content) -> a LaunchPlan run by the `cuda` or `inter
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
 import shutil
@@ -196,7 +197,6 @@ def compile(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, fp8: b
 
 def build_kernels(g: Graph, target: str = "sm_90a") -> list[KernelArtifact]:
     """Lower, render and compile (through the artifact cache) every kernel of a fused graph."""
-    from dsr_compiler.codegen.compile import compile_triton_cached
     from dsr_compiler.codegen.lower import lower_kernel
     from dsr_compiler.codegen.render import render
     from dsr_compiler.runtime.cache import ArtifactCache
@@ -206,6 +206,25 @@ def build_kernels(g: Graph, target: str = "sm_90a") -> list[KernelArtifact]:
         spec = lower_kernel(k, i)
         source = render(spec)
         t = time.perf_counter()
-        compiled, cached = compile_triton_cached(spec, source, target, cache)
+        compiled, cached = compile_cached(spec, source, target, cache)
         out.append(KernelArtifact(spec, source, compiled, (time.perf_counter() - t) * 1e3, cached))
     return out
+
+
+def compile_cached(spec, source: str, target: str, cache) -> tuple[Any, bool]:
+    """compile_triton through the content-addressed artifact cache: (CompiledKernel, was it a hit)."""
+    from dsr_compiler.codegen.compile import CompiledKernel, compile_triton
+    from dsr_compiler.codegen.render import codegen_fingerprint
+    from dsr_compiler.runtime.cache import cache_key
+    key = cache_key(spec.hash() + codegen_fingerprint() + hashlib.sha256(source.encode()).hexdigest(), target)
+    files = cache.get(key)
+    if files is not None:
+        meta = json.loads(files["meta.json"])
+        return CompiledKernel(ptx=files["kernel.ptx"].decode(), cubin=files["kernel.cubin"],
+                              ttir=files["kernel.ttir"].decode(), ttgir=files["kernel.ttgir"].decode(),
+                              llir=files["kernel.llir"].decode(), **meta), True
+    ck = compile_triton(spec, source, target)
+    cache.put(key, {"meta.json": json.dumps(ck.meta(), sort_keys=True).encode(), "kernel.ptx": ck.ptx.encode(),
+                    "kernel.cubin": ck.cubin, "kernel.ttir": ck.ttir.encode(), "kernel.ttgir": ck.ttgir.encode(),
+                    "kernel.llir": ck.llir.encode()})
+    return ck, False

@@ -14,14 +14,10 @@ from dsr_compiler.ir.errors import RuntimeLaunchError
 from dsr_compiler.ir.graph import Graph
 from dsr_compiler.ir.ops import OPS, SOURCE
 
-from .plan import ConstStep, KernelStep, LaunchPlan, ViewStep, _lambdify
+from .plan import ConstStep, KernelStep, LaunchPlan, ViewStep
 
 
 def build_plan(g: Graph, kernels: list, backend: str) -> LaunchPlan:
-    syms: set = set()
-    for v in g.inputs:
-        syms |= v.type.free_symbols()
-    symbols = sorted(syms, key=lambda s: s.name)
     by_name = {k.spec.name: k for k in kernels}
     device = torch.device("cuda" if backend == "cuda" else "cpu")
     steps: list = []
@@ -32,16 +28,8 @@ def build_plan(g: Graph, kernels: list, backend: str) -> LaunchPlan:
                 raise RuntimeLaunchError(f"plan: kernel @{n.attr('kernel')} was not compiled")
             spec = art.spec
             fn = load_interpreted(spec, art.source) if backend == "interpret" else load_jit(spec, art.source)
-            targs, sfns = [], []
-            for a in spec.args:
-                if a.kind == "scalar":
-                    targs.append((a.expr, "scalar"))
-                    sfns.append(_lambdify(a.expr, symbols))
-                else:
-                    targs.append((a.value, a.role))
-                    sfns.append(None)
-            steps.append(KernelStep(spec.name, fn, targs, sfns, [_lambdify(x, symbols) for x in spec.grid],
-                                    list(n.outputs)))
+            kw = {} if backend == "interpret" else {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+            steps.append(KernelStep(spec.name, spec, fn, list(n.outputs), kw))
         elif n.op == "reshape":
             steps.append(ViewStep(n))
         elif OPS[n.op].kind == SOURCE:

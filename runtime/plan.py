@@ -8,37 +8,24 @@ Python functions when the plan is built. Nothing here reads device memory back t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import sympy
 import torch
 
+from dsr_compiler.codegen.spec import launch_args
 from dsr_compiler.ir.errors import RuntimeLaunchError
 from dsr_compiler.ir.graph import Graph, Node, Value
 from dsr_compiler.ir.interp import bind_symbols, concrete_attr
 
 
-def _lambdify(expr: str, symbols: Sequence[sympy.Symbol]) -> Callable[..., int]:
-    from dsr_compiler.ir.types import parse_dim
-    e = parse_dim(expr) if isinstance(expr, str) else sympy.sympify(expr)
-    extra = e.free_symbols - set(symbols)
-    if extra:
-        raise RuntimeLaunchError(f"expression {expr} uses unknown symbols {sorted(map(str, extra))}")
-    if not e.free_symbols:
-        v = int(e)
-        return lambda *a: v
-    f = sympy.lambdify(list(symbols), e, modules="math")
-    return lambda *a: int(f(*a))
-
-
 @dataclass
 class KernelStep:
     name: str
+    spec: Any                                # codegen.spec.KernelSpec
     fn: Any                                  # launchable: fn[grid](*args)
-    tensor_args: list[tuple[str, str]]       # (value name, role) in signature order, scalars marked "scalar"
-    scalar_fns: list[Callable[..., int] | None]
-    grid_fns: list[Callable[..., int]]
     outputs: list[Value]
+    launch_kw: dict
 
 
 @dataclass
@@ -72,20 +59,17 @@ class LaunchPlan:
                 raise RuntimeLaunchError(f"{g.name}: input %{v.name} is on {a.device}, the plan runs on {self.device}",
                                          hint=f"move inputs with .to('{self.device}') or pick the matching --backend")
         env_sym = bind_symbols([v.type for v in g.inputs], args, where=f"inputs of {g.name}")
-        symvals = [env_sym.get(s) for s in self.symbols]
+        names_env = {s.name: v for s, v in env_sym.items()}
         env: dict[str, torch.Tensor] = {v.name: a.contiguous() for v, a in zip(g.inputs, args)}
         for step in self.steps:
             if isinstance(step, KernelStep):
                 for o in step.outputs:
                     env[o.name] = torch.empty(o.type.concrete_shape(env_sym), dtype=o.type.dtype.torch,
                                               device=self.device)
-                grid = tuple(f(*symvals) for f in step.grid_fns)
+                grid, call_args = launch_args(step.spec, env, names_env)
                 if any(x <= 0 for x in grid):
                     continue  # empty problem (e.g. zero tokens): nothing to launch
-                call_args = []
-                for (name, role), sf in zip(step.tensor_args, step.scalar_fns):
-                    call_args.append(sf(*symvals) if role == "scalar" else env[name])
-                step.fn[grid](*call_args)
+                step.fn[grid](*call_args, **step.launch_kw)
             elif isinstance(step, ViewStep):
                 n = step.node
                 shape = concrete_attr(n.attr("shape"), env_sym)

@@ -1,0 +1,343 @@
+"""Compiling rendered Triton source: PTX + cubin for sm_90a (no GPU needed), or loading it.
+
+Sits after rendering. `compile_triton` writes the source to a real file (Triton's jit
+reads source through `inspect`), imports it under a unique module name with
+TRITON_INTERPRET unset, compiles it for an explicit `GPUTarget("cuda", 90, 32)` through
+the stable `triton.compile(ASTSource(...))` entry point, and runs ptxas -v on the PTX to
+record registers, spills, shared memory and stack. `load_interpreted` builds the same
+source under TRITON_INTERPRET=1 (CPU tensors); `load_jit` for a real GPU.
+
+The compile assumes every pointer argument is 16-byte aligned (see `specialization_attrs`);
+a launcher must pass aligned buffers (torch allocations are). Results are plain data
+(`CompiledKernel`, frozen); `save`/`load` write and read them as files (never pickles), so the
+runtime's artifact cache can key them on spec.hash() + codegen_fingerprint() + versions.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from dsr_compiler.ir.errors import CodegenError
+
+from .spec import KernelSpec
+
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class CompiledKernel:
+    name: str
+    ptx: str
+    cubin: bytes = field(repr=False)
+    ttir: str = field(repr=False, default="")
+    ttgir: str = field(repr=False, default="")
+    llir: str = field(repr=False, default="")
+    target: str = "sm_90a"
+    registers: int = 0
+    spill_stores: int = 0          # bytes
+    spill_loads: int = 0           # bytes
+    shared_mem: int = 0            # bytes: Triton's dynamic shared memory + ptxas static smem
+    stack: int = 0                 # bytes of local stack frame
+    num_warps: int = 4             # a launch uses 32 * num_warps threads per block
+    num_stages: int = 3
+    dynamic_shared: int = 0        # bytes to pass as the launch's dynamic shared memory (> 48 KiB needs
+                                   # cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) first)
+    ptx_params: int = 0            # .param count of the entry: the spec's args, then the pointers Triton
+                                   # appends (global scratch, profile scratch; pass NULL when sizes are 0)
+    global_scratch_size: int = 0
+    profile_scratch_size: int = 0
+    compile_s: float = 0.0
+    ptxas_log: str = ""
+    spec_hash: str = ""
+    triton_version: str = ""
+
+    @property
+    def spills(self) -> int:
+        return self.spill_stores + self.spill_loads
+
+    def meta(self) -> dict[str, Any]:
+        """Everything but the big artifacts, as JSON-able plain data."""
+        d = asdict(self)
+        for k in ("ptx", "cubin", "ttir", "ttgir", "llir"):
+            d.pop(k)
+        return d
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write <name>.ptx/.cubin/.ttir/.ttgir/.llir/.json into `folder` (atomically per file)."""
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        files: dict[str, bytes] = {
+            ".ptx": self.ptx.encode(), ".cubin": self.cubin, ".ttir": self.ttir.encode(),
+            ".ttgir": self.ttgir.encode(), ".llir": self.llir.encode(),
+        }
+        meta = self.meta()
+        meta["sha256"] = {ext: hashlib.sha256(b).hexdigest() for ext, b in files.items()}
+        files[".json"] = json.dumps(meta, sort_keys=True, indent=1).encode()
+        for ext, data in files.items():
+            _atomic_write(out / f"{self.name}{ext}", data)
+
+    @staticmethod
+    def load(folder: str | os.PathLike, name: str) -> "CompiledKernel":
+        """Read what `save` wrote; verifies every artifact against the recorded sha256."""
+        base = Path(folder)
+        meta = json.loads((base / f"{name}.json").read_text())
+        sums = meta.pop("sha256")
+        data = {ext: (base / f"{name}{ext}").read_bytes() for ext in sums}
+        for ext, b in data.items():
+            if hashlib.sha256(b).hexdigest() != sums[ext]:
+                raise CodegenError(f"codegen: cached artifact {name}{ext} is corrupt (hash mismatch)",
+                                   where=str(base), hint="delete the cache folder")
+        return CompiledKernel(ptx=data[".ptx"].decode(), cubin=data[".cubin"], ttir=data[".ttir"].decode(),
+                              ttgir=data[".ttgir"].decode(), llir=data[".llir"].decode(), **meta)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------- loading source
+
+def _source_dir() -> Path:
+    base = os.environ.get("DSR_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dsr_compiler")
+    d = Path(base) / "triton_src"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+    except OSError:
+        d = Path(tempfile.gettempdir()) / "dsr_compiler_triton_src"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+
+@contextlib.contextmanager
+def _interpret_env(on: bool) -> Iterator[None]:
+    """Set or clear TRITON_INTERPRET while a module is imported (Triton reads it at decoration)."""
+    old = os.environ.get("TRITON_INTERPRET")
+    if on:
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def _preload_triton() -> None:
+    """Import the Triton modules that are otherwise imported lazily during the first launch.
+
+    Triton imports `triton.experimental.gluon` on first use of its argument specializer; done
+    in the middle of an interpreted launch (while the interpreter patches `tl`), with
+    TRITON_INTERPRET already restored, that import asserts. Importing it up front avoids it.
+    """
+    with _interpret_env(False):
+        import triton  # noqa: F401
+        with contextlib.suppress(Exception):
+            importlib.import_module("triton.experimental.gluon")
+
+
+def _import(spec: KernelSpec, source: str, interpret: bool) -> Any:
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    mode = "interp" if interpret else "jit"
+    modname = f"dsr_kernel_{spec.name}_{digest}_{mode}"
+    _preload_triton()
+    with _LOCK:
+        mod = sys.modules.get(modname)
+        if mod is None:
+            path = _source_dir() / f"{spec.name}_{digest}.py"
+            if not path.exists() or path.read_text() != source:
+                _atomic_write(path, source.encode())
+            module_spec = importlib.util.spec_from_file_location(modname, path)
+            if module_spec is None or module_spec.loader is None:
+                raise CodegenError(f"codegen: cannot import generated source {path}")
+            mod = importlib.util.module_from_spec(module_spec)
+            with _interpret_env(interpret):
+                try:
+                    module_spec.loader.exec_module(mod)
+                except Exception as e:  # a template bug: show it with the kernel's name
+                    raise CodegenError(f"codegen: generated source for {spec.name} failed to import: {e}",
+                                       where=str(path)) from e
+            sys.modules[modname] = mod
+    fn = getattr(mod, spec.name, None)
+    if fn is None:
+        raise CodegenError(f"codegen: generated module has no kernel {spec.name}")
+    return fn
+
+
+class InterpretedKernel:
+    """A kernel built under TRITON_INTERPRET=1; `k[grid](*args)` runs it on CPU tensors.
+
+    Launches also run with TRITON_INTERPRET=1 set (and restored after): Triton reads the knob
+    lazily during a launch too. Keyword options such as num_warps are accepted and ignored.
+    """
+
+    def __init__(self, fn: Any, name: str) -> None:
+        self.fn = fn
+        self.name = name
+
+    def __getitem__(self, grid: Any) -> Any:
+        def launch(*args: Any, **kwargs: Any) -> Any:
+            kwargs.pop("num_warps", None)
+            kwargs.pop("num_stages", None)
+            with _interpret_env(True):
+                return self.fn[grid](*args, **kwargs)
+        return launch
+
+    def __repr__(self) -> str:
+        return f"InterpretedKernel({self.name})"
+
+
+def load_interpreted(spec: KernelSpec, source: str) -> InterpretedKernel:
+    """The kernel built under TRITON_INTERPRET=1: call `fn[grid](*args)` with CPU tensors."""
+    return InterpretedKernel(_import(spec, source, interpret=True), spec.name)
+
+
+def load_jit(spec: KernelSpec, source: str) -> Any:
+    """The kernel as a Triton JITFunction for a real GPU: `fn[grid](*args, num_warps=..., num_stages=...)`."""
+    return _import(spec, source, interpret=False)
+
+
+# ----------------------------------------------------------------------------- compiling
+
+def parse_target(target: str) -> int:
+    m = re.fullmatch(r"sm_(\d+)a?", target)
+    if not m:
+        raise CodegenError(f"codegen: unknown target {target!r}", hint="use sm_90a")
+    return int(m.group(1))
+
+
+def ptxas_path(arch: int = 90) -> str:
+    """The ptxas that Triton itself uses for `arch` (its PTX .version matches it).
+
+    Order: Triton's own choice (`get_ptxas`, which honours TRITON_PTXAS_PATH /
+    TRITON_PTXAS_BLACKWELL_PATH; triton 3.9 uses the bundled `ptxas-blackwell` for sm_90+),
+    then the bundled binaries, then `ptxas` on PATH.
+    """
+    import triton
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        path = get_ptxas(arch).path
+        if path and os.access(path, os.X_OK):
+            return str(path)
+    except Exception:  # older/newer Triton without this helper: fall through
+        pass
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    names = ["ptxas-blackwell", "ptxas"] if arch >= 90 else ["ptxas"]
+    for n in names:
+        c = bin_dir / n
+        if c.is_file() and os.access(c, os.X_OK):
+            return str(c)
+    found = shutil.which("ptxas")
+    if found:
+        return found
+    raise CodegenError("codegen: ptxas not found", hint="install triton (it bundles ptxas) or the CUDA toolkit")
+
+
+_PTXAS_PATTERNS = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "smem": re.compile(r"(\d+) bytes smem"),
+    "stack": re.compile(r"(\d+) bytes stack frame"),
+}
+
+
+def parse_ptxas_log(log: str) -> dict[str, int]:
+    out = {}
+    for k, pat in _PTXAS_PATTERNS.items():
+        vals = [int(x) for x in pat.findall(log)]
+        out[k] = max(vals) if vals else 0
+    return out
+
+
+def run_ptxas(ptx: str, arch: int, name: str = "kernel") -> tuple[bytes, str, dict[str, int]]:
+    """Assemble PTX with `ptxas -arch=sm_XXa -v`; returns (cubin, log, parsed stats)."""
+    exe = ptxas_path(arch)
+    with tempfile.TemporaryDirectory(prefix="dsr_ptxas_") as d:
+        src, out = Path(d) / f"{name}.ptx", Path(d) / f"{name}.cubin"
+        src.write_text(ptx)
+        cmd = [exe, f"-arch=sm_{arch}a", "-v", str(src), "-o", str(out)]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        log = (p.stdout + p.stderr).replace(d + os.sep, "")
+        if p.returncode != 0:
+            raise CodegenError(f"codegen: ptxas failed for {name} (exit {p.returncode})", where=log.strip(),
+                               hint="the generated PTX is invalid for this ptxas/arch")
+        return out.read_bytes(), log, parse_ptxas_log(log)
+
+
+def specialization_attrs(spec: KernelSpec) -> dict[tuple[int, ...], list[list[Any]]]:
+    """What the compile may assume about the arguments (as Triton's JIT would at launch):
+    every pointer is 16-byte aligned, and so is every int scalar whose size expression is a
+    multiple of 16 for all symbol values. This is what lets loads vectorize and pipeline."""
+    from dsr_compiler.ir.types import parse_dim
+    attrs: dict[tuple[int, ...], list[list[Any]]] = {}
+    for i, a in enumerate(spec.args):
+        if a.kind == "tensor" or (parse_dim(a.expr) / 16).is_integer is True:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
+def compile_triton(spec: KernelSpec, source: str, target: str = "sm_90a") -> CompiledKernel:
+    """Compile rendered source for `target` without a GPU: ttir/ttgir/llir/PTX/cubin + ptxas stats."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    arch = parse_target(target)
+    t0 = time.perf_counter()
+    fn = load_jit(spec, source)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    try:
+        src = ASTSource(fn=fn, signature=spec.signature(), constexprs={}, attrs=specialization_attrs(spec))
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    except CodegenError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise CodegenError(f"codegen: Triton failed to compile {spec.name}: {msg[-1] if msg else type(e).__name__}",
+                           where="\n".join(msg[:40]), hint="see the generated source (DSR_DEBUG=4)") from e
+    asm = k.asm
+    ptx = asm["ptx"]
+    _, log, stats = run_ptxas(ptx, arch, spec.name)
+    entry = re.search(r"\.entry\s+\w+\s*\((.*?)\)", ptx, re.S)
+    n_params = len(re.findall(r"\.param\b", entry.group(1))) if entry else 0
+    dyn_shared = int(getattr(k.metadata, "shared", 0) or 0)
+    return CompiledKernel(
+        name=spec.name, ptx=ptx, cubin=asm["cubin"], ttir=asm.get("ttir", ""), ttgir=asm.get("ttgir", ""),
+        llir=asm.get("llir", ""), target=target, registers=stats["registers"], spill_stores=stats["spill_stores"],
+        spill_loads=stats["spill_loads"], shared_mem=dyn_shared + stats["smem"], stack=stats["stack"],
+        num_warps=spec.num_warps, num_stages=spec.num_stages, dynamic_shared=dyn_shared, ptx_params=n_params,
+        global_scratch_size=int(getattr(k.metadata, "global_scratch_size", 0) or 0),
+        profile_scratch_size=int(getattr(k.metadata, "profile_scratch_size", 0) or 0),
+        compile_s=round(time.perf_counter() - t0, 3), ptxas_log=log.strip(), spec_hash=spec.hash(),
+        triton_version=triton.__version__)
+
+
+__all__ = ["CompiledKernel", "InterpretedKernel", "compile_triton", "load_interpreted", "load_jit", "parse_ptxas_log",
+           "parse_target", "ptxas_path", "run_ptxas", "specialization_attrs"]

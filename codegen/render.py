@@ -1,0 +1,126 @@
+"""Rendering: KernelSpec -> Triton source through one Jinja template per family.
+
+Sits between lowering and compiling. The Jinja environment uses StrictUndefined; the
+only context a template sees is the frozen spec (`spec`) plus the pure filters below
+(statement rendering comes from `codegen/exprs.py`, the one expression table). Rendered
+source is parsed with `ast` before anyone uses it; a failure is a CodegenError that shows
+the offending generated line.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable
+
+import jinja2
+from dsr_compiler.ir.errors import CodegenError
+from dsr_compiler.ir.types import DType
+
+from .exprs import TL_DTYPE, helpers_for, index_expr, render_stmt, store_value
+from .spec import KernelSpec, Stmt
+
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+
+# template file -> family; one template per family, registered once.
+TEMPLATES: dict[str, str] = {}
+
+
+def register_template(filename: str, family: str) -> None:
+    """Register a family's template; a second registration of a file or family is an error."""
+    if filename in TEMPLATES:
+        raise ValueError(f"template {filename} registered twice")
+    if family in TEMPLATES.values():
+        raise ValueError(f"family {family} already has template "
+                         f"{next(f for f, fam in TEMPLATES.items() if fam == family)}")
+    if not (TEMPLATE_DIR / filename).is_file():
+        raise ValueError(f"template {filename} does not exist in {TEMPLATE_DIR}")
+    TEMPLATES[filename] = family
+
+
+for _family in ("pointwise", "reduction", "gemm", "attention"):
+    register_template(f"{_family}.py.j2", _family)
+
+
+# ----------------------------------------------------------------------------- pure filters
+
+def _stmts(block: Iterable[Stmt], indent: int = 4) -> str:
+    pad = " " * indent
+    lines = [pad + line for s in block for line in render_stmt(s).splitlines()]
+    return "\n".join(lines)   # an empty block renders as a blank line (never a loop's only body)
+
+
+def _index(terms: tuple, offset: str = "0") -> str:
+    return index_expr(tuple(tuple(t) for t in terms), offset)
+
+
+def _helpers(spec: KernelSpec) -> list[str]:
+    ops = {s.op for _, block in spec.body for s in block}
+    return [h.rstrip("\n") for h in helpers_for(ops)]
+
+
+def _tl_dtype(dt: DType) -> str:
+    return TL_DTYPE[dt]
+
+
+FILTERS = {"stmts": _stmts, "index": _index, "helpers": _helpers, "tl_dtype": _tl_dtype,
+           "store_value": store_value}
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters.update(FILTERS)
+    return env
+
+
+_ENV = _environment()
+
+
+def render(spec: KernelSpec) -> str:
+    """Triton source for `spec` (parsed with `ast` before it is returned)."""
+    fam = TEMPLATES.get(spec.template)
+    if fam is None:
+        raise CodegenError(f"codegen: kernel {spec.name}: no template {spec.template!r}",
+                           hint=f"registered: {', '.join(sorted(TEMPLATES))}")
+    if fam != spec.family:
+        raise CodegenError(f"codegen: kernel {spec.name}: template {spec.template} is for {fam}, "
+                           f"the spec's family is {spec.family}")
+    try:
+        src = _ENV.get_template(spec.template).render(spec=spec)
+    except (jinja2.UndefinedError, KeyError) as e:
+        msg = e.message if isinstance(e, jinja2.UndefinedError) else str(e.args[0])
+        raise CodegenError(f"codegen: template {spec.template} failed for {spec.name}: {msg}",
+                           hint="the spec lacks a parameter the template needs (see codegen/lower.py)") from None
+    try:
+        ast.parse(src)
+    except SyntaxError as e:
+        lines = src.splitlines()
+        lo = max(0, (e.lineno or 1) - 3)
+        window = "\n".join(f"  {'>>' if i + 1 == e.lineno else '  '} {i + 1:4d} | {lines[i]}"
+                           for i in range(lo, min(len(lines), (e.lineno or 1) + 2)))
+        raise CodegenError(f"codegen: template {spec.template} rendered invalid Python for {spec.name}: {e.msg}",
+                           where=window,
+                           hint="a template or the expression table (codegen/exprs.py) is wrong") from None
+    return src
+
+
+@lru_cache(maxsize=None)
+def codegen_fingerprint() -> str:
+    """sha256 over codegen's sources and templates. A KernelSpec hash says *what* to generate,
+    this says *how*: an artifact cache keys on both (plus Triton/torch/target versions)."""
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for p in sorted([*root.glob("*.py"), *TEMPLATE_DIR.glob("*.j2")]):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+__all__ = ["FILTERS", "TEMPLATES", "TEMPLATE_DIR", "codegen_fingerprint", "register_template", "render"]

@@ -1,0 +1,98 @@
+"""Helpers for codegen tests: build fused kernel bodies by hand, run them in the interpreter."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from dsr_compiler.codegen import launch_args, load_interpreted, lower_kernel, render
+from dsr_compiler.codegen.spec import KernelSpec
+from dsr_compiler.ir import OPS, DType, Graph, GraphBuilder, Kernel, Node, TensorType, Value, run_graph, verify
+from dsr_compiler.ir.interp import bind_symbols
+
+TOL = {
+    torch.float32: {"atol": 1e-4, "rtol": 1e-4},
+    torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
+    torch.float16: {"atol": 5e-3, "rtol": 5e-3},
+}
+
+
+class KB:
+    """Kernel-body builder: every node's type comes from the op table (so bodies verify)."""
+
+    def __init__(self, name: str, family: str) -> None:
+        self.name, self.family = name, family
+        self.b = GraphBuilder(name)
+        self.types: dict[str, TensorType] = {}
+
+    def input(self, name: str, dtype: DType, *shape: Any) -> str:
+        t = TensorType(dtype, tuple(shape))
+        self.b.add_input(name, t)
+        self.types[name] = t
+        return name
+
+    def op(self, op: str, *inputs: str, name: str | None = None, **attrs: Any) -> str:
+        out_t = OPS[op].infer([self.types[i] for i in inputs], attrs)[0]
+        name = name or self.b.fresh(op)
+        self.b.add(Node((Value(name, out_t),), op, tuple(inputs), attrs, origin=f"test.{op}"))
+        self.types[name] = out_t
+        return name
+
+    def kernel(self, *outputs: str, **attrs: Any) -> Kernel:
+        g = self.b.build(outputs)
+        verify(g)
+        return Kernel(self.name, self.family, g, attrs)
+
+
+def random_inputs(k: Kernel | Graph, sizes: dict[str, int], seed: int = 0,
+                  positive: Sequence[str] = ()) -> list[torch.Tensor]:
+    """Seeded inputs for a kernel body (or graph); `positive` names inputs drawn in [0.5, inf)."""
+    gen = torch.Generator().manual_seed(seed)
+    env = {s: v for s, v in sizes.items()}
+    out = []
+    g = k.body if isinstance(k, Kernel) else k
+    for v in g.inputs:
+        shape = tuple(int(d.subs({sym: env[str(sym)] for sym in d.free_symbols})) for d in v.type.shape)
+        dt = v.type.dtype
+        if dt.is_float:
+            x = torch.randn(shape, generator=gen)
+            if v.name in positive:
+                x = x.abs() + 0.5
+            out.append(x.to(dt.torch))
+        elif dt is DType.bool:
+            out.append(torch.rand(shape, generator=gen) > 0.5)
+        else:
+            out.append(torch.randint(0, 7, shape, generator=gen, dtype=dt.torch))
+    return out
+
+
+def run_interpreted(k: Kernel, inputs: list[torch.Tensor], spec: KernelSpec | None = None) -> list[torch.Tensor]:
+    spec = spec or lower_kernel(k, 1)
+    src = render(spec)
+    fn = load_interpreted(spec, src)
+    env = bind_symbols([v.type for v in k.body.inputs], inputs)
+    vals = k.body.values()
+    outs = [torch.full(vals[o].type.concrete_shape(env), float("nan") if vals[o].type.dtype.is_float else 0,
+                       dtype=vals[o].type.dtype.torch) for o in k.body.outputs]
+    buffers = {v.name: x for v, x in zip(k.body.inputs, inputs)}
+    buffers.update({o: t for o, t in zip(k.body.outputs, outs)})
+    grid, args = launch_args(spec, buffers, env)
+    fn[grid](*args)
+    return outs
+
+
+def check_kernel(k: Kernel, inputs: list[torch.Tensor], rtol: float | None = None, atol: float | None = None) -> None:
+    """Run `k` in the interpreter and compare every output with the reference interpreter."""
+    got = run_interpreted(k, inputs)
+    want = run_graph(k.body, inputs)
+    for name, g, w in zip(k.body.outputs, got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, (name, g.shape, w.shape, g.dtype, w.dtype)
+        if not w.dtype.is_floating_point:
+            assert torch.equal(g, w), f"%{name}: integer/bool outputs differ"
+            continue
+        tol = dict(TOL[w.dtype])
+        if rtol is not None:
+            tol["rtol"] = rtol
+        if atol is not None:
+            tol["atol"] = atol
+        torch.testing.assert_close(g.float(), w.float(), equal_nan=True,
+                                   msg=lambda m, name=name: f"%{name}: {m}", **tol)
