@@ -9,7 +9,10 @@ from .compile import CompiledKernel, InterpretedKernel, compile_triton, load_int
 from .lower import lower_kernel
 from .render import TEMPLATES, codegen_fingerprint, register_template, render
 from .spec import ArgSpec, KernelSpec, Stmt, eval_expr, launch_args, launch_values
+from .families import load_extensions, register_family
+
+load_extensions()
 
 __all__ = ["ArgSpec", "CompiledKernel", "InterpretedKernel", "KernelSpec", "Stmt", "TEMPLATES", "codegen_fingerprint",
            "compile_triton", "eval_expr", "launch_args", "launch_values", "load_interpreted", "load_jit",
-           "lower_kernel", "register_template", "render"]
+           "lower_kernel", "register_family", "register_template", "render"]

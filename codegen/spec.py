@@ -33,7 +33,8 @@ import sympy
 from dsr_compiler.ir.errors import CodegenError
 from dsr_compiler.ir.types import DType, parse_dim
 
-FAMILIES = ("pointwise", "reduction", "gemm", "attention")
+# Kernel families; extended by `codegen.register_family` (one template + one lowering each).
+FAMILIES: list[str] = ["pointwise", "reduction", "gemm", "attention"]
 
 # Triton pointer element spellings for each IR dtype (signature of triton.compile).
 TRITON_PTR = {
