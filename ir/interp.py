@@ -17,9 +17,10 @@ from .ops import OPS
 from .types import TensorType
 
 
-def bind_symbols(types: Sequence[TensorType], tensors: Sequence[torch.Tensor], where: str = "inputs") -> dict:
-    """Match symbolic dims against concrete shapes; raise on mismatch."""
-    env: dict[sympy.Symbol, int] = {}
+def bind_symbols(types: Sequence[TensorType], tensors: Sequence[torch.Tensor], where: str = "inputs",
+                 env: Mapping[sympy.Symbol, int] | None = None) -> dict:
+    """Match symbolic dims against concrete shapes (extending the bindings `env`); raise on mismatch."""
+    env = dict(env or {})
     for t, x in zip(types, tensors):
         if x.dim() != t.rank:
             raise RuntimeLaunchError(f"{where}: expected rank {t.rank} for {t}, got shape {tuple(x.shape)}")
@@ -50,8 +51,12 @@ def concrete_attr(v, env: dict):
     return v
 
 
-def run_graph(g: Graph, args: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-    """Evaluate `g` on tensors given in `g.inputs` order (or by name). Returns the outputs."""
+def run_graph(g: Graph, args: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+              _sym_env: Mapping[sympy.Symbol, int] | None = None) -> list[torch.Tensor]:
+    """Evaluate `g` on tensors given in `g.inputs` order (or by name). Returns the outputs.
+
+    A kernel body runs with the caller's symbol bindings: its inputs may only carry
+    expressions of a symbol (e.g. `ceiling(T/2)`), which cannot bind it by themselves."""
     if isinstance(args, Mapping):
         missing = [v.name for v in g.inputs if v.name not in args]
         if missing:
@@ -59,13 +64,13 @@ def run_graph(g: Graph, args: Sequence[torch.Tensor] | Mapping[str, torch.Tensor
         args = [args[v.name] for v in g.inputs]
     if len(args) != len(g.inputs):
         raise RuntimeLaunchError(f"run_graph: graph {g.name} takes {len(g.inputs)} inputs, got {len(args)}")
-    sym_env = bind_symbols([v.type for v in g.inputs], args, where=f"graph {g.name}")
+    sym_env = bind_symbols([v.type for v in g.inputs], args, where=f"graph {g.name}", env=_sym_env)
     env: dict[str, torch.Tensor] = {v.name: a for v, a in zip(g.inputs, args)}
     kernels = {k.name: k for k in g.kernels}
     for n in g.nodes:
         ins = [env[i] for i in n.inputs]
         if n.op == "call":
-            outs = run_graph(kernels[n.attr("kernel")].body, ins)
+            outs = run_graph(kernels[n.attr("kernel")].body, ins, sym_env)
         else:
             op = OPS[n.op]
             attrs = {k: concrete_attr(v, sym_env) for k, v in op.with_defaults(n.attr_dict).items()}

@@ -135,13 +135,15 @@ _unary("relu", torch.relu, "max(x, 0)", float_only=False)
 _unary("gelu", lambda x: F.gelu(x), "exact (erf) GELU")
 
 
-def _binary(name: str, ref: Callable, doc: str, out_bool: bool = False) -> None:
+def _binary(name: str, ref: Callable, doc: str, out_bool: bool = False, true_div: bool = False) -> None:
     def rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple[TensorType, ...]:
         try:
             shape = broadcast_shapes(ts[0].shape, ts[1].shape)
         except ValueError as e:
             raise TypeRuleError(f"{name}: {e} ({ts[0]} vs {ts[1]})") from None
         dt = DType.bool if out_bool else _result_dtype(ts)
+        if true_div and not dt.is_float:
+            dt = DType.f32  # torch.div is true division: integer (and bool) inputs give float32
         return (TensorType(dt, shape),)
     register(OpDef(name, POINTWISE, (2, 2), rule, ref, doc=doc))
 
@@ -149,7 +151,7 @@ def _binary(name: str, ref: Callable, doc: str, out_bool: bool = False) -> None:
 _binary("add", torch.add, "a + b")
 _binary("sub", torch.sub, "a - b")
 _binary("mul", torch.mul, "a * b")
-_binary("div", torch.div, "a / b (true division)")
+_binary("div", torch.div, "a / b (true division)", true_div=True)
 _binary("maximum", torch.maximum, "elementwise max")
 _binary("minimum", torch.minimum, "elementwise min")
 _binary("pow", torch.pow, "a ** b")
@@ -238,7 +240,8 @@ def _reduce(name: str, ref: Callable, doc: str) -> None:
             shape[d] = sympy.Integer(1)
         else:
             del shape[d]
-        return (TensorType(x.dtype, tuple(shape)),)
+        dt = DType.i64 if name == "sum" and not x.dtype.is_float else x.dtype  # torch.sum widens ints and bools
+        return (TensorType(dt, tuple(shape)),)
     register(OpDef(name, REDUCTION, (1, 1), rule, ref, doc=doc,
                    attrs={"dim": AttrSpec((int,)), "keepdim": AttrSpec((bool,), required=False, default=False)}))
 

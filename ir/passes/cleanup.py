@@ -23,6 +23,16 @@ def _rename(g: Graph, nodes: list[Node], subst: dict[str, str]) -> Graph:
     return g.replace(nodes=tuple(new_nodes), outputs=tuple(r(o) for o in g.outputs))
 
 
+def _attr_key(v: object) -> object:
+    """An attribute value as a CSE key: 0.0 == -0.0 (and 1 == 1.0 == True) in Python, but they are
+    different attributes (const -0.0 and const 0.0 give different results under div)."""
+    if isinstance(v, tuple):
+        return tuple(_attr_key(x) for x in v)
+    if isinstance(v, float):
+        return ("float", repr(v))
+    return (type(v).__name__, v)
+
+
 def cse(g: Graph, ctx: PassContext) -> Graph:
     """Merge nodes computing the same op on the same inputs with the same attributes."""
     seen: dict[tuple, Node] = {}
@@ -32,7 +42,7 @@ def cse(g: Graph, ctx: PassContext) -> Graph:
     for n in g.nodes:
         ins = tuple(subst.get(i, i) for i in n.inputs)
         key_ins = tuple(sorted(ins)) if is_commutative(n.op) else ins
-        key = (n.op, key_ins, n.attrs, tuple(o.type for o in n.outputs))
+        key = (n.op, key_ins, tuple((k, _attr_key(v)) for k, v in n.attrs), tuple(o.type for o in n.outputs))
         prev = seen.get(key)
         if prev is not None and not any(o.name in outputs for o in n.outputs):
             for a, b in zip(n.outputs, prev.outputs):

@@ -348,6 +348,8 @@ def fuse(g: Graph, ctx: PassContext) -> Graph:
                 ext = any(x not in mset for x in f.users[m] if o.name in nodes[x].inputs)
                 if ext or o.name in f.graph_outputs:
                     outs.append(o)
+        if not outs:
+            continue  # nothing reads the group's results: dead code (the pipeline runs dce first)
         ops = [nodes[m].op for m in u.members]
         kname = f"k{len(kernels) + 1}_{u.family}_{_tag(u.family, ops)}"
         body = Graph(kname, tuple(body_inputs), tuple(body_consts) + tuple(nodes[m] for m in u.members),
