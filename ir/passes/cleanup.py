@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from ..graph import Graph, Node, Value
-from ..ops import OPS, POINTWISE, is_commutative
+from ..ops import OPS, POINTWISE, REDUCTION, is_commutative
 from ..types import DType, TensorType
 from .manager import PassContext
 
@@ -183,6 +183,48 @@ def rule_permute(n: Node, prod: Lookup, types: dict[str, TensorType]):
     return None
 
 
+class _Reuse:
+    """Stands in a rule's node list for an existing value that is reused, not re-emitted."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+def rule_reduce_last_dim(n: Node, prod: Lookup, types: dict[str, TensorType]):
+    """A reduction over a dim other than the last runs on a permuted copy with that dim last
+    (kernels reduce rows); softmax-like results are permuted back."""
+    if OPS[n.op].kind != REDUCTION or n.op == "rms_norm" or len(n.inputs) != 1:
+        return None
+    x = types[n.inputs[0]]
+    d = n.attr("dim") % x.rank
+    if d == x.rank - 1:
+        return None
+    perm = tuple(i for i in range(x.rank) if i != d) + (d,)
+    xp_name = f"{n.inputs[0]}.to_last"
+    xp_type = x.with_shape(tuple(x.shape[i] for i in perm))
+    xp: Node | _Reuse = Node((Value(xp_name, xp_type),), "permute", (n.inputs[0],), {"dims": perm}, n.origin)
+    attrs = dict(n.attrs)
+    attrs["dim"] = x.rank - 1
+    prev = prod.get(xp_name)
+    if prev is not None:  # an earlier reduction of the same value already made the permuted copy
+        if prev.op != "permute" or prev.inputs != (n.inputs[0],) or prev.attr("dims") != perm:
+            return None
+        xp = _Reuse(xp_name)
+    if n.op in ("softmax", "log_softmax"):
+        r_type = xp_type.with_dtype(n.out.type.dtype)
+        r = Node((Value(f"{n.out.name}.last", r_type),), n.op, (xp_name,), attrs, n.origin)
+        inv = tuple(perm.index(i) for i in range(x.rank))
+        back = Node(n.outputs, "permute", (r.out.name,), {"dims": inv}, n.origin)
+        return ("nodes", [xp, r, back])
+    keep = attrs.get("keepdim", False)
+    if keep:  # reduce to [..., 1] in permuted order, then reshape to the original keepdim shape
+        r_shape = xp_type.shape[:-1] + (1,)
+        r = Node((Value(f"{n.out.name}.last", n.out.type.with_shape(r_shape)),), n.op, (xp_name,), attrs, n.origin)
+        back = Node(n.outputs, "reshape", (r.out.name,), {"shape": n.out.type.shape}, n.origin)
+        return ("nodes", [xp, r, back])
+    return ("nodes", [xp, Node(n.outputs, n.op, (xp_name,), attrs, n.origin)])
+
+
 FOLD_RULES: tuple[tuple[str, Rule], ...] = (
     ("fold_const_pointwise", rule_fold_const_pointwise),
     ("cast_noop", rule_cast_noop),
@@ -191,6 +233,7 @@ FOLD_RULES: tuple[tuple[str, Rule], ...] = (
     ("square", rule_square),
     ("reshape_noop", rule_reshape_noop),
     ("permute_compose", rule_permute),
+    ("reduce_last_dim", rule_reduce_last_dim),
 )
 
 
@@ -210,6 +253,20 @@ def _rewrite_once(g: Graph, ctx: PassContext, rules) -> tuple[Graph, int]:
             if res is None:
                 continue
             kind, payload = res
+            if kind == "nodes":  # several new nodes; the last one defines the original outputs
+                payload = [x for x in payload if not isinstance(x, _Reuse)]
+                taken = set(types) | {o.name for x in out_nodes for o in x.outputs}
+                if any(o.name in taken for x in payload[:-1] for o in x.outputs):
+                    continue  # a helper name is taken: leave the node as it is
+                for extra in payload[:-1]:
+                    out_nodes.append(extra)
+                    for o in extra.outputs:
+                        prod[o.name] = extra
+                        types[o.name] = o.type
+                n = payload[-1]
+                ctx.count(f"fold.{rname}")
+                matches += 1
+                continue
             if kind == "alias":
                 if n.out.name in outputs:
                     continue  # keep graph output names stable

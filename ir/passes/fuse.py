@@ -221,25 +221,34 @@ class _Fuser:
         raise KeyError(name)
 
     def _swiglu_partner(self, i: int) -> int | None:
-        """The other linear of silu(x @ w1.T) * (x @ w3.T), sharing x; None if absent."""
+        """The other linear of silu(x @ w1.T) * (x @ w3.T) sharing x, whichever of the two `i` is."""
         n = self.nodes[i]
-        for u in self.users[i]:
+
+        def compatible(j: int | None) -> bool:
+            if j is None or j == i or j in self.group_of:
+                return False
+            jn = self.nodes[j]
+            return (jn.op == "linear" and len(jn.inputs) == 2 and jn.inputs[0] == n.inputs[0]
+                    and _same_shape(jn.outputs[0].type, n.outputs[0].type)
+                    and jn.outputs[0].type.dtype == n.outputs[0].type.dtype)
+
+        def other_operand(mul: Node, mine: str) -> str:
+            return mul.inputs[1] if mul.inputs[0] == mine else mul.inputs[0]
+
+        for u in sorted(self.users[i]):
             un = self.nodes[u]
-            if un.op != "silu":
-                continue
-            for m in self.users[u]:
-                mn = self.nodes[m]
-                if mn.op != "mul":
-                    continue
-                other = mn.inputs[1] if mn.inputs[0] == un.outputs[0].name else mn.inputs[0]
-                j = self.index_of.get(other)
-                if j is None or j in self.group_of:
-                    continue
-                jn = self.nodes[j]
-                if (jn.op == "linear" and len(jn.inputs) == 2 and jn.inputs[0] == n.inputs[0]
-                        and _same_shape(jn.outputs[0].type, n.outputs[0].type)
-                        and jn.outputs[0].type.dtype == n.outputs[0].type.dtype):
-                    return j
+            if un.op == "silu":  # i is the gate: mul(silu(i), j)
+                for m in sorted(self.users[u]):
+                    if self.nodes[m].op == "mul":
+                        j = self.index_of.get(other_operand(self.nodes[m], un.outputs[0].name))
+                        if compatible(j):
+                            return j
+            elif un.op == "mul":  # i is the up projection: mul(silu(j), i)
+                s = self.index_of.get(other_operand(un, n.outputs[0].name))
+                if s is not None and self.nodes[s].op == "silu":
+                    j = self.index_of.get(self.nodes[s].inputs[0])
+                    if compatible(j):
+                        return j
         return None
 
 

@@ -36,6 +36,26 @@ RULE_CASES = {
           return %w, %lt, %j
         }
     """, 5),
+    "reduce_last_dim": ("""
+        graph g(%x : f32[T,8,4]) {
+          %s : f32[T,4] = sum(%x, dim=1)
+          %m : f32[T,1,4] = amax(%x, dim=1, keepdim=True)
+          %p : f32[T,8,4] = softmax(%x, dim=-2)
+          %l : f32[T,8,4] = log_softmax(%x, dim=2)  # already last: kept
+          return %s, %m, %p, %l
+        }
+    """, """
+        graph g(%x : f32[T,8,4]) {
+          %x.to_last : f32[T,4,8] = permute(%x, dims=(0, 2, 1))
+          %s : f32[T,4] = sum(%x.to_last, dim=2)
+          %m.last : f32[T,4,1] = amax(%x.to_last, dim=2, keepdim=True)
+          %m : f32[T,1,4] = reshape(%m.last, shape=(T, 1, 4))
+          %p.last : f32[T,4,8] = softmax(%x.to_last, dim=2)
+          %p : f32[T,8,4] = permute(%p.last, dims=(0, 2, 1))
+          %l : f32[T,8,4] = log_softmax(%x, dim=2)  # already last: kept
+          return %s, %m, %p, %l
+        }
+    """, 3),
     "cast_noop": ("""
         graph g(%x : f32[T,8]) {
           %a : f32[T,8] = cast(%x, dtype=f32)

@@ -87,8 +87,6 @@ def test_swiglu_partner_must_share_x():
     assert "kernel @k2_gemm_linear_silu_mul(%x : f32[T,8], %w1 : f32[16,8], %b : f32[T,16])" in text
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation: SwiGLU is found only when the silu-side linear "
-                                       "comes first in node order")
 def test_swiglu_is_found_whichever_linear_comes_first():
     text, _ = fused("""
         graph g(%x : f32[T,8], param %w1 : f32[16,8], param %w3 : f32[16,8]) {
