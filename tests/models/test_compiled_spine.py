@@ -16,7 +16,8 @@ from torch import nn
 
 import dsr_compiler as dsr
 from dsr_compiler.models import ModelConfig
-from dsr_compiler.models.layers import MLPBlock, RMSNorm, apply_rope, precompute_rope
+from dsr_compiler.models.layers import MLPBlock
+from examples.dense_attention import DenseAttentionBlock
 from tests.tolerances import assert_close
 
 DT = {"f32": torch.float32, "bf16": torch.bfloat16}
@@ -53,33 +54,6 @@ def test_mlp_block_matches_eager(hidden, inter, dtype, tokens, seed):
         with torch.no_grad():
             ref = m(x)
         assert_close(cm(x), ref)
-
-
-class DenseAttentionBlock(nn.Module):
-    """x + wo(attention(rope(wq(norm(x))), rope(wk(norm(x))), wv(norm(x)))), causal, multi-head."""
-
-    def __init__(self, dim: int, heads: int, head_dim: int, max_seq: int = 64):
-        super().__init__()
-        self.heads, self.head_dim = heads, head_dim
-        self.norm = RMSNorm(dim)
-        self.wq = nn.Linear(dim, heads * head_dim, bias=False)
-        self.wk = nn.Linear(dim, heads * head_dim, bias=False)
-        self.wv = nn.Linear(dim, heads * head_dim, bias=False)
-        self.wo = nn.Linear(heads * head_dim, dim, bias=False)
-        cos, sin = precompute_rope(head_dim, 10000.0, max_seq)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        h = self.norm(x)
-        q = self.wq(h).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        k = self.wk(h).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        v = self.wv(h).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        o = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return x + self.wo(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
 
 @settings(max_examples=4)
