@@ -17,7 +17,7 @@ from .render import register_template
 from .spec import FAMILIES, KernelSpec
 
 # Modules (inside dsr_compiler.codegen) that register families when imported.
-EXTENSIONS: list[str] = []
+EXTENSIONS: list[str] = ["moe", "fp8_gemm", "fp8_rows", "fp8_moe", "vocab_loss", "mla"]
 
 
 def register_family(family: str, template: str, lowering: Callable[[Kernel, int], KernelSpec]) -> None:

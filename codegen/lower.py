@@ -197,6 +197,8 @@ class _Body:
             raise self.fail(n, f"no Triton expression for {op}")
         if op == "rope":
             return self.rope(n)
+        if op == "iota":
+            return self.iota(n)
         args = [self.use(x, n) for x in n.inputs]
         kinds = [self.kind[a] for a in args]
         want = reg_kind(dt)
@@ -217,6 +219,15 @@ class _Body:
         out = self.fresh(n.out.name)
         vec = any(self.vec[a] for a in args)
         self.var[n.out.name] = self.define(Stmt(op, out, tuple(args), attrs, dt), vec, want)
+
+    def iota(self, n: Node) -> None:
+        """arange(n): the coordinate of the kernel's (1-D) iteration space (ir/ops_mla.py)."""
+        if len(self.shape) != 1 or not same(n.out.type.shape[0], self.shape[0]):
+            raise self.fail(n, f"iota {n.out.type} must span the kernel's 1-D iteration shape "
+                               f"[{', '.join(map(dim_str, self.shape))}]")
+        out = self.fresh(n.out.name)
+        self.var[n.out.name] = self.define(Stmt("iota", out, (self.ix.coord_expr(0),), (), n.out.type.dtype),
+                                           True, reg_kind(n.out.type.dtype))
 
     def rope(self, n: Node) -> None:
         x = n.inputs[0]
@@ -476,7 +487,9 @@ def _lower_reduction(k: Kernel, index: int) -> KernelSpec:
         kind = OPS[n.op].kind
         if n is red:
             src = body.use(red.inputs[0], n)
-            if not body.vec[src]:
+            # a row-constant value (a size-1 row) still sums / maxes: the templates spread it over the
+            # row tile with tl.where(cmask, src, neutral); row-shaped results need a varying value
+            if not body.vec[src] and red.op not in ("sum", "mean", "amax"):
                 raise body.fail(n, "the reduced value does not vary along the row")
             red_src = body.convert(src, "f32")
             o = n.out.name
@@ -505,9 +518,22 @@ def _lower_reduction(k: Kernel, index: int) -> KernelSpec:
         elif n.op in INDEX_MAP_OPS:
             body.record_layout(n)
         elif kind == POINTWISE:
-            if any(x in lstyle for x in n.inputs):
-                others = [x for x in n.inputs if x not in lstyle and g.values()[x].type.rank > 0]
-                if others:
+            ot = n.out.type
+            per_row = (not keepdim and len(lead) > 0 and ot.rank == len(lead)
+                       and all(same(a, b) for a, b in zip(ot.shape, lead)))
+            if per_row or any(x in lstyle for x in n.inputs):
+                for x in n.inputs:
+                    xt_ = g.values()[x].type
+                    if x in lstyle or xt_.rank == 0:
+                        continue
+                    if x in body.views and x not in body.var and xt_.rank == len(lead) \
+                            and all(same(a, b) for a, b in zip(xt_.shape, lead)):
+                        # a per-row kernel input (e.g. an upstream gradient [rows]): read it per row,
+                        # not broadcast against the row elements (numpy would align it with the last dim)
+                        st = broadcast_strides(body.views[x][1], lead) + (sympy.Integer(0),)
+                        body.var[x] = body.load(x, n, strides=st, hint=x)
+                        lstyle.add(x)
+                        continue
                     raise body.fail(n, f"mixes the keepdim=False result of {red.op} with row values; numpy "
                                        "broadcasting would align it with the wrong dims", "use keepdim=True")
                 lstyle.add(n.out.name)

@@ -9,8 +9,9 @@ through JSON; its sha256 (`spec.hash()`) keys the artifact cache.
 Runtime calling convention (the same for every family):
   * kernel arguments are `spec.args` in order: every body input (role "in", in
     `kernel.body.inputs` order), then every body output (role "out", in
-    `kernel.body.outputs` order), then int scalars (kind "scalar") whose `expr` is a
-    sympy expression over the graph's dim symbols, evaluated at launch;
+    `kernel.body.outputs` order), then any workspaces (role "scratch": uninitialized buffers of
+    `shape` that the runtime allocates for that launch only), then int scalars (kind "scalar")
+    whose `expr` is a sympy expression over the graph's dim symbols, evaluated at launch;
   * tensors are contiguous row-major buffers of the arg's dtype and shape, 16-byte aligned
     (the sm_90a compile assumes it); outputs are written completely, never read;
   * the grid is `spec.grid` (1-D for every current family): sympy expressions over the
@@ -56,7 +57,8 @@ class ArgSpec:
     kind: str                       # "tensor" | "scalar"
     value: str = ""
     dtype: DType | None = None
-    role: str = ""                  # "in" | "out" (tensors)
+    role: str = ""                  # "in" | "out" | "scratch" (tensors; scratch: an uninitialized
+                                    # workspace of `shape` the runtime allocates for the launch only)
     index: int = -1
     shape: tuple[str, ...] = ()
     expr: str = ""
@@ -65,8 +67,8 @@ class ArgSpec:
     def __post_init__(self) -> None:
         if self.kind not in ("tensor", "scalar"):
             raise ValueError(f"ArgSpec {self.name}: kind must be tensor or scalar, got {self.kind!r}")
-        if self.kind == "tensor" and (self.dtype is None or self.role not in ("in", "out")):
-            raise ValueError(f"ArgSpec {self.name}: a tensor needs a dtype and role in/out")
+        if self.kind == "tensor" and (self.dtype is None or self.role not in ("in", "out", "scratch")):
+            raise ValueError(f"ArgSpec {self.name}: a tensor needs a dtype and role in/out/scratch")
         if self.kind == "scalar" and not self.expr:
             raise ValueError(f"ArgSpec {self.name}: a scalar needs an expr")
 

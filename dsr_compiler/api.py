@@ -46,6 +46,12 @@ class KernelArtifact:
     compiled: Any          # codegen.compile.CompiledKernel (ptx, cubin, registers, spills, ...)
     compile_ms: float
     cached: bool
+    ptx: Any = None        # codegen.ptx.CompiledPtx when the kernel runs as direct PTX (backend "ptx")
+    ptx_note: str = ""     # why a kernel of a PTX-selected family stayed on Triton
+
+    @property
+    def backend(self) -> str:
+        return "ptx" if self.ptx is not None else "triton"
 
 
 @dataclass
@@ -59,6 +65,7 @@ class CompiledModule:
     params: list[torch.Tensor]
     example_env: dict[str, int]
     compile_ms: dict[str, float] = field(default_factory=dict)
+    derived_params: list[dict] = field(default_factory=list)   # params computed once at compile time (ir/params.py)
     _plans: dict[str, Any] = field(default_factory=dict)
     _device_params: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
@@ -79,6 +86,9 @@ class CompiledModule:
             raise DsrError(f"{self.graph.name}: expected {n_data} inputs "
                            f"({', '.join('%' + v.name for v in self.graph.data_inputs)}), got {len(inputs)}")
         outs = plan.run(list(inputs) + self._device_params[be])
+        if self.options.get("grad_wrt"):
+            from dsr_compiler.grads import split_outputs
+            return split_outputs(outs, self.options["grad_wrt"])
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     # ------------------------------------------------------------------ reporting
@@ -90,14 +100,21 @@ class CompiledModule:
             br = _eval(s.bytes_read, env)
             bw = _eval(s.bytes_written, env)
             fl = _eval(s.flops, env)
-            peak = H200["flops_bf16"]
+            peak = H200["flops_fp8"] if s.family == "gemm_fp8" else H200["flops_bf16"]
             roof = max((br + bw) / H200["bytes_per_s"], fl / peak) * 1e6
+            p = k.ptx
             kernels.append({
-                "name": s.name, "template": s.template, "family": s.family, "backend": "triton",
+                "name": s.name, "template": s.template, "family": s.family, "backend": k.backend,
                 "source_nodes": list(s.source_nodes), "grid": list(s.grid),
                 "grid_at_example": [_eval(x, env) for x in s.grid],
-                "num_warps": s.num_warps, "registers": c.registers, "spills": c.spills,
-                "shared_mem": c.shared_mem, "bytes_read": br, "bytes_written": bw, "flops": fl,
+                "num_warps": s.num_warps, "registers": (p or c).registers, "spills": (p or c).spills,
+                "shared_mem": (p or c).shared_mem, "bytes_read": br, "bytes_written": bw, "flops": fl,
+                **({"ptx_template": _ptx_template(s.family),
+                    "triton_twin": {"template": s.template, "registers": c.registers, "spills": c.spills,
+                                    "shared_mem": c.shared_mem},
+                    "interpret_runs": "the Triton twin (same KernelSpec): the interpreter cannot run PTX"}
+                   if p is not None else {}),
+                **({"ptx_fallback": k.ptx_note} if k.ptx_note else {}),
                 "bytes_read_expr": s.bytes_read, "bytes_written_expr": s.bytes_written, "flops_expr": s.flops,
                 "roofline_us_h200": roof, "compile_ms": round(k.compile_ms, 1), "cached": k.cached,
                 "spec_hash": s.hash(),
@@ -114,6 +131,7 @@ class CompiledModule:
                        "flops": sum(k["flops"] for k in kernels),
                        "roofline_us_h200": sum(k["roofline_us_h200"] for k in kernels)},
             "h200": H200,
+            "derived_params": self.derived_params,
         }
 
     def dump(self, out_dir: str | os.PathLike) -> Path:
@@ -138,8 +156,12 @@ class CompiledModule:
                 prev = body
             for k in self.kernels:
                 (tmp / "kernels" / f"{k.spec.name}.py").write_text(k.source)
-                (tmp / "kernels" / f"{k.spec.name}.ptx").write_text(k.compiled.ptx)
-                (tmp / "kernels" / f"{k.spec.name}.cubin").write_bytes(k.compiled.cubin)
+                twin = ".triton" if k.ptx is not None else ""   # a PTX kernel: <name>.ptx is the template's
+                (tmp / "kernels" / f"{k.spec.name}{twin}.ptx").write_text(k.compiled.ptx)
+                (tmp / "kernels" / f"{k.spec.name}{twin}.cubin").write_bytes(k.compiled.cubin)
+                if k.ptx is not None:
+                    (tmp / "kernels" / f"{k.spec.name}.ptx").write_text(k.ptx.ptx)
+                    (tmp / "kernels" / f"{k.spec.name}.cubin").write_bytes(k.ptx.cubin)
             (tmp / "report.json").write_text(json.dumps(self.report(), indent=2, sort_keys=False, default=str) + "\n")
             if out.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
@@ -154,6 +176,11 @@ class CompiledModule:
         return out
 
 
+def _ptx_template(family: str) -> str:
+    from dsr_compiler.codegen.ptx import PTX_TEMPLATES
+    return PTX_TEMPLATES[family]
+
+
 def _eval(expr: Any, env: dict) -> int | float:
     from dsr_compiler.ir.types import parse_dim
     e = parse_dim(expr) if isinstance(expr, str) else sympy.sympify(expr)
@@ -161,42 +188,63 @@ def _eval(expr: Any, env: dict) -> int | float:
     return int(v) if v.is_Integer else float(v)
 
 
-def compile(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, fp8: bool = False, target: str = "sm_90a",
+def compile(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, fp8: Any = False, target: str = "sm_90a",
             backend: str = "auto", dynamic: dict | None = None, name: str | None = None,
-            on_pass: Callable[[PassRecord], None] | None = None) -> CompiledModule:
-    """Compile `module` for `target`; the result runs on `backend` (auto | cuda | interpret)."""
+            on_pass: Callable[[PassRecord], None] | None = None,
+            grad_wrt: Sequence[str] | None = None, mla: str = "absorb", ptx_families: Any = None) -> CompiledModule:
+    """Compile `module` for `target`; the result runs on `backend` (auto | cuda | interpret).
+
+    With `grad_wrt` (forward parameter names; the forward must return one scalar loss) the
+    compiled module also computes the gradients: `loss, grads = cm(*inputs)` (dsr_compiler/grads.py)."""
     from dsr_compiler.frontend.trace import param_tensors
     from dsr_compiler.runtime.device import BACKENDS
     if target not in TARGETS:
         raise DsrError(f"unknown target {target!r}", hint=f"supported: {', '.join(TARGETS)}")
     if backend not in BACKENDS:
         raise DsrError(f"unknown backend {backend!r}", hint=f"use one of {', '.join(BACKENDS)}")
-    if fp8:
-        raise DsrError("fp8=True: the quantize_fp8 pass (DeepSeek FP8 block recipe) is not in this version yet",
-                       hint="compile with fp8=False (CLI: --no-fp8); FP8 lands with the FP8 recipe work")
+    if mla not in ("naive", "absorb"):
+        raise DsrError(f"unknown MLA form mla={mla!r}",
+                       hint="mla='absorb' (decode attends to the latent cache; default) or 'naive' (expand it)")
+    from dsr_compiler.ir.passes import Fp8Policy
+    policy = Fp8Policy.from_option(fp8)    # fp8: False | True | dict of policy fields | Fp8Policy
+    from dsr_compiler.codegen.ptx import resolve_ptx_families
+    ptx = resolve_ptx_families(ptx_families)   # None: the DSR_PTX knob
     t0 = time.perf_counter()
     g = trace(module, example_inputs, dynamic=dynamic, name=name)
     t_trace = (time.perf_counter() - t0) * 1e3
-    ctx = PassContext(options={"fp8": fp8, "target": target})
+    from dsr_compiler.grads import check_grad_wrt
+    wrt = check_grad_wrt(module, g, grad_wrt)
+    ctx = PassContext(options={"fp8": policy or False, "target": target, "mla": mla})
+    if wrt:
+        ctx.options["grad_wrt"] = wrt
     t1 = time.perf_counter()
     records = run_passes(g, list(PIPELINE), ctx, on_pass=on_pass)
     t_passes = (time.perf_counter() - t1) * 1e3
     final = records[-1].graph
     t2 = time.perf_counter()
-    kernels = build_kernels(final, target)
+    kernels = build_kernels(final, target, ptx)
     t_codegen = (time.perf_counter() - t2) * 1e3
-    env = bind_symbols([v.type for v in g.inputs], list(example_inputs) + param_tensors(module, g),
+    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]   # None / scalars are baked in
+    env = bind_symbols([v.type for v in g.inputs], tensors + param_tensors(module, g),
                        where=f"example inputs of {g.name}")
+    from dsr_compiler.params import resolve_params
+    params, param_origin = resolve_params(module, final, ctx.derived)
+    derived = [dict(d.to_json(), source=param_origin.get(d.outputs[0], "unused")) for d in ctx.derived]
     return CompiledModule(
         graph=final, passes=records, kernels=kernels,
-        options={"fp8": fp8, "target": target, "backend": backend, "dynamic": dynamic or {}},
-        params=param_tensors(module, g), example_env={str(k): v for k, v in env.items()},
+        options={"fp8": policy.to_dict() if policy else False, "ptx_families": list(ptx), "target": target,
+                 "backend": backend,
+                 "dynamic": dynamic or {}, "mla": mla,
+                 **({"grad_wrt": list(wrt)} if wrt else {})},
+        params=params, example_env={str(k): v for k, v in env.items()}, derived_params=derived,
         compile_ms={"trace": t_trace, "passes": t_passes, "codegen": t_codegen,
                     "total": (time.perf_counter() - t0) * 1e3})
 
 
-def build_kernels(g: Graph, target: str = "sm_90a") -> list[KernelArtifact]:
-    """Lower, render and compile (through the artifact cache) every kernel of a fused graph."""
+def build_kernels(g: Graph, target: str = "sm_90a", ptx_families: Sequence[str] = ()) -> list[KernelArtifact]:
+    """Lower, render and compile (through the artifact cache) every kernel of a fused graph; kernels of
+    `ptx_families` are also emitted as direct PTX (codegen/ptx.py) next to their Triton twin."""
+    from dsr_compiler.codegen.ptx import PtxUnsupported, compile_ptx_kernel
     from dsr_compiler.codegen.lower import lower_kernel
     from dsr_compiler.codegen.render import render
     from dsr_compiler.runtime.cache import ArtifactCache
@@ -207,7 +255,13 @@ def build_kernels(g: Graph, target: str = "sm_90a") -> list[KernelArtifact]:
         source = render(spec)
         t = time.perf_counter()
         compiled, cached = compile_cached(spec, source, target, cache)
-        out.append(KernelArtifact(spec, source, compiled, (time.perf_counter() - t) * 1e3, cached))
+        ptx, note = None, ""
+        if spec.family in ptx_families:
+            try:
+                ptx = compile_ptx_kernel(spec, target)
+            except PtxUnsupported as e:
+                note = e.what
+        out.append(KernelArtifact(spec, source, compiled, (time.perf_counter() - t) * 1e3, cached, ptx, note))
     return out
 
 

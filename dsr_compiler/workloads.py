@@ -5,6 +5,7 @@ inputs whose token dimension is symbolic (`T`), so one compile serves every toke
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,6 +25,7 @@ class Workload:
     example_inputs: tuple[torch.Tensor, ...]
     dynamic: dict[str, dict[int, str]]
     make_inputs: Callable[[int, int], tuple[torch.Tensor, ...]]   # (tokens, seed) -> inputs
+    grad_wrt: tuple[str, ...] = ()    # forward inputs to differentiate the (scalar) output w.r.t.
 
 
 def _init_(module: nn.Module, seed: int) -> None:
@@ -52,10 +54,12 @@ def _mlp(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int) 
 
 
 BUILDERS: dict[str, Callable[..., Workload]] = {"mlp": _mlp}
-PLANNED = ("moe", "mla", "decoder", "mtp", "grpo", "model")
+PLANNED = ("mtp", "grpo")
 
 
-def build(cfg: ModelConfig, module: str, batch: int = 1, seq: int = 16, dtype: str = "f32", seed: int = 0) -> Workload:
+def build(cfg: ModelConfig, module: str, batch: int = 1, seq: int = 16, dtype: str = "f32", seed: int = 0,
+          phase: str | None = None) -> Workload:
+    """The workload of `--module`; `phase` (decode | prefill) for the modules that have both (mla, decoder, model)."""
     if module not in BUILDERS:
         if module in PLANNED:
             raise DsrError(f"--module {module}: not compiled yet in this version",
@@ -66,4 +70,11 @@ def build(cfg: ModelConfig, module: str, batch: int = 1, seq: int = 16, dtype: s
         raise DsrError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
     if batch < 1 or seq < 1:
         raise DsrError(f"--batch and --seq must be >= 1, got {batch} and {seq}")
+    if phase is not None and "phase" in inspect.signature(BUILDERS[module]).parameters:
+        return BUILDERS[module](cfg, batch, seq, DTYPES[dtype], seed, phase=phase)
     return BUILDERS[module](cfg, batch, seq, DTYPES[dtype], seed)
+
+
+from dsr_compiler import workloads_moe  # noqa: E402,F401  (registers BUILDERS["moe"])
+from dsr_compiler import workloads_loss  # noqa: E402,F401  (registers BUILDERS["grpo"], BUILDERS["mtp"])
+from dsr_compiler import workloads_mla  # noqa: E402,F401  (registers BUILDERS["mla", "decoder", "model"])

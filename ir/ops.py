@@ -477,3 +477,10 @@ def float_repr(v: float) -> str:
     if math.isinf(v):
         return "inf" if v > 0 else "-inf"
     return repr(v)
+
+
+from . import ops_fp8  # noqa: E402,F401
+from . import ops_loss  # noqa: E402,F401
+from . import ops_moe  # noqa: E402,F401
+from . import ops_mla  # noqa: E402,F401
+from . import ops_moe_fp8  # noqa: E402,F401

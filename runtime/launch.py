@@ -1,9 +1,11 @@
 """Build a LaunchPlan from a fused graph and its compiled kernels, for one backend.
 
 `interpret`: each kernel's Triton source is loaded under TRITON_INTERPRET=1 and runs on CPU
-tensors. `cuda`: the same source is loaded as a real `triton.jit` function and launched on
-the GPU through Triton's launcher (compiled for the device on first launch; the sm_90a
-artifacts in the dump are the ahead-of-time record of the same source).
+tensors (a direct-PTX kernel runs as its Triton twin). `cuda`: the same source is loaded as a
+real `triton.jit` function and launched on the GPU through Triton's launcher (compiled for the
+device on first launch; the sm_90a artifacts in the dump are the ahead-of-time record of the
+same source); a direct-PTX kernel (report `backend: "ptx"`) is launched from its ptxas cubin
+through the CUDA driver API (runtime/cuda_driver.py).
 """
 from __future__ import annotations
 
@@ -27,8 +29,12 @@ def build_plan(g: Graph, kernels: list, backend: str) -> LaunchPlan:
             if art is None:
                 raise RuntimeLaunchError(f"plan: kernel @{n.attr('kernel')} was not compiled")
             spec = art.spec
-            fn = load_interpreted(spec, art.source) if backend == "interpret" else load_jit(spec, art.source)
-            kw = {} if backend == "interpret" else {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+            if backend == "cuda" and getattr(art, "ptx", None) is not None:
+                from .cuda_driver import load_ptx_kernel   # direct PTX (codegen/ptx.py) via the driver API
+                fn, kw = load_ptx_kernel(art.ptx, spec), {}
+            else:   # interpret runs a PTX kernel's Triton twin (same KernelSpec, same arguments and grid)
+                fn = load_interpreted(spec, art.source) if backend == "interpret" else load_jit(spec, art.source)
+                kw = {} if backend == "interpret" else {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
             steps.append(KernelStep(spec.name, spec, fn, list(n.outputs), kw))
         elif n.op == "reshape":
             steps.append(ViewStep(n))

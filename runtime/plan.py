@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import sympy
 import torch
 
-from dsr_compiler.codegen.spec import launch_args
+from dsr_compiler.codegen.spec import eval_expr, launch_args
 from dsr_compiler.ir.errors import RuntimeLaunchError
 from dsr_compiler.ir.graph import Graph, Node, Value
 from dsr_compiler.ir.interp import bind_symbols, concrete_attr
@@ -66,10 +66,17 @@ class LaunchPlan:
                 for o in step.outputs:
                     env[o.name] = torch.empty(o.type.concrete_shape(env_sym), dtype=o.type.dtype.torch,
                                               device=self.device)
+                scratch = [a for a in step.spec.tensor_args if a.role == "scratch"]
+                for a in scratch:   # a workspace lives for its launch only (e.g. fp32 gradient accumulators)
+                    env[a.value] = torch.empty(tuple(eval_expr(d, names_env) for d in a.shape),
+                                               dtype=a.dtype.torch, device=self.device)
                 grid, call_args = launch_args(step.spec, env, names_env)
+                for a in scratch:
+                    del env[a.value]
                 if any(x <= 0 for x in grid):
                     continue  # empty problem (e.g. zero tokens): nothing to launch
                 step.fn[grid](*call_args, **step.launch_kw)
+                del call_args
             elif isinstance(step, ViewStep):
                 n = step.node
                 shape = concrete_attr(n.attr("shape"), env_sym)

@@ -21,7 +21,8 @@ otherwise; control flow on tensor values is always a TraceError.
 
 Inputs: the forward's positional parameters that receive tensors (named after the parameters),
 then every parameter and buffer the graph uses, named by qualified name and flagged as params, in
-order of first use. Example inputs that are Python scalars/None are baked in (specialized).
+order of first use. A leaf lowering may also add *derived* params (`DERIVED_PARAMS`, e.g. the MoE's
+stacked expert weights `ffn.experts.w13`), which `param_tensors` computes from the owner's tensors. Example inputs that are Python scalars/None are baked in (specialized).
 
 Leaf modules and functions keep DeepSeek building blocks first-class: a module class with a
 `dsr_op` class attribute is not traced through but lowered by `LEAF_LOWERINGS[dsr_op]`; a function
@@ -32,7 +33,8 @@ Conventions (documented choices):
 - `x ** 2` / `x.pow(2)` becomes `pow(x, const 2.0)` (not `mul(x, x)`); `torch.square(x)` is `mul(x, x)`.
 - Python float scalars become f32 consts; Python ints next to a float tensor become float consts,
   next to an int tensor consts of that tensor's dtype (0-d consts never promote a tensor's dtype).
-- No-op casts, `contiguous`, `clone`, `detach`, identity reshapes/permutes emit nothing.
+- No-op casts, `contiguous`, `clone`, identity reshapes/permutes emit nothing; `detach` emits
+  `stop_gradient` (an identity in value that the `differentiate` pass gives no derivative).
 - Multi-dim and all-dim reductions are chains of single-dim reductions (all-dim: reshape to 1-D).
 - `squeeze` never removes a symbolic dim (its rank would depend on the runtime size): TraceError.
 - Slices need static bounds (`x[:, :64]` on a dynamic dim is fine; `x[:, :T]` on a static dim
@@ -218,7 +220,25 @@ FUNCTION_LOWERINGS: dict[str, FunctionLowering] = {}
 #: (defining module, function name) -> op, for wrapped functions without a `dsr_op` attribute
 WRAPPED_FUNCTIONS: dict[tuple[str, str], str] = {
     ("dsr_compiler.models.layers", "apply_rope"): "rope",
+    ("dsr_compiler.models.grpo", "per_token_logps"): "token_logprobs",
 }
+
+
+@dataclass(frozen=True)
+class ParamDerivation:
+    """A graph param computed at compile time from the tensors of the module that owns it (e.g. the
+    routed experts' weights stacked into one `[E, 2I, H]` tensor). The graph input is named
+    `<owner path>.<key>` and flagged as a param; `param_tensors` calls `compute(owner)`, tracing
+    only `type_of(owner)` (no data is read, so meta-device modules trace). `doc` says which of the
+    owner's tensors it is made of (the lowering also names them in the using node's origin)."""
+
+    compute: Callable[[nn.Module], torch.Tensor]
+    type_of: Callable[[nn.Module], tuple[torch.dtype, tuple[int, ...]]]
+    doc: str = ""
+
+
+#: key (name relative to the owning module, e.g. "experts.w13") -> how to compute the param
+DERIVED_PARAMS: dict[str, ParamDerivation] = {}
 
 
 def _function_op(fn: Any) -> str | None:
@@ -385,6 +405,45 @@ class TraceContext:
         name = self._tmp_name()
         self.nodes.append(Node((Value(name, outs[0]),), op, tuple(t.name for t in inputs), attrs, self._origin))
         return TensorRef(name, outs[0])
+
+    def emit_multi(self, op: str, inputs: Sequence[TensorRef], attrs: dict[str, Any] | None = None,
+                   origin: str | None = None) -> tuple[TensorRef, ...]:
+        """Append one IR node with any number of outputs (e.g. `moe_router` -> weights, ids);
+        `origin` overrides the module path recorded on the node."""
+        attrs = {k: canon_attr(v) for k, v in (attrs or {}).items()}
+        try:
+            outs = OPS[op].infer([t.type for t in inputs], attrs)
+        except TypeRuleError as e:
+            raise self.fail(f"op `{op}` rejects its inputs: {e}",
+                            hint="inputs: " + ", ".join(f"%{t.name} : {t.type}" for t in inputs)) from None
+        vals = tuple(Value(self._tmp_name(), t) for t in outs)
+        self.nodes.append(Node(vals, op, tuple(t.name for t in inputs), attrs,
+                               self._origin if origin is None else origin))
+        return tuple(TensorRef(v.name, v.type) for v in vals)
+
+    def derived_param(self, owner: nn.Module, key: str) -> TensorRef:
+        """The graph input for `DERIVED_PARAMS[key]` of submodule `owner` (registered on first use)."""
+        how = DERIVED_PARAMS.get(key)
+        if how is None:
+            raise self.fail(f"no derived parameter {key!r}", hint="registered: " + ", ".join(sorted(DERIVED_PARAMS)))
+        path = next((self._strip(n) for n, m in self.root.named_modules() if m is owner), None)
+        if path is None:
+            raise self.fail(f"derived parameter {key!r}: its owner is not a submodule of the traced module")
+        name = _sanitize(f"{path}.{key}" if path else key)
+        ref = self.params.get(name)
+        if ref is not None:
+            return ref
+        if name in self.inputs or any(n == name for n, _ in self.param_index.values()):
+            raise self.fail(f"derived parameter `{name}` has the same name as a parameter or input")
+        dtype, shape = how.type_of(owner)
+        try:
+            dt = DType.from_torch(dtype)
+        except TraceError as e:
+            raise self.fail(f"derived parameter `{name}` has unsupported dtype {dtype}", hint=e.hint) from None
+        ref = TensorRef(name, TensorType(dt, tuple(int(s) for s in shape)))
+        self.params[name] = ref
+        self.names.add(name)
+        return ref
 
     def const(self, value: int | float | bool, dtype: DType) -> TensorRef:
         return self.emit("const", [], {"value": value, "dtype": dtype})
@@ -578,7 +637,7 @@ class TraceContext:
             if n.outputs[0].name == val.name:
                 if any(val.name in m.inputs for m in self.nodes[i + 1:]):
                     return val
-                self.nodes[i] = n.replace(outputs=(Value(base, val.type),))
+                self.nodes[i] = n.replace(outputs=(Value(base, val.type),) + n.outputs[1:])
                 self.names.add(base)
                 return TensorRef(base, val.type)
         return val
@@ -784,7 +843,8 @@ class _DsrTracer(fx.Tracer):
             raise TraceError(f"trace: a tensor constant {tuple(a.shape)} {a.dtype} is used in forward()",
                              self.cx.where_now(self.module_stack, traceback.extract_stack()),
                              "register module state with `self.register_buffer(name, tensor)`; tensors "
-                             "created inside forward (torch.ones, torch.arange, ...) are not supported")
+                             "created inside forward from Python numbers (torch.ones(4), torch.arange(8), ...) are "
+                             "not supported; sizes of traced tensors are (torch.arange(x.size(1)))")
         return super().create_arg(a)
 
 
@@ -841,13 +901,34 @@ def trace(module: nn.Module, example_inputs: tuple, dynamic: dict[str, dict[int,
 
 
 def param_tensors(module: nn.Module, graph: Graph) -> list[torch.Tensor]:
-    """The module's tensors for `graph.params`, in graph order (what the runtime binds)."""
+    """The module's tensors for `graph.params`, in graph order (what the runtime binds); derived
+    params (`DERIVED_PARAMS`) are computed from their owner submodule's tensors here."""
     by_name = {name: t for name, t in _param_index(module).values()}
-    missing = [p for p in graph.params if p not in by_name]
+    found = {p: by_name[p] if p in by_name else _derived_tensor(module, p) for p in graph.params}
+    missing = [p for p, t in found.items() if t is None]
     if missing:
         raise TraceError(f"trace: graph {graph.name} needs parameters the module does not have: {missing}",
                          hint="trace and run with the same module")
-    return [by_name[p] for p in graph.params]
+    return [found[p] for p in graph.params]
+
+
+def _derived_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    """`<owner path>.<key>` -> DERIVED_PARAMS[key].compute(owner), or None if `name` is not one."""
+    for key, how in DERIVED_PARAMS.items():
+        if name != key and not name.endswith("." + key):
+            continue
+        path = name[: len(name) - len(key)].rstrip(".")
+        try:
+            owner = module.get_submodule(path) if path else module
+        except AttributeError:
+            continue
+        try:
+            with torch.no_grad():
+                return how.compute(owner).detach()
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TraceError(f"trace: cannot compute derived parameter `{name}` ({how.doc}): {e}",
+                             hint="trace and run with the same module") from None
+    return None
 
 
 # ----------------------------------------------------------------------------- trace() helpers
@@ -1081,7 +1162,7 @@ _unary("tanh", torch.tanh, F.tanh, "tanh")
 _unary("relu", torch.relu, "relu")
 
 
-@_lowers(operator.pos, "contiguous", "clone", "detach", torch.clone, torch.detach)
+@_lowers(operator.pos, "contiguous", "clone", torch.clone)
 def _identity(cx: TraceContext, input: Any, *, memory_format: Any = None) -> TensorRef:
     return cx.tensor(input, "identity")
 
@@ -1882,3 +1963,8 @@ def _function_rope(cx: TraceContext, fn: Callable, args: tuple, kwargs: dict) ->
 
 LEAF_LOWERINGS["rms_norm"] = _leaf_rms_norm
 FUNCTION_LOWERINGS["rope"] = _function_rope
+
+
+from . import loss as _loss_lowerings  # noqa: E402,F401  (token_logprobs, gather, cross_entropy, detach)
+from . import moe as _moe_lowerings  # noqa: E402,F401  (the MoE leaf and its derived expert weights)
+from . import mla as _mla_lowerings  # noqa: E402,F401  (torch.arange, index_copy, RoPE tables, MLA attention)

@@ -26,7 +26,7 @@ from dsr_compiler.errors import DsrError
 from dsr_compiler.models.config import ModelConfig
 from dsr_compiler.models.layers import MLP, RMSNorm, apply_rope, rope_attn_factor, rope_cos_sin, rope_inv_freq
 
-__all__ = ["Gate", "MoE", "MLA", "DecoderLayer", "DeepSeekModel"]
+__all__ = ["Gate", "MoE", "MLA", "DecoderLayer", "DeepSeekModel", "mla_attention", "mla_attention_absorbed"]
 
 # FX patches wrapped functions per module globals: repeat the wrap so that calls made from this
 # file stay single call_function nodes too.
@@ -89,6 +89,8 @@ class MoE(nn.Module):
 
     The eager forward loops over experts: it is the reference, not the fast path.
     """
+
+    dsr_op = "moe"  # traced as one leaf: router, dispatch, grouped GEMMs, combine (frontend/moe.py)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -182,26 +184,14 @@ class MLA(nn.Module):
         """Softmax attention of queries at ``q_pos`` over keys at ``k_pos`` (key allowed iff k <= q)."""
         cfg = self.cfg
         nope, vd = cfg.qk_nope_head_dim, cfg.v_head_dim
-        allowed = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)  # [S, T]
         if absorb:
-            w = self.wkv_b.weight.float().view(self.n_heads, nope + vd, cfg.kv_lora_rank)
-            w_uk, w_uv = w[:, :nope], w[:, nope:]
-            q_lat = torch.einsum("bshd,hdc->bshc", q_nope.float(), w_uk)
-            scores = (torch.einsum("bshc,btc->bsht", q_lat, latent.float())
-                      + torch.einsum("bshr,btr->bsht", q_pe.float(), k_pe.float()))
+            o = mla_attention_absorbed(q_nope, q_pe, latent, k_pe, self.wkv_b.weight, q_pos, k_pos,
+                                       self.softmax_scale, out_dtype)
         else:
             kvb = self.wkv_b(latent).view(latent.size(0), latent.size(1), self.n_heads, nope + vd)
             k_nope, v = torch.split(kvb, [nope, vd], dim=-1)
-            scores = (torch.einsum("bshd,bthd->bsht", q_nope.float(), k_nope.float())
-                      + torch.einsum("bshr,btr->bsht", q_pe.float(), k_pe.float()))
-        scores = scores * self.softmax_scale
-        scores = scores.masked_fill(~allowed.unsqueeze(0).unsqueeze(2), float("-inf"))
-        probs = scores.softmax(dim=-1)
-        if absorb:
-            o = torch.einsum("bshc,hdc->bshd", torch.einsum("bsht,btc->bshc", probs, latent.float()), w_uv)
-        else:
-            o = torch.einsum("bsht,bthd->bshd", probs, v.float())
-        return self.wo(o.flatten(2).to(out_dtype))
+            o = mla_attention(q_nope, q_pe, k_nope, k_pe, v, q_pos, k_pos, self.softmax_scale, out_dtype)
+        return self.wo(o.flatten(2))
 
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
         if not isinstance(x, torch.fx.Proxy):
@@ -231,6 +221,47 @@ class MLA(nn.Module):
         out = self._attend(q_nope, q_pe, kv_cache, pe_cache, positions, k_pos,
                            self.absorb if absorb is None else absorb, x.dtype)
         return out, kv_cache, pe_cache
+
+
+@torch.fx.wrap
+def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
+                  v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """The naive MLA attention core: ``q [B, S, H, nope|rope]``, per-head ``k_nope [B, T, H, nope]``,
+    ``v [B, T, H, v]``, the head-shared ``k_pe [B, T, rope]``; key t allowed for query s iff
+    ``k_pos[t] <= q_pos[s]``. Scores = two dots (nope + rope) in fp32, softmax fp32; ``[B, S, H, v]``
+    cast to ``out_dtype``. Wrapped for FX: the frontend maps it to the IR op ``mla_attention``.
+    """
+    allowed = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)  # [S, T]
+    scores = (torch.einsum("bshd,bthd->bsht", q_nope.float(), k_nope.float())
+              + torch.einsum("bshr,btr->bsht", q_pe.float(), k_pe.float()))
+    scores = scores * scale
+    scores = scores.masked_fill(~allowed.unsqueeze(0).unsqueeze(2), float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return torch.einsum("bsht,bthd->bshd", probs, v.float()).to(out_dtype)
+
+
+@torch.fx.wrap
+def mla_attention_absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+                           wkv_b: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float,
+                           out_dtype: torch.dtype) -> torch.Tensor:
+    """The absorbed MLA attention core (same function as :func:`mla_attention` of the expanded
+    ``wkv_b(latent)``): ``q_nope·W_UK`` per head, scores against the latent ``[B, T, kv_lora]`` plus
+    ``k_pe``, output in latent space, then ``·W_UV``; all fp32. ``wkv_b [H·(nope+v), kv_lora]``.
+    The frontend maps it to the expanded form; the ``absorb_mla`` pass absorbs it again for decode.
+    """
+    heads, nope = q_nope.size(2), q_nope.size(3)
+    w = wkv_b.float().view(heads, -1, latent.size(-1))
+    w_uk, w_uv = w[:, :nope], w[:, nope:]
+    allowed = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)  # [S, T]
+    q_lat = torch.einsum("bshd,hdc->bshc", q_nope.float(), w_uk)
+    scores = (torch.einsum("bshc,btc->bsht", q_lat, latent.float())
+              + torch.einsum("bshr,btr->bsht", q_pe.float(), k_pe.float()))
+    scores = scores * scale
+    scores = scores.masked_fill(~allowed.unsqueeze(0).unsqueeze(2), float("-inf"))
+    probs = scores.softmax(dim=-1)
+    o = torch.einsum("bshc,hdc->bshd", torch.einsum("bsht,btc->bshc", probs, latent.float()), w_uv)
+    return o.to(out_dtype)
 
 
 def _check_x(x: torch.Tensor, hidden: int, where: str) -> None:
@@ -321,7 +352,8 @@ class DeepSeekModel(nn.Module):
     def decode(self, tokens: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]],
                start_pos: int | torch.Tensor = 0, absorb: bool | None = None):
         """Logits for ``tokens`` at ``start_pos...`` through per-layer caches; returns ``(logits, new_caches)``."""
-        self._check_tokens(tokens)
+        if not isinstance(tokens, torch.fx.Proxy):
+            self._check_tokens(tokens)
         if len(caches) != len(self.layers):
             raise DsrError(f"expected {len(self.layers)} (kv_cache, pe_cache) pairs, got {len(caches)}",
                            where="DeepSeekModel.decode", hint="make them with DeepSeekModel.init_cache")

@@ -197,7 +197,8 @@ def _listing(title: str, items: list[str], limit: int = 40) -> list[str]:
 def load_state_dict_safetensors(module: nn.Module, path: str | Path, prefix: str | None = None,
                                 strict: bool = True, block: int = 128, *,
                                 mtp: Sequence[nn.Module] | None = None,
-                                shared: str | tuple[nn.Module, nn.Module] = "skip") -> nn.Module:
+                                shared: str | tuple[nn.Module, nn.Module] = "skip",
+                                keep_fp8: bool = False) -> nn.Module:
     """Load an HF-format DeepSeek checkpoint (file or directory of shards) into ``module`` in place.
 
     ``prefix`` selects a sub-module's tensors and strips it (``model.layers.1.mlp.`` for a
@@ -217,6 +218,12 @@ def load_state_dict_safetensors(module: nn.Module, path: str | Path, prefix: str
       owning. ``"skip"`` (default): not loaded, only shape-checked when present (the main model's
       ``embed``/``head`` are used). ``(embed, head)`` (an MTPModule loaded alone): load them into
       these modules (then they are required).
+
+    ``keep_fp8=True`` also keeps each FP8 weight as stored: the owning module (e.g. the ``nn.Linear``
+    whose ``weight`` it fills) gets non-persistent buffers ``weight_fp8`` (the float8_e4m3fn codes)
+    and ``weight_scale_inv`` (fp32 block scales), next to the dequantized ``weight`` that eager runs
+    use. ``dsr.compile(..., fp8=True)`` then feeds these codes and scales to its FP8 GEMMs as they are
+    instead of re-quantizing the dequantized weight (dsr_compiler/params.py).
     """
     from dsr_compiler.models.mtp import MTPModule  # lazy: mtp.py imports the zoo, not this file
 
@@ -278,6 +285,7 @@ def load_state_dict_safetensors(module: nn.Module, path: str | Path, prefix: str
         return ours_to_hf(ours, prefix)
 
     loaded: dict[str, torch.Tensor] = {}
+    kept_fp8: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     unknown: list[str] = []
     bad_shape: list[str] = []
     bad_other: list[str] = []
@@ -314,6 +322,8 @@ def load_state_dict_safetensors(module: nn.Module, path: str | Path, prefix: str
                 bad_shape.append(f"{_show(hf_name + _SCALE_SUFFIX, prefix)}: shape {tuple(s.shape)}, "
                                  f"expected {want_s} for a {tuple(t.shape)} weight in {block}x{block} blocks")
                 continue
+            if keep_fp8 and ours.endswith(".weight"):
+                kept_fp8[ours] = (t.to(torch.float8_e4m3fn) if t.dtype != torch.float8_e4m3fn else t, s.float())
             t = dequantize_fp8_blocks(t, s, block)
         elif hf_name + _SCALE_SUFFIX in raw:
             bad_other.append(f"{_show(hf_name, prefix)}: has a {_SCALE_SUFFIX} but dtype {t.dtype} is not FP8")
@@ -346,7 +356,27 @@ def load_state_dict_safetensors(module: nn.Module, path: str | Path, prefix: str
     with torch.no_grad():
         for name, t in loaded.items():
             expected[name].copy_(t.to(expected[name].dtype))
+    for name, (q, s) in kept_fp8.items():
+        if name not in loaded:
+            continue
+        owner = _owner_of(name[: -len(".weight")], module, mtp_list)
+        if owner is not None:
+            owner.register_buffer("weight_fp8", q.contiguous(), persistent=False)
+            owner.register_buffer("weight_scale_inv", s.contiguous(), persistent=False)
     return module
+
+
+def _owner_of(path: str, module: nn.Module, mtp_list: Sequence[nn.Module]) -> nn.Module | None:
+    """The submodule at our name `path` (``mtp.{d}.`` names live in the MTP depths), or None."""
+    if path.startswith("<shared>"):
+        return None
+    if path.startswith("mtp.") and mtp_list:
+        _, d, rest = path.split(".", 2)
+        module, path = mtp_list[int(d)], rest
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _check_mtp_args(module, prefix, mtp, shared, is_mtp: bool, mtp_cls) -> list:

@@ -24,6 +24,13 @@ from .manager import PassContext
 
 LAST_DIM_REDUCTIONS = ("rms_norm", "softmax", "log_softmax", "sum", "mean", "amax")
 INDEX_MAP_OPS = ("permute", "expand", "slice", "reshape")
+VIEW_OPS = ("permute", "expand", "slice")   # index maps a kernel can apply to an input (reshape stays a free view)
+
+# Grouping rules of other kernel families (e.g. FP8, ir/passes/fuse_fp8.py), run in order before
+# the generic ones; a rule claims nodes with `new_group`/`add`/`can_join`, the generic steps skip them.
+GROUP_RULES: list = []
+# family -> fn(ops of the group) -> kernel name tag, for families registered by such modules.
+TAGGERS: dict = {}
 
 
 def _same_shape(a: TensorType, b: TensorType) -> bool:
@@ -131,8 +138,9 @@ class _Fuser:
             changed = False
             frontier = sorted({u for m in grp.members for u in self.users[m]} - set(grp.members))
             for u in frontier:
-                # rope reads its input's pair partner, so its x must come from memory: it starts a kernel
-                if u in self.group_of or self.nodes[u].op == "rope":
+                # rope reads its input's pair partner, so its x must come from memory (a kernel input,
+                # possibly through an index map such as a permute of a kernel input): else it starts a kernel
+                if u in self.group_of or (self.nodes[u].op == "rope" and not self._rope_x_from_memory(grp, u)):
                     continue
                 if not self.pointwise_ok(u, out_type, what, also):
                     continue
@@ -140,6 +148,33 @@ class _Fuser:
                     continue
                 self.add(grp, u)
                 changed = True
+
+    def absorb_operand_views(self, grp: _Group, i: int, what: str) -> None:
+        """Pull the index-map producers (slice/permute/expand, transitively) of node i's operands into
+        the group when only the group reads them: the family's lowering reads its inputs through
+        strided views, so the view needs no copy kernel (e.g. a per-head weight slice of a matmul)."""
+        stack = list(self.nodes[i].inputs)
+        while stack:
+            j = self.index_of.get(stack.pop())
+            if j is None or j in self.group_of or self.nodes[j].op not in VIEW_OPS:
+                continue
+            n = self.nodes[j]
+            if n.out.name in self.graph_outputs or not self.users[j] <= set(grp.members):
+                continue  # another kernel reads the view too: it stays a copy kernel
+            # only the group reads j, so the one cycle to rule out is group -> outside -> j
+            if self._reaches_via_outside(set(grp.members), j, grp):
+                self.ctx.note(f"cannot fuse {self.name(j)} into {what} as an operand view: it reads a value "
+                              "computed outside the kernel from the kernel's own results (would create a cycle)")
+                continue
+            self.add(grp, j)
+            stack.extend(n.inputs)
+
+    def _rope_x_from_memory(self, grp: _Group, u: int) -> bool:
+        j = self.index_of.get(self.nodes[u].inputs[0])
+        if j is None or j not in grp.members or self.nodes[j].op not in INDEX_MAP_OPS:
+            return False
+        src = self.index_of.get(self.nodes[j].inputs[0])
+        return src is None or src not in grp.members
 
     def absorb_prologue(self, grp: _Group, start: str, row_type: TensorType, what: str) -> None:
         """Pull the pointwise producers of the reduction input (with the row's shape) into the group."""
@@ -165,6 +200,8 @@ class _Fuser:
 
     def run(self) -> None:
         nodes = self.nodes
+        for rule in GROUP_RULES:
+            rule(self)
         # 1. GEMMs (dual-B SwiGLU first), with epilogues
         for i, n in enumerate(nodes):
             if n.op not in ("linear", "matmul") or i in self.group_of:
@@ -175,6 +212,8 @@ class _Fuser:
                 partner = self._swiglu_partner(i)
                 if partner is not None and self.can_join(grp, partner, what):
                     self.add(grp, partner)
+            for m in list(grp.members):
+                self.absorb_operand_views(grp, m, what)
             self.absorb_epilogue(grp, n.outputs[0].type, what)
         # 2. reductions, with prologue and epilogue
         for i, n in enumerate(nodes):
@@ -194,7 +233,7 @@ class _Fuser:
         # 3. attention
         for i, n in enumerate(nodes):
             if i not in self.group_of and OPS[n.op].kind == ATTENTION:
-                self.new_group("attention", i)
+                self.absorb_operand_views(self.new_group("attention", i), i, f"attention kernel of {self.name(i)}")
         # 4. remaining pointwise chains (and layout ops other than reshape)
         for i, n in enumerate(nodes):
             if i in self.group_of or n.op == "reshape":
@@ -253,10 +292,14 @@ class _Fuser:
 
 
 def _tag(family: str, ops: list[str]) -> str:
+    if family in TAGGERS:
+        return TAGGERS[family](ops)
     if family == "gemm" and ops.count("linear") == 2 and "silu" in ops and "mul" in ops:
         return "swiglu"
     seen: list[str] = []
     for o in ops:
+        if family != "pointwise" and o in VIEW_OPS:
+            continue  # operand views of a gemm/attention kernel say nothing about what it computes
         if o not in seen and o != "const":
             seen.append(o)
     return "_".join(seen[:3]) or family

@@ -20,9 +20,15 @@ class PassContext:
     options: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)           # e.g. "cannot fuse X into Y: ..."
     counts: dict[str, int] = field(default_factory=dict)     # rewrite-rule matches
+    derived: list[Any] = field(default_factory=list)         # ir.params.DerivedParam: params computed once
+                                                             # at compile time (e.g. FP8 weight codes)
 
     def note(self, msg: str) -> None:
         self.notes.append(msg)
+
+    def derive(self, d: Any) -> None:
+        """Declare new graph params computed from module tensors (see ir/params.py)."""
+        self.derived.append(d)
 
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n

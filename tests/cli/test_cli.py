@@ -25,10 +25,11 @@ def test_compile_writes_documented_layout(tmp_path):
     out = tmp_path / "d"
     r = run_cli("compile", "--module", "mlp", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert "k2_gemm_swiglu" in r.stdout
+    assert "k2_gemm_fp8_swiglu_quant" in r.stdout        # --fp8 is the default (DESIGN.md section 3)
     irs = sorted(p.name for p in (out / "ir").iterdir())
-    assert irs == ["00_trace.diff", "00_trace.ir", "01_cse.diff", "01_cse.ir", "02_fold_constants.diff",
-                   "02_fold_constants.ir", "03_dce.diff", "03_dce.ir", "04_fuse.diff", "04_fuse.ir"][:len(irs)]
+    from dsr_compiler.ir.passes import PIPELINE
+    names = ["trace"] + [n for n, _ in PIPELINE]
+    assert irs == sorted(f"{i:02d}_{n}.{ext}" for i, n in enumerate(names) for ext in ("diff", "ir"))
     assert irs[-1].endswith("_fuse.ir")
     import dsr_compiler as dsr
     for p in (out / "ir").glob("*.ir"):

@@ -226,6 +226,8 @@ def one_op_kernel(name: str):
         out = kb.op(name, a, b, kb.input("s", f32, 8), name="out")
     elif name == "cast":
         out = kb.op(name, a, dtype=bf16, name="out")
+    elif name == "iota":
+        out = kb.op(name, n=24, dtype=DType.i64, name="out")
     elif name in ("lt", "le", "gt", "ge", "eq", "add", "sub", "mul", "div", "maximum", "minimum", "pow"):
         out = kb.op(name, a, b, name="out")
     else:

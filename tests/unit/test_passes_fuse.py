@@ -437,3 +437,26 @@ def test_fuse_static_shapes(gi):
     out = verify(fuse(g, ctx))
     _check_fused_structure(g, out, ctx)
     assert_same_outputs(g, out, args)
+
+
+def test_rope_through_a_permute_of_a_kernel_input_fuses_into_one_kernel():
+    text, _ = fused("""
+        graph g(%q : f32[2,S,4,8], %cos : f32[S,8], %sin : f32[S,8]) {
+          %t : f32[2,4,S,8] = permute(%q, dims=(0, 2, 1, 3))
+          %r : f32[2,4,S,8] = rope(%t, %cos, %sin)
+          %y : f32[2,4,S,8] = mul(%r, %r)
+          return %y
+        }
+    """)
+    assert text.count("kernel @") == 1 and "k1_pointwise_permute_rope" in text
+
+
+def test_rope_of_a_computed_value_starts_its_own_kernel():
+    text, _ = fused("""
+        graph g(%q : f32[S,8], %cos : f32[S,8], %sin : f32[S,8]) {
+          %e : f32[S,8] = exp(%q)
+          %r : f32[S,8] = rope(%e, %cos, %sin)
+          return %r
+        }
+    """)
+    assert text.count("kernel @") == 2  # the pair partner of %e must come from memory

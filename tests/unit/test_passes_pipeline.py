@@ -10,11 +10,12 @@ from hypothesis import given
 from strategies import apply_pass, assert_same_outputs, graphs_with_inputs, ir_text
 
 PASSES = dict(PIPELINE)
-IDEMPOTENT = ("cse", "fold_constants", "dce", "fuse")
+IDEMPOTENT = ("rewrite_vocab_loss", "differentiate", "cse", "fold_constants", "dce", "fuse")
 
 
 def test_pipeline_order():
-    assert [name for name, _ in PIPELINE] == ["cse", "fold_constants", "dce", "fuse"]
+    assert [name for name, _ in PIPELINE] == ["rewrite_vocab_loss", "differentiate", "cse", "fold_constants", "dce",
+                                              "absorb_mla", "quantize_fp8", "fuse"]
 
 
 @pytest.mark.parametrize("name", [name for name, _ in PIPELINE])

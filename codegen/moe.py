@@ -1,0 +1,204 @@
+"""MoE kernel families: router, dispatch, grouped GEMMs, combine (DESIGN.md §4 "MoE").
+
+Where it sits: a codegen extension (listed in `families.EXTENSIONS`), importing registers four
+families, each one Jinja template (`templates/moe_*.py.j2`) plus one lowering ir.Kernel ->
+KernelSpec. The fusion pass makes each MoE op its own kernel (family = the op's kind):
+
+    moe_router   one program per 16 tokens: fp32 gate GEMM, scores, group limit, top-k, weights
+    moe_dispatch one program: counts, scan, scatter of slot ids into the BM-padded expert layout
+    moe_gemm     one program per (BM-row block, BN-column tile); mode gate_up (gather + SwiGLU) or
+                 down (x routing weight, scatter to y_slots rows); unused blocks skip the K loop
+    moe_combine  one program per 1024 outputs: fixed-order fp32 sum over the k slots (+ shared)
+
+Grids and sizes are sympy expressions of the token count, evaluated at launch from input shapes:
+nothing reads routing results back to the host, and one compiled artifact serves every T.
+Index arithmetic that can exceed 2^31 (token rows x H, expert x weight size) runs in int64.
+"""
+from __future__ import annotations
+
+import sympy
+from dsr_compiler.ir.graph import Kernel, Node
+from dsr_compiler.ir.ops import OPS, SOURCE
+from dsr_compiler.ir.ops_moe import MOE_COMBINE, MOE_DISPATCH, MOE_GEMM, MOE_ROUTER
+from dsr_compiler.ir.types import DType, dim_str
+
+from .families import register_family
+from .lower import (
+    _attr_int,
+    _bytes,
+    _fail,
+    _kernel_name,
+    _next_pow2,
+    _static,
+    arg_names,
+    source_nodes,
+    tensor_args,
+)
+from .spec import KernelSpec
+from .views import ScalarPool, prod
+
+
+def _the_op(k: Kernel, ops: tuple[str, ...]) -> Node:
+    """The kernel's one MoE node (its body holds nothing else but constants)."""
+    main = [n for n in k.body.nodes if n.op in ops]
+    others = [n for n in k.body.nodes if n.op not in ops and OPS[n.op].kind != SOURCE]
+    if len(main) != 1 or others:
+        bad = others[0] if others else (main[1] if len(main) > 1 else None)
+        raise _fail(k, f"a {k.family} kernel holds exactly one of {', '.join(ops)}", bad,
+                    "the fusion pass gives each MoE op its own kernel")
+    n = main[0]
+    if any(i not in {v.name for v in k.body.inputs} for i in n.inputs):
+        raise _fail(k, f"{n.op} must read kernel inputs only", n)
+    return n
+
+
+def _out_ptr(k: Kernel, n: Node, j: int) -> str:
+    """The pointer argument of output j of node n, or "" when the kernel does not return it."""
+    name = n.outputs[j].name
+    if name not in k.body.outputs:
+        return ""
+    return arg_names(k.body)[("out", list(k.body.outputs).index(name))]
+
+
+def _static_dim(k: Kernel, n: Node, d: sympy.Expr, what: str) -> int:
+    v = _static(d)
+    if v is None:
+        raise _fail(k, f"{what} must be static, got {d}", n)
+    return v
+
+
+def _spec(k: Kernel, index: int, template: str, pool: ScalarPool, grid: sympy.Expr, params: tuple, num_warps: int,
+          num_stages: int, flops: sympy.Expr, traffic: tuple[sympy.Expr, sympy.Expr] | None = None) -> KernelSpec:
+    rd, wr = _bytes(k.body) if traffic is None else (dim_str(traffic[0]), dim_str(traffic[1]))
+    return KernelSpec(
+        name=_kernel_name(k, index), family=k.family, template=template,
+        args=tuple(tensor_args(k.body)) + tuple(pool.args), grid=(dim_str(sympy.simplify(grid)),),
+        num_warps=num_warps, num_stages=num_stages, params=params, body=(), source_nodes=source_nodes(k.body),
+        flops=dim_str(sympy.expand(flops)), bytes_read=rd, bytes_written=wr)
+
+
+# ----------------------------------------------------------------------------- router
+
+def _lower_router(k: Kernel, index: int) -> KernelSpec:
+    n = _the_op(k, (MOE_ROUTER,))
+    vals = k.body.values()
+    names = arg_names(k.body)
+    xt, wt = vals[n.inputs[0]].type, vals[n.inputs[1]].type
+    a = OPS[n.op].with_defaults(n.attr_dict)
+    pool = ScalarPool()
+    tokens = xt.shape[0]
+    e = _static_dim(k, n, wt.shape[0], "the expert count")
+    h = _static_dim(k, n, xt.shape[1], "the hidden size")
+    bt = _attr_int(k, "block_t", 16)
+    ep = max(16, _next_pow2(e))
+    bk = _attr_int(k, "block_k", max(16, min(64, 8192 // ep)))   # the gate tile [BK, E_PAD] fp32 <= 32 KiB
+    params = (
+        ("BLOCK_T", bt), ("BLOCK_K", bk), ("T", pool.lit(tokens)), ("H", h), ("E", e), ("E_PAD", ep),
+        ("TOPK", a["topk"]), ("K_PAD", _next_pow2(a["topk"])), ("N_GROUP", a["n_group"]),
+        ("EPG", e // a["n_group"]), ("TOPK_GROUP", a["topk_group"]), ("SCORING", a["scoring"]),
+        ("GROUP_SCORE", a["group_score"]), ("ROUTE_SCALE", repr(float(a["route_scale"]))),
+        ("NORM", bool(a["norm_topk"])),
+        ("X", names[("in", n.inputs[0])]), ("GW", names[("in", n.inputs[1])]),
+        ("BIAS", names[("in", n.inputs[2])] if len(n.inputs) == 3 else ""),
+        ("W_OUT", _out_ptr(k, n, 0)), ("IDS_OUT", _out_ptr(k, n, 1)),
+    )
+    flops = 2 * tokens * e * h + tokens * e * (8 + 4 * a["topk"] + 6 * a["n_group"])
+    return _spec(k, index, "moe_router.py.j2", pool, sympy.ceiling(tokens / bt), params,
+                 _attr_int(k, "num_warps", 4 if ep <= 64 else 8), _attr_int(k, "num_stages", 2), flops)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def _lower_dispatch(k: Kernel, index: int) -> KernelSpec:
+    n = _the_op(k, (MOE_DISPATCH,))
+    vals = k.body.values()
+    names = arg_names(k.body)
+    ids_t = vals[n.inputs[0]].type
+    e, bm = n.attr("n_experts"), n.attr("block_m")
+    rows_t, blocks_t = n.outputs[0].type, n.outputs[1].type
+    pool = ScalarPool()
+    ep = max(16, _next_pow2(e))
+    params = (
+        ("BLOCK_S", _attr_int(k, "block_s", max(16, 4096 // ep))), ("E", e), ("E_PAD", ep), ("BM", bm),
+        ("NSLOTS", pool.lit(prod(ids_t.shape))), ("R", pool.lit(rows_t.shape[0])), ("NB", pool.lit(blocks_t.shape[0])),
+        ("IDS", names[("in", n.inputs[0])]), ("ROWS_OUT", _out_ptr(k, n, 0)), ("BLK_OUT", _out_ptr(k, n, 1)),
+    )
+    flops = prod(ids_t.shape) * ep * 6 + rows_t.shape[0] * ep * 3
+    return _spec(k, index, "moe_dispatch.py.j2", pool, sympy.Integer(1), params,
+                 _attr_int(k, "num_warps", 4), 1, flops)
+
+
+# ----------------------------------------------------------------------------- grouped GEMMs
+
+def _lower_gemm(k: Kernel, index: int) -> KernelSpec:
+    n = _the_op(k, ("moe_gemm_gate_up", "moe_gemm_down"))
+    vals = k.body.values()
+    names = arg_names(k.body)
+    gate_up = n.op == "moe_gemm_gate_up"
+    a_t, rows_t, blocks_t, w_t = (vals[i].type for i in n.inputs[:4])
+    out_t = n.outputs[0].type
+    bm = n.attr("block_m")
+    if bm < 16 or bm & (bm - 1):
+        raise _fail(k, f"block_m={bm} must be a power of two >= 16 (a tl.dot tile)", n,
+                    "the frontend picks block_m (frontend/moe.py BLOCK_M)")
+    e = _static_dim(k, n, w_t.shape[0], "the expert count")
+    kd = _static_dim(k, n, a_t.shape[1], "the reduction dim")
+    width = _static_dim(k, n, w_t.shape[1], "the weight rows")
+    nn_ = width // 2 if gate_up else width
+    f32 = a_t.dtype is DType.f32
+    pool = ScalarPool()
+    bn = _attr_int(k, "block_n", min(64 if f32 else 128, max(16, _next_pow2(nn_))))
+    bk = _attr_int(k, "block_k", min(64, max(16, _next_pow2(kd))))
+    rows = rows_t.shape[0]
+    round_to = {DType.bf16: "bf16", DType.f16: "f16"}.get(a_t.dtype, "")
+    params = (
+        ("MODE", "gate_up" if gate_up else "down"), ("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_K", bk),
+        ("N", nn_), ("KD", kd), ("R", pool.lit(rows)), ("EVEN_K", kd % bk == 0),
+        ("TOPK", n.attr("topk") if gate_up else 0), ("W_ESTRIDE", width * kd), ("UP_OFF", nn_ * kd if gate_up else 0),
+        ("PRECISION", "ieee" if f32 else ""), ("OUT_DTYPE", out_t.dtype), ("ROUND", round_to),
+        ("A", names[("in", n.inputs[0])]), ("ROWS", names[("in", n.inputs[1])]),
+        ("BLK", names[("in", n.inputs[2])]), ("W", names[("in", n.inputs[3])]),
+        ("WTS", "" if gate_up else names[("in", n.inputs[4])]), ("OUT", _out_ptr(k, n, 0)),
+    )
+    if not params[-1][1]:
+        raise _fail(k, f"{n.op} must return its output", n)
+    slots = rows - e * (bm - 1)                 # T*k: the rows that hold real work
+    flops = 2 * slots * width * kd + slots * nn_ * (5 if gate_up else 2)
+    # modeled DRAM traffic: the real rows, and only the experts that can be hit (at most T*k)
+    isz = a_t.dtype.itemsize
+    layout = 4 * (rows + blocks_t.shape[0])
+    if gate_up:
+        traffic = (slots * kd * isz + sympy.Min(e, slots) * width * kd * isz + layout, rows * nn_ * isz)
+    else:
+        traffic = (slots * (kd * isz + 4) + sympy.Min(e, slots) * width * kd * isz + layout, slots * nn_ * 4)
+    big = bm * bn * (2 if gate_up else 1) >= 64 * 128 * 2
+    grid = blocks_t.shape[0] * ((nn_ + bn - 1) // bn)
+    return _spec(k, index, "moe_gemm.py.j2", pool, grid, params, _attr_int(k, "num_warps", 8 if big else 4),
+                 _attr_int(k, "num_stages", 3), flops, traffic)
+
+
+# ----------------------------------------------------------------------------- combine
+
+def _lower_combine(k: Kernel, index: int) -> KernelSpec:
+    n = _the_op(k, (MOE_COMBINE,))
+    names = arg_names(k.body)
+    out_t = n.outputs[0].type
+    h = _static_dim(k, n, out_t.shape[1], "the hidden size")
+    pool = ScalarPool()
+    numel = prod(out_t.shape)
+    block = _attr_int(k, "block", 1024)
+    params = (
+        ("TOPK", n.attr("topk")), ("H", h), ("BLOCK", block), ("NUMEL", pool.lit(numel)),
+        ("YS", names[("in", n.inputs[0])]), ("SHARED", names[("in", n.inputs[1])] if len(n.inputs) == 2 else ""),
+        ("OUT", _out_ptr(k, n, 0)), ("OUT_DTYPE", out_t.dtype),
+    )
+    return _spec(k, index, "moe_combine.py.j2", pool, sympy.ceiling(numel / block), params,
+                 _attr_int(k, "num_warps", 4), 1, numel * n.attr("topk"))
+
+
+register_family(MOE_ROUTER, "moe_router.py.j2", _lower_router)
+register_family(MOE_DISPATCH, "moe_dispatch.py.j2", _lower_dispatch)
+register_family(MOE_GEMM, "moe_gemm.py.j2", _lower_gemm)
+register_family(MOE_COMBINE, "moe_combine.py.j2", _lower_combine)
+
+__all__: list[str] = []

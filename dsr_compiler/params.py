@@ -1,0 +1,95 @@
+"""Binding a compiled graph's params to tensors, derived params included (the front door's side of
+ir/params.py).
+
+`resolve_params(module, graph, derived)` returns one tensor per `graph.params`, in graph order:
+plain params come from the module through the frontend's `param_tensors` (which also computes the
+frontend's own trace-time derived params, e.g. stacked MoE expert weights); every param declared by
+a pass (`ctx.derive`, e.g. FP8 weight codes + block scales) is computed ONCE here from its source
+tensors, never per call.
+
+FP8 checkpoints: `load_state_dict_safetensors(..., keep_fp8=True)` leaves the checkpoint's own
+codes and `weight_scale_inv` on the module next to the dequantized weight (non-persistent buffers
+`<module>.weight_fp8` and `<module>.weight_scale_inv`). An `fp8_block_quant` declaration whose
+source is `<module>.weight` then takes those tensors as they are (bit-exact to the checkpoint)
+instead of re-quantizing the dequantized weight; its block must be the checkpoint's (128).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from dsr_compiler.errors import DsrError
+from dsr_compiler.ir import Graph
+from dsr_compiler.ir.params import DerivedParam, evaluate
+
+CHECKPOINT_CODES = "weight_fp8"
+CHECKPOINT_SCALES = "weight_scale_inv"
+
+
+def _module_tensors(module: nn.Module, names: Sequence[str], graph: Graph) -> list[torch.Tensor]:
+    from dsr_compiler.frontend.trace import param_tensors
+    return param_tensors(module, graph.replace(params=tuple(names))) if names else []
+
+
+def checkpoint_fp8(module: nn.Module, source: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The FP8 checkpoint codes + scales kept for weight `source` (`a.b.weight`), or None."""
+    if not source.endswith(".weight") and source != "weight":
+        return None
+    owner_path = source[: -len("weight")].rstrip(".")
+    try:
+        owner = module.get_submodule(owner_path) if owner_path else module
+    except AttributeError:
+        return None
+    q = getattr(owner, CHECKPOINT_CODES, None)
+    s = getattr(owner, CHECKPOINT_SCALES, None)
+    if isinstance(q, torch.Tensor) and isinstance(s, torch.Tensor):
+        return q, s
+    return None
+
+
+def derive_one(module: nn.Module, d: DerivedParam, graph: Graph) -> tuple[tuple[torch.Tensor, ...], str]:
+    """(tensors for d.outputs, where they came from: "checkpoint" or "compile-time")."""
+    if d.rule == "fp8_block_quant" and len(d.sources) == 1:
+        kept = checkpoint_fp8(module, d.sources[0])
+        if kept is not None:
+            q, s = kept
+            block = d.attr_dict.get("block", 128)
+            want = (-(-q.shape[-2] // block), -(-q.shape[-1] // block))
+            if q.dtype != torch.float8_e4m3fn or tuple(s.shape[-2:]) != want:
+                raise DsrError(f"FP8 checkpoint tensors of {d.sources[0]} do not fit the fp8 policy: codes "
+                               f"{q.dtype} {tuple(q.shape)}, scales {tuple(s.shape)}, policy block {block}",
+                               f"derived params {', '.join(d.outputs)}",
+                               "DeepSeek checkpoints use 128x128 blocks: compile with the default block=128")
+            return (q.contiguous(), s.float().contiguous()), "checkpoint"
+    return evaluate(d, _module_tensors(module, d.sources, graph)), "compile-time"
+
+
+def resolve_params(module: nn.Module, graph: Graph, derived: Sequence[DerivedParam] = ()
+                   ) -> tuple[list[torch.Tensor], dict[str, str]]:
+    """(one tensor per graph.params in order, {derived output name: "checkpoint" | "compile-time"})."""
+    by_output = {o: d for d in derived for o in d.outputs}
+    plain = [p for p in graph.params if p not in by_output]
+    found = dict(zip(plain, _module_tensors(module, plain, graph)))
+    origin: dict[str, str] = {}
+    done: set[int] = set()
+    for p in graph.params:
+        d = by_output.get(p)
+        if d is None or id(d) in done:
+            continue
+        done.add(id(d))
+        tensors, where = derive_one(module, d, graph)
+        for o, t in zip(d.outputs, tensors):
+            found[o] = t
+            origin[o] = where
+    types = {v.name: v.type for v in graph.param_inputs}
+    for p in graph.params:
+        t, want = found[p], types[p]
+        if t.dtype != want.dtype.torch or (want.is_static() and tuple(t.shape) != tuple(int(x) for x in want.shape)):
+            raise DsrError(f"param %{p}: got {t.dtype} {tuple(t.shape)}, the graph wants {want}",
+                           f"graph {graph.name}", "a compiler bug in the pass that declared it (or a stale module)")
+    return [found[p] for p in graph.params], origin
+
+
+__all__ = ["CHECKPOINT_CODES", "CHECKPOINT_SCALES", "checkpoint_fp8", "derive_one", "resolve_params"]
