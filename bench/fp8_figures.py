@@ -15,10 +15,16 @@ import argparse
 import time
 
 import torch
+from dsr_compiler.ir import run_graph
+from dsr_compiler.ir.ops_fp8 import (
+    calc_diff,
+    dequant_fp8_ref,
+    dequant_weight_ref,
+    quant_fp8_ref,
+    quant_weight_ref,
+)
 
 import dsr_compiler as dsr
-from dsr_compiler.ir import run_graph
-from dsr_compiler.ir.ops_fp8 import calc_diff, dequant_fp8_ref, dequant_weight_ref, quant_fp8_ref, quant_weight_ref
 from dsr_compiler.models import ModelConfig
 from dsr_compiler.tolerance import FP8_TOLERANCES, compare_fp8
 from dsr_compiler.workloads import build

@@ -155,21 +155,22 @@ def compiled_measured(cm, inputs: tuple) -> int:
     """Peak extra bytes of one interpreted call, the interpreter's own copies inside a launch excluded."""
     be, plan = cm.plan("interpret")
     mode = LiveStorageBytes()
-    for step in plan.steps:
-        fn = getattr(step, "fn", None)
-        if fn is not None and not getattr(fn, "_dsr_paused", False):
-            step.fn = _Paused(fn, mode)
+    saved = [(step, step.fn) for step in plan.steps if getattr(step, "fn", None) is not None]
+    for step, fn in saved:
+        step.fn = _Paused(fn, mode)
     args = [x for x in inputs if x is not None]
     mode.ignore(args + cm._device_params[be])
-    with mode:
-        out = cm(*args)
-    del out
+    try:
+        with mode:
+            out = cm(*args)
+        del out
+    finally:
+        for step, fn in saved:
+            step.fn = fn
     return mode.peak
 
 
 class _Paused:
-    _dsr_paused = True
-
     def __init__(self, fn, mode: LiveStorageBytes) -> None:
         self.fn, self.mode = fn, mode
 

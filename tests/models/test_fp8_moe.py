@@ -5,8 +5,9 @@ A small expert count keeps the interpreter quick (the layout pads every expert t
 from __future__ import annotations
 
 import torch
-import dsr_compiler as dsr
 from dsr_compiler.ir import run_graph
+
+import dsr_compiler as dsr
 from dsr_compiler.models import ModelConfig
 from dsr_compiler.tolerance import compare_fp8
 from dsr_compiler.workloads import build
