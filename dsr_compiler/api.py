@@ -189,7 +189,7 @@ def _eval(expr: Any, env: dict) -> int | float:
 
 
 def compile(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, fp8: Any = False, target: str = "sm_90a",
-            backend: str = "auto", dynamic: dict | None = None, name: str | None = None,
+            backend: str | None = None, dynamic: dict | None = None, name: str | None = None,
             on_pass: Callable[[PassRecord], None] | None = None,
             grad_wrt: Sequence[str] | None = None, mla: str = "absorb", ptx_families: Any = None) -> CompiledModule:
     """Compile `module` for `target`; the result runs on `backend` (auto | cuda | interpret).
@@ -198,6 +198,7 @@ def compile(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, fp8: A
     compiled module also computes the gradients: `loss, grads = cm(*inputs)` (dsr_compiler/grads.py)."""
     from dsr_compiler.frontend.trace import param_tensors
     from dsr_compiler.runtime.device import BACKENDS
+    backend = backend or knobs.get("DSR_BACKEND")
     if target not in TARGETS:
         raise DsrError(f"unknown target {target!r}", hint=f"supported: {', '.join(TARGETS)}")
     if backend not in BACKENDS:
@@ -230,7 +231,7 @@ def compile(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, fp8: A
     from dsr_compiler.params import resolve_params
     params, param_origin = resolve_params(module, final, ctx.derived)
     derived = [dict(d.to_json(), source=param_origin.get(d.outputs[0], "unused")) for d in ctx.derived]
-    return CompiledModule(
+    cm = CompiledModule(
         graph=final, passes=records, kernels=kernels,
         options={"fp8": policy.to_dict() if policy else False, "ptx_families": list(ptx), "target": target,
                  "backend": backend,
@@ -239,6 +240,38 @@ def compile(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, fp8: A
         params=params, example_env={str(k): v for k, v in env.items()}, derived_params=derived,
         compile_ms={"trace": t_trace, "passes": t_passes, "codegen": t_codegen,
                     "total": (time.perf_counter() - t0) * 1e3})
+    if knobs.get("DSR_DEBUG") >= 1:
+        _debug_log(cm)
+    return cm
+
+
+def _debug_log(cm: CompiledModule) -> None:
+    """The DSR_DEBUG ladder (STYLE.md): 1 summary, 2 timings, 3 fusion decisions, 4 generated source,
+    5 IR per pass, 6 rewrite matches, 7 PTX. Written to stderr."""
+    import sys
+    level = knobs.get("DSR_DEBUG")
+    w = sys.stderr.write
+    w(f"[dsr] {cm.graph.name}: {len(cm.kernels)} kernels "
+      f"({', '.join(k.spec.name for k in cm.kernels)}); compile {cm.compile_ms['total']:.0f} ms\n")
+    total = len(cm.passes) - 1
+    for r in cm.passes:
+        if level >= 2:
+            w(f"[dsr] pass {r.index}/{total} {r.name}: {r.ms:.2f} ms\n")
+        if level >= 3:
+            for note in r.notes:
+                w(f"[dsr]   {note}\n")
+        if level >= 6:
+            for rule, n in r.counts:
+                w(f"[dsr]   rewrite {rule}: {n} match(es)\n")
+        if level >= 5:
+            w(print_graph(r.graph, header_line(r.graph, r.index, total, r.name, r.ms)))
+    for k in cm.kernels:
+        if level >= 2:
+            w(f"[dsr] kernel {k.spec.name}: {k.compile_ms:.0f} ms{' (cache hit)' if k.cached else ''}\n")
+        if level >= 4:
+            w(f"[dsr] ---- {k.spec.name} source ----\n{k.source}\n")
+        if level >= 7:
+            w(f"[dsr] ---- {k.spec.name} PTX ----\n{k.compiled.ptx}\n")
 
 
 def build_kernels(g: Graph, target: str = "sm_90a", ptx_families: Sequence[str] = ()) -> list[KernelArtifact]:

@@ -28,7 +28,7 @@ def _selectors(p: argparse.ArgumentParser) -> None:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="built-in config: deepseek-v3-tiny (default), deepseek-v2-lite, deepseek-v3")
     src.add_argument("--config", default=None, help="path to a DeepSeek config.json (HF or reference ModelArgs format)")
-    g.add_argument("--module", default="mlp", choices=MODULES, help="which part of the model to compile (default: mlp)")
+    g.add_argument("--module", default="decoder", choices=MODULES, help="which part of the model to compile (default: decoder)")
     g.add_argument("--batch", type=int, default=1, help="batch size of the example inputs (default 1)")
     g.add_argument("--seq", type=int, default=16, help="sequence length of the example inputs (default 16)")
     g.add_argument("--dtype", default="f32", choices=("f32", "bf16"), help="activation/weight dtype (default f32)")

@@ -104,3 +104,9 @@ def test_bad_field_in_real_config_exits_2(tmp_path, field, value):
     p.write_text(json.dumps(d))
     r = run_cli("compile", "--config", str(p), cwd=tmp_path)
     assert r.returncode == 2 and field in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_bare_run_check_is_the_decoder_layer_with_fp8():
+    r = run_cli("run", "--backend", "interpret", "--check")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "check passed" in r.stdout and "FP8" in r.stdout
