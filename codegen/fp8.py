@@ -36,17 +36,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
 
 import jinja2
 import torch
 
 from dsr_compiler.ir.errors import CodegenError
+
+from .compile import _interpret_env
 
 TEMPLATES = Path(__file__).parent / "templates"
 E4M3_MAX = 448.0
@@ -233,22 +234,14 @@ def _tmpdir() -> Path:
     return _TMPDIR
 
 
-@contextmanager
-def interpret_env(on: bool = True) -> Iterator[None]:
-    """Set TRITON_INTERPRET for the duration of the block and restore the previous value after.
+def interpret_env(on: bool = True) -> AbstractContextManager[None]:
+    """Set (`on`) or clear TRITON_INTERPRET for the duration of the block and restore the previous
+    value after (codegen/compile.py's `_interpret_env`).
 
     Triton reads it when a @triton.jit decorator runs (interpreter or compiler) and again, lazily,
     inside an interpreted launch (e.g. importing gluon asserts it), so both import and launch of
     interpreted kernels happen inside this block."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
+    return _interpret_env(on)
 
 
 def load_source(source: str, interpret: bool = True) -> ModuleType:

@@ -787,6 +787,27 @@ def _dual(mms: list[Node]) -> bool:
 
 # ----------------------------------------------------------------------------- attention
 
+def flash_tiles(k: Kernel, sq: sympy.Expr, f32: bool) -> tuple[int, int, int]:
+    """BLOCK_M, BLOCK_N and num_warps of a flash-attention kernel (`attention`, `mla_attention`).
+
+    Defaults (ptxas for sm_90a, no spills at D=192/Dv=128 and at MLA's nope 128 + rope 64 / v 128):
+    bf16 128x64 on 8 warps; f32 (exact FMA dots) 32x32 on 4 warps; a small static Sq (decode)
+    shrinks BLOCK_M to >= 16. Kernel attributes block_m, block_n, num_warps override them."""
+    bm_default = 32 if f32 else 128
+    static_sq = _static(sq)
+    if static_sq is not None:
+        bm_default = min(bm_default, max(16, _next_pow2(static_sq)))
+    bm = _attr_int(k, "block_m", bm_default)
+    bn = _attr_int(k, "block_n", 32 if f32 else 64)
+    return bm, bn, _attr_int(k, "num_warps", 8 if bm >= 128 else 4)
+
+
+def flash_pairs(sq: sympy.Expr, sk: sympy.Expr, causal: bool) -> sympy.Expr:
+    """(query, key) pairs one (batch, head) scores: all Sq x Sk, or causally (the queries being the
+    last Sq of Sk positions) Sq(Sk - Sq) + Sq(Sq + 1)/2."""
+    return sq * sk if not causal else sq * (sk - sq) + sq * (sq + 1) / 2
+
+
 def _lower_attention(k: Kernel, index: int) -> KernelSpec:
     g = k.body
     vals = g.values()
@@ -842,15 +863,7 @@ def _lower_attention(k: Kernel, index: int) -> KernelSpec:
     d1 = max(16, _next_pow2(rest)) if rest > 0 else 0
     dv_pad = max(16, _next_pow2(sdv))
     f32 = qt.dtype is DType.f32
-    static_sq = _static(sq)
-    # Tiles (ptxas for sm_90a, no spills at D=192/Dv=128): bf16 128x64 on 8 warps; f32 (exact
-    # FMA dots) 32x32 on 4 warps; a small static Sq (decode) shrinks BLOCK_M to >= 16.
-    bm_default = 32 if f32 else 128
-    if static_sq is not None:
-        bm_default = min(bm_default, max(16, _next_pow2(static_sq)))
-    bm = _attr_int(k, "block_m", bm_default)
-    bn = _attr_int(k, "block_n", 32 if f32 else 64)
-    num_warps = _attr_int(k, "num_warps", 8 if bm >= 128 else 4)
+    bm, bn, num_warps = flash_tiles(k, sq, f32)
     scale = float(att.attr("scale"))
     params = (
         ("BLOCK_M", bm), ("BLOCK_N", bn), ("D", sd), ("D0", d0), ("D1", d1), ("DV", sdv), ("DV_PAD", dv_pad),
@@ -861,8 +874,7 @@ def _lower_attention(k: Kernel, index: int) -> KernelSpec:
         ("O", (names[("out", 0)], oterms, "0", pool.lit(ost[-2]), pool.lit(ost[-1]))),
     )
     nb = prod(batch)
-    pairs = sq * sk if not att.attr("causal") else sq * (sk - sq) + sq * (sq + 1) / 2
-    flops = 2 * nb * pairs * (sd + sdv)
+    flops = 2 * nb * flash_pairs(sq, sk, bool(att.attr("causal"))) * (sd + sdv)
     rd, wr = _bytes(g)
     return KernelSpec(
         name=_kernel_name(k, index), family="attention", template="attention.py.j2",

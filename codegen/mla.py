@@ -40,6 +40,8 @@ from .lower import (
     _next_pow2,
     _static,
     arg_names,
+    flash_pairs,
+    flash_tiles,
     source_nodes,
     tensor_args,
 )
@@ -219,15 +221,7 @@ def _lower_mla_attention(k: Kernel, index: int) -> KernelSpec:
         qpos = _positions(k, n, views, names, pool, n.inputs[5], sq)
         kpos = _positions(k, n, views, names, pool, n.inputs[6], sk)
     f32 = qn.dtype is DType.f32
-    static_sq = _static(sq)
-    # Tiles as the `attention` family (ptxas for sm_90a, no spills at nope 128 + rope 64 / v 128):
-    # bf16 128x64 on 8 warps; f32 (exact FMA dots) 32x32 on 4 warps; a small static Sq shrinks BLOCK_M.
-    bm_default = 32 if f32 else 128
-    if static_sq is not None:
-        bm_default = min(bm_default, max(16, _next_pow2(static_sq)))
-    bm = _attr_int(k, "block_m", bm_default)
-    bn = _attr_int(k, "block_n", 32 if f32 else 64)
-    num_warps = _attr_int(k, "num_warps", 8 if bm >= 128 else 4)
+    bm, bn, num_warps = flash_tiles(k, sq, f32)          # tiles as the `attention` family
     scale = float(n.attr("scale"))
     params = (
         ("BLOCK_M", bm), ("BLOCK_N", bn), ("DN", sdn), ("DR", sdr), ("DV", sdv),
@@ -237,8 +231,7 @@ def _lower_mla_attention(k: Kernel, index: int) -> KernelSpec:
         ("P_DTYPE", P_DTYPES.get(qn.dtype, "tl.float32")),
     ) + params_ops + (("O", o), ("QPOS", qpos), ("KPOS", kpos))
     nb = prod((b, h))
-    pairs = sq * sk if not causal else sq * (sk - sq) + sq * (sq + 1) / 2
-    flops = 2 * nb * pairs * (sdn + sdr + sdv)
+    flops = 2 * nb * flash_pairs(sq, sk, causal) * (sdn + sdr + sdv)
     return _spec(k, index, "mla_attention.py.j2", pool, sympy.ceiling(sq / bm) * nb, params, num_warps,
                  _attr_int(k, "num_stages", 2), flops, body=(("coords", tuple(ix.coords)),))
 

@@ -122,6 +122,16 @@ class _Emitter:
         self.var[s.out] = (r, kind)
         return r
 
+    def widen16(self, r: str, h: str, dt: DType) -> None:
+        """f32 register r = the bf16 or f16 value in b16 register h (a bf16 is an f32's high half)."""
+        if dt is DType.bf16:
+            w = self.reg("b32")
+            self.emit(f"cvt.u32.u16 \t{w}, {h};")
+            self.emit(f"shl.b32 \t{w}, {w}, 16;")
+            self.emit(f"mov.b32 \t{r}, {w};")
+        else:
+            self.emit(f"cvt.f32.f16 \t{r}, {h};")
+
     def address(self, s: Stmt) -> str:
         ptr = s.attr("ptr")
         if ptr not in self.ptrs:
@@ -170,16 +180,10 @@ class _Emitter:
             r = self.new(s)
             if dt is DType.f32:
                 self.emit(f"ld.global.nc.f32 \t{r}, [{addr}];")
-            elif dt is DType.bf16:
-                h, w = self.reg("b16"), self.reg("b32")
-                self.emit(f"ld.global.nc.b16 \t{h}, [{addr}];")
-                self.emit(f"cvt.u32.u16 \t{w}, {h};")
-                self.emit(f"shl.b32 \t{w}, {w}, 16;")
-                self.emit(f"mov.b32 \t{r}, {w};")
-            elif dt is DType.f16:
+            elif dt in (DType.bf16, DType.f16):
                 h = self.reg("b16")
                 self.emit(f"ld.global.nc.b16 \t{h}, [{addr}];")
-                self.emit(f"cvt.f32.f16 \t{r}, {h};")
+                self.widen16(r, h, dt)
             else:
                 raise self.fail(s, f"loads of {dt.value if dt else '?'} are not in the PTX templates (floats only)")
             return
@@ -311,16 +315,10 @@ def _cast(e: _Emitter, s: Stmt) -> None:
     x = e.f32(s.args[0], s)
     if to is DType.f32:
         e.var[s.out] = (x, "f32")
-    elif to is DType.bf16:
-        h, w = e.reg("b16"), e.reg("b32")
-        e.emit(f"cvt.rn.bf16.f32 \t{h}, {x};")
-        e.emit(f"cvt.u32.u16 \t{w}, {h};")
-        e.emit(f"shl.b32 \t{w}, {w}, 16;")
-        e.emit(f"mov.b32 \t{e.new(s)}, {w};")
-    elif to is DType.f16:
+    elif to in (DType.bf16, DType.f16):
         h = e.reg("b16")
-        e.emit(f"cvt.rn.f16.f32 \t{h}, {x};")
-        e.emit(f"cvt.f32.f16 \t{e.new(s)}, {h};")
+        e.emit(f"cvt.rn.{to.value}.f32 \t{h}, {x};")
+        e.widen16(e.new(s), h, to)
     else:
         raise e.fail(s, f"cast to {to.value}")
 

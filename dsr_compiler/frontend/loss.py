@@ -15,7 +15,6 @@ Where it sits: imported at the end of `frontend/trace.py`, registering into its 
 """
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 
 from dsr_compiler.ir.types import DType
 
-from .trace import FUNCTION_LOWERINGS, TensorRef, TraceContext, _canon, _lowers, _ne
+from .trace import FUNCTION_LOWERINGS, TensorRef, TraceContext, _bound_args, _canon, _lowers, _ne
 
 
 def _temperature(cx: TraceContext, v: Any, what: str) -> float:
@@ -37,13 +36,7 @@ def _temperature(cx: TraceContext, v: Any, what: str) -> float:
 
 
 def _function_token_logprobs(cx: TraceContext, fn: Callable, args: tuple, kwargs: dict) -> TensorRef:
-    name = getattr(fn, "__name__", "per_token_logps")
-    try:
-        bound = inspect.signature(fn).bind(*args, **kwargs)
-        bound.apply_defaults()
-    except (TypeError, ValueError) as e:
-        raise cx.fail(f"{name}: unsupported arguments ({e})") from None
-    vals = list(bound.arguments.values())
+    name, vals = _bound_args(cx, fn, args, kwargs, "per_token_logps")
     if len(vals) != 4:
         raise cx.fail(f"{name}: token_logprobs takes (hidden, lm_head_weight, ids, temperature), got {len(vals)} arguments")
     hidden, weight, ids = (cx.tensor(v, f"{name}: {n}") for v, n in zip(vals[:3], ("hidden", "lm_head_weight", "ids")))

@@ -1947,14 +1947,20 @@ def _leaf_rms_norm(cx: TraceContext, module: nn.Module, args: tuple, kwargs: dic
                      type(module).__name__)
 
 
-def _function_rope(cx: TraceContext, fn: Callable, args: tuple, kwargs: dict) -> TensorRef:
-    name = getattr(fn, "__name__", "rope")
+def _bound_args(cx: TraceContext, fn: Callable, args: tuple, kwargs: dict, default: str) -> tuple[str, list[Any]]:
+    """A wrapped function's name (`default` when it has none) and its arguments bound to its
+    signature, defaults applied, in parameter order."""
+    name = getattr(fn, "__name__", default)
     try:
         bound = inspect.signature(fn).bind(*args, **kwargs)
         bound.apply_defaults()
     except (TypeError, ValueError) as e:
         raise cx.fail(f"{name}: unsupported arguments ({e})") from None
-    vals = list(bound.arguments.values())
+    return name, list(bound.arguments.values())
+
+
+def _function_rope(cx: TraceContext, fn: Callable, args: tuple, kwargs: dict) -> TensorRef:
+    name, vals = _bound_args(cx, fn, args, kwargs, "rope")
     if len(vals) != 3:
         raise cx.fail(f"{name}: the rope op takes (x, cos, sin), got {len(vals)} arguments")
     x, cos, sin = (cx.tensor(v, f"{name}: {n}") for v, n in zip(vals, ("x", "cos", "sin")))
