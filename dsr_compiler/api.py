@@ -100,8 +100,8 @@ class CompiledModule:
             br = _eval(s.bytes_read, env)
             bw = _eval(s.bytes_written, env)
             fl = _eval(s.flops, env)
-            peak = H200["flops_fp8"] if s.family == "gemm_fp8" else H200["flops_bf16"]
-            roof = max((br + bw) / H200["bytes_per_s"], fl / peak) * 1e6
+            peak_key = _peak_key(s)
+            roof = max((br + bw) / H200["bytes_per_s"], fl / H200[peak_key]) * 1e6
             p = k.ptx
             kernels.append({
                 "name": s.name, "template": s.template, "family": s.family, "backend": k.backend,
@@ -116,7 +116,7 @@ class CompiledModule:
                    if p is not None else {}),
                 **({"ptx_fallback": k.ptx_note} if k.ptx_note else {}),
                 "bytes_read_expr": s.bytes_read, "bytes_written_expr": s.bytes_written, "flops_expr": s.flops,
-                "roofline_us_h200": roof, "compile_ms": round(k.compile_ms, 1), "cached": k.cached,
+                "roofline_us_h200": roof, "roofline_peak": peak_key, "compile_ms": round(k.compile_ms, 1), "cached": k.cached,
                 "spec_hash": s.hash(),
             })
         return {
@@ -179,6 +179,17 @@ class CompiledModule:
 def _ptx_template(family: str) -> str:
     from dsr_compiler.codegen.ptx import PTX_TEMPLATES
     return PTX_TEMPLATES[family]
+
+
+def _peak_key(spec: Any) -> str:
+    """Which H200 FLOP ceiling bounds a kernel: fp8 tensor cores for FP8 GEMMs, fp32 CUDA cores when a
+    float operand is f32 (f32 dots run in "ieee" precision), else bf16 tensor cores."""
+    if spec.family in ("gemm_fp8", "moe_gemm_fp8"):
+        return "flops_fp8"
+    from dsr_compiler.ir.types import DType
+    if any(a.kind == "tensor" and a.role == "in" and a.dtype is DType.f32 for a in spec.args):
+        return "flops_f32"
+    return "flops_bf16"
 
 
 def _eval(expr: Any, env: dict) -> int | float:

@@ -86,6 +86,10 @@ def test_compiled_report_and_dump(tmp_path):
     assert rep["totals"]["kernels"] == 3
     for k in rep["kernels"]:
         assert k["registers"] > 0 and k["spills"] == 0 and k["bytes_read"] > 0
+        assert k["roofline_peak"] == "flops_f32"   # f32 operands: the fp32 CUDA-core ceiling bounds it
+        bound = max((k["bytes_read"] + k["bytes_written"]) / rep["h200"]["bytes_per_s"],
+                    k["flops"] / rep["h200"]["flops_f32"]) * 1e6
+        assert abs(k["roofline_us_h200"] - bound) <= 1e-9 * max(bound, 1.0)
     out = cm.dump(tmp_path / "d")
     names = sorted(p.name for p in (out / "ir").iterdir())
     assert names[0] == "00_trace.diff" and names[1] == "00_trace.ir"
