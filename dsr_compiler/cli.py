@@ -42,7 +42,7 @@ def _selectors(p: argparse.ArgumentParser) -> None:
                         "(attn, mlp, experts, shared_experts, other, block, scale_fmt, block_m, block_n, force)")
     g.add_argument("--mla", default="absorb", choices=("naive", "absorb"),
                    help="MLA decode form (absorb: attend to the latent cache; naive: expand it through wkv_b)")
-    g.add_argument("--phase", default="decode", choices=("decode", "prefill"),
+    g.add_argument("--phase", default=None, choices=("decode", "prefill"),
                    help="--module mla/decoder/model: one decode step against a --seq-long KV cache (default) "
                         "or causal prefill of --seq tokens")
     g.add_argument("--target", default="sm_90a", choices=("sm_90a",), help="GPU target (default sm_90a)")

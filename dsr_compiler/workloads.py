@@ -54,23 +54,21 @@ def _mlp(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int) 
 
 
 BUILDERS: dict[str, Callable[..., Workload]] = {"mlp": _mlp}
-PLANNED = ("mtp", "grpo")
 
 
 def build(cfg: ModelConfig, module: str, batch: int = 1, seq: int = 16, dtype: str = "f32", seed: int = 0,
           phase: str | None = None) -> Workload:
     """The workload of `--module`; `phase` (decode | prefill) for the modules that have both (mla, decoder, model)."""
     if module not in BUILDERS:
-        if module in PLANNED:
-            raise DsrError(f"--module {module}: not compiled yet in this version",
-                           where=f"--module {module}",
-                           hint=f"available now: {', '.join(BUILDERS)}; {module} lands with the MoE/MLA, MTP and GRPO work")
         raise DsrError(f"unknown --module {module!r}", hint=f"use one of {', '.join(BUILDERS)}")
     if dtype not in DTYPES:
         raise DsrError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
     if batch < 1 or seq < 1:
         raise DsrError(f"--batch and --seq must be >= 1, got {batch} and {seq}")
-    if phase is not None and "phase" in inspect.signature(BUILDERS[module]).parameters:
+    if phase is not None:
+        if "phase" not in inspect.signature(BUILDERS[module]).parameters:
+            raise DsrError(f"--phase {phase}: --module {module} has no decode/prefill phases",
+                           where=f"--module {module}", hint="--phase applies to --module mla, decoder and model")
         return BUILDERS[module](cfg, batch, seq, DTYPES[dtype], seed, phase=phase)
     return BUILDERS[module](cfg, batch, seq, DTYPES[dtype], seed)
 

@@ -68,6 +68,7 @@ def test_ir_after_pass_prints_parseable_ir(capsys):
     (["compile", "--module", "nonsense"], "invalid choice"),
     (["compile", "--module", "mlp", "--batch", "0"], "--batch"),
     (["ir", "--after", "nopass"], "nopass"),
+    (["compile", "--module", "grpo", "--phase", "prefill"], "--phase"),
     (["run", "--backend", "cuda", "--module", "mlp"], "cuda"),
 ])
 def test_bad_inputs_exit_2_without_traceback(tmp_path, args, needle):
