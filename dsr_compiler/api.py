@@ -265,7 +265,8 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
     signature, example_inputs = CallSignature.from_example(module, _example_tuple(example_inputs), kwargs)
     t0 = time.perf_counter()
     from dsr_compiler.frontend import trace as _trace
-    g = _trace(module, example_inputs, dynamic=dynamic, name=name)
+    trace_notes: list[str] = []
+    g = _trace(module, example_inputs, dynamic=dynamic, name=name, notes=trace_notes)
     t_trace = (time.perf_counter() - t0) * 1e3
     from dsr_compiler.grads import check_grad_wrt
     wrt = check_grad_wrt(module, g, grad_wrt)
@@ -274,6 +275,9 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
         ctx.options["grad_wrt"] = wrt
     t1 = time.perf_counter()
     records = run_passes(g, list(PIPELINE), ctx, on_pass=on_pass)
+    if trace_notes:       # the frontend's notes (e.g. a print() in forward) belong to the trace record
+        import dataclasses
+        records[0] = dataclasses.replace(records[0], notes=tuple(trace_notes))
     t_passes = (time.perf_counter() - t1) * 1e3
     final = records[-1].graph
     t2 = time.perf_counter()
@@ -312,7 +316,7 @@ def _debug_log(cm: CompiledModule) -> None:
     for r in cm.passes:
         if level >= 2:
             w(f"[dsr] pass {r.index}/{total} {r.name}: {r.ms:.2f} ms\n")
-        if level >= 3:
+        if level >= 3 and r.index > 0:          # trace notes were printed at trace time (level 1)
             for note in r.notes:
                 w(f"[dsr]   {note}\n")
         if level >= 6:

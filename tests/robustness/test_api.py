@@ -7,15 +7,26 @@ kernel on the Triton interpreter; tests/codegen covers the PTX compile.
 """
 from __future__ import annotations
 
+import builtins
+import os
+
 import pytest
 import torch
 from torch import nn
 
 import dsr_compiler as dsr
-from dsr_compiler import api
+from dsr_compiler import api, knobs
 from dsr_compiler.errors import DsrError
 from dsr_compiler.models.grpo import GRPOLoss, group_advantages, per_token_logps
 from tests.tolerances import assert_close
+
+
+_REAL_PRINT = builtins.print
+
+
+def _rel(path: str) -> str:
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else path
 
 
 @pytest.fixture
@@ -144,3 +155,86 @@ def test_python_number_for_a_0d_tensor_input(no_sm90):
     assert torch.equal(cm(torch.arange(4), 5), torch.arange(4) + 5)
     with pytest.raises(DsrError, match=r"`k`: expected an integer for the i64\[\] input, got 2\.5"):
         cm(torch.arange(4), 2.5)
+
+
+# ----------------------------------------------------------------------------- print() in forward
+
+class Chatty(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        print("shape", x.shape)
+        return x * 2
+
+
+def test_print_in_forward_is_a_trace_note(capsys):
+    with knobs.scoped(DSR_DEBUG=1):
+        cm = _compile(Chatty(), (_x(4),))
+    line = Chatty.forward.__code__.co_firstlineno + 1
+    note = f"print() at {_rel(__file__)}:{line} ran at trace time only; the compiled module does not print"
+    assert note in cm.passes[0].notes and cm.passes[0].name == "trace"
+    assert note in cm.report()["passes"][0]["notes"]
+    assert note in capsys.readouterr().err
+    assert builtins.print is _REAL_PRINT                   # restored after tracing
+    g_notes: list[str] = []
+    from dsr_compiler.frontend import trace as frontend_trace
+    frontend_trace(Chatty(), (_x(4),), notes=g_notes)
+    assert g_notes == [note]
+
+
+# ----------------------------------------------------------------------------- safetensors dtypes
+
+def test_int_or_bool_tensor_for_a_float_weight_is_refused(tmp_path):
+    from dsr_compiler.models.layers import MLP
+    from dsr_compiler.models.weights import load_state_dict_safetensors, quantize_fp8_blocks, save_safetensors
+    prefix = "model.layers.0.mlp."
+    good = {f"{prefix}{hf}.weight": torch.randn(*shape) for hf, shape in
+            (("gate_proj", (32, 16)), ("up_proj", (32, 16)), ("down_proj", (16, 32)))}
+    for bad_dtype in (torch.int64, torch.bool):
+        tensors = dict(good)
+        tensors[f"{prefix}up_proj.weight"] = torch.ones(32, 16, dtype=bad_dtype)
+        path = tmp_path / f"bad_{bad_dtype}.safetensors".replace("torch.", "")
+        save_safetensors(tensors, path)
+        with pytest.raises(DsrError, match=rf"(?s)up_proj.weight -> w3.weight: dtype {bad_dtype}, expected torch.float32"):
+            load_state_dict_safetensors(MLP(16, 32), path, prefix=prefix)
+    q, s = quantize_fp8_blocks(good[f"{prefix}gate_proj.weight"])     # FP8 + scale stays accepted
+    tensors = dict(good, **{f"{prefix}gate_proj.weight": q, f"{prefix}gate_proj.weight_scale_inv": s})
+    save_safetensors(tensors, tmp_path / "fp8.safetensors")
+    m = load_state_dict_safetensors(MLP(16, 32), tmp_path / "fp8.safetensors", prefix=prefix)
+    assert m.w1.weight.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- FP8 policy and CLI options
+
+def test_fp8_policy_force_string_is_one_path_and_fields_are_typed():
+    from dsr_compiler.ir.passes import Fp8Policy
+    assert Fp8Policy.from_option({"force": "mlp.w1"}).force == ("mlp.w1",)
+    assert Fp8Policy.from_option({"force": ["mlp.w1", "attn.wo"]}).force == ("mlp.w1", "attn.wo")
+    for bad, pattern in (({"force": 3}, r"force must be a list of module paths"),
+                         ({"force": None}, r"force must be a list of module paths"),
+                         ({"force": {"mlp.w1": 1}}, r"force must be a list of module paths"),
+                         ({"force": ["mlp.w1", 2]}, r"force takes module paths"),
+                         ({"attn": "no"}, r"attn must be True or False"),
+                         ({"block": True}, r"block must be a power of two"),
+                         ({"block": 128.0}, r"block must be a power of two"),
+                         ({"block_m": True}, r"block_m must be None or a power of two"),
+                         ({"scale_fmt": ["ue8m0"]}, r"scale_fmt must be None or 'ue8m0'")):
+        with pytest.raises(DsrError, match=pattern):
+            Fp8Policy.from_option(bad)
+
+
+def test_no_fp8_with_fp8_policy_is_an_error(capsys):
+    from dsr_compiler.cli import main
+    rc = main(["compile", "--module", "mlp", "--no-fp8", "--fp8-policy", '{"attn": false}'])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--no-fp8 and --fp8-policy contradict each other" in err
+
+
+def test_dsrc_run_honours_dsr_backend(no_sm90, capsys):
+    from dsr_compiler.cli import main
+    if torch.cuda.is_available():
+        with knobs.scoped(DSR_BACKEND="interpret"):
+            rc = main(["run", "--module", "mlp", "--no-fp8", "--seq", "4"])
+        assert rc == 0 and "on backend interpret" in capsys.readouterr().out
+    else:
+        with knobs.scoped(DSR_BACKEND="cuda"):
+            rc = main(["run", "--module", "mlp", "--no-fp8", "--seq", "4"])
+        assert rc == 2 and "backend 'cuda' asked for" in capsys.readouterr().err
