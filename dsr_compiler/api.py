@@ -47,8 +47,10 @@ def _example_tuple(example_inputs: Any) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)):
-        raise DsrError(f"example_inputs must be a tuple of example arguments, got {type(example_inputs).__name__}",
-                       hint="pass e.g. (x,) or (x, kv_cache, pe_cache, start_pos); a single tensor is also accepted")
+        from dsr_compiler.errors import TraceError
+        raise TraceError(f"trace: example_inputs must be a tuple of example arguments, got "
+                         f"{type(example_inputs).__name__}",
+                         hint="pass e.g. (x,) or (x, kv_cache, pe_cache, start_pos); a single tensor is also accepted")
     return tuple(example_inputs)
 
 

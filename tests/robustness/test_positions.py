@@ -125,3 +125,19 @@ def test_index_copy_with_flag_compiles_for_sm90a():
     k = next(k for k in cm.kernels if k.spec.family == "index_copy")
     assert [a.role for a in k.spec.tensor_args].count("check") == 1
     assert k.compiled.spills == 0 and ".entry" in k.compiled.ptx
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_position_is_flagged_on_the_device(decode):
+    """On the GPU a device-side position is not read on the call path: the kernel flags it."""
+    step, _ = decode
+    cm = dsr.compile(step, _args(torch.tensor(3)), backend="cuda", fp8=False)
+    x, kv, pe, _ = _args(0)
+    cm(x.cuda(), kv.cuda(), pe.cuda(), torch.tensor(S_MAX - 1, device="cuda"))
+    cm.check()
+    cm(x.cuda(), kv.cuda(), pe.cuda(), torch.tensor(-1, device="cuda"))
+    with pytest.raises(DsrError, match=rf"got index -1, outside the valid range \[0, {S_MAX}\)"):
+        cm.check()
+    with pytest.raises(DsrError, match=r"start_pos must be a non-negative int, got -2"):
+        cm(x.cuda(), kv.cuda(), pe.cuda(), -2)          # host-known: checked before launching
