@@ -109,7 +109,7 @@ class CallSignature:
         known on the host (a Python number or a CPU tensor)}) for one call (DsrError on any mismatch)."""
         pos = self.positional
         if len(args) > len(pos):
-            raise DsrError(f"{self.owner} takes {len(pos)} arguments ({', '.join(s.name for s in pos)}), "
+            raise DsrError(f"{self.owner}: expected {len(pos)} inputs ({', '.join(s.name for s in pos)}), "
                            f"got {len(args)}", where=where, hint="call the compiled module like the original")
         by_name = {s.name: s for s in self.slots}
         values: dict[str, Any] = {s.name: a for s, a in zip(pos, args)}

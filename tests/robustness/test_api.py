@@ -126,7 +126,7 @@ def test_wrong_count_dtype_shape_device_name_the_parameter(no_sm90):
     x, b = _x(4, 16), _x(16, seed=1)
     cm = _compile(m, (x, b), dynamic={"x": {0: "T"}})
     cm(_x(7, 16), b)                                  # T is dynamic
-    with pytest.raises(DsrError, match=r"takes 3 arguments \(x, bias, scale\), got 4"):
+    with pytest.raises(DsrError, match=r"Scaled.forward: expected 3 inputs \(x, bias, scale\), got 4"):
         cm(x, b, 1.0, 1.0)
     with pytest.raises(DsrError, match=r"missing argument `x`"):
         cm(bias=b)
