@@ -9,7 +9,8 @@ read through strides:
 
     rope_table     one program per BLOCK elements of the [.., S, rope] tables: cos/sin of pos * inv_freq
     index_copy     one program per (outer index, BLOCK_N rows): row n takes src[hit] where index[hit] == n
-                   (the last hit), else x[n] -- the decode's cache write as one copy
+                   (the last hit), else x[n] -- the decode's cache write as one copy; program 0 also
+                   flags an index outside [0, N) in the runtime-check buffer (role "check")
     mla_attention  flash attention (templates/flash.j2, shared with `attention`): one program per
                    (batch, head, query block); q·k = q_nope·k_nope + q_pe·k_pe (two dots, k_pe read with
                    head stride 0: one copy for all heads), separate v dim, causal or position mask
@@ -45,7 +46,7 @@ from .lower import (
     source_nodes,
     tensor_args,
 )
-from .spec import KernelSpec
+from .spec import ArgSpec, KernelSpec
 from .views import (
     Axis,
     IndexBuilder,
@@ -112,11 +113,11 @@ def _pad(n: int) -> int:
 
 
 def _spec(k: Kernel, index: int, template: str, pool: ScalarPool, grid: sympy.Expr, params: tuple, num_warps: int,
-          num_stages: int, flops: sympy.Expr, body: tuple = ()) -> KernelSpec:
+          num_stages: int, flops: sympy.Expr, body: tuple = (), checks: tuple[ArgSpec, ...] = ()) -> KernelSpec:
     rd, wr = _bytes(k.body)
     return KernelSpec(
         name=_kernel_name(k, index), family=k.family, template=template,
-        args=tuple(tensor_args(k.body)) + tuple(pool.args), grid=(dim_str(sympy.simplify(grid)),),
+        args=tuple(tensor_args(k.body)) + checks + tuple(pool.args), grid=(dim_str(sympy.simplify(grid)),),
         num_warps=num_warps, num_stages=num_stages, params=params, body=body, source_nodes=source_nodes(k.body),
         flops=dim_str(sympy.expand(flops)), bytes_read=rd, bytes_written=wr)
 
@@ -164,9 +165,13 @@ def _lower_index_copy(k: Kernel, index: int) -> KernelSpec:
     params = (("BLOCK_N", bn), ("BLOCK_J", bj), ("BLOCK_Q", bq), ("N", pool.lit(rows)), ("L", pool.lit(length)),
               ("Q", pool.lit(inner)),
               ("X", names[("in", n.inputs[0])]), ("IDX", names[("in", n.inputs[1])]),
-              ("SRC", names[("in", n.inputs[2])]), ("OUT", names[("out", 0)]))
+              ("SRC", names[("in", n.inputs[2])]), ("OUT", names[("out", 0)]), ("ERR", "err_check"))
     grid = outer * sympy.ceiling(rows / bn)
-    return _spec(k, index, "index_copy.py.j2", pool, grid, params, 4, 1, outer * rows * length)
+    # An index outside [0, N) would silently drop its row (torch raises): the kernel flags it in a
+    # runtime-owned error buffer that CompiledModule.check() reads (runtime/plan.py)
+    err = ArgSpec("err_check", "tensor", value=f"{k.name}.check", dtype=DType.i64, role="check", shape=("2",),
+                  expr=dim_str(rows))
+    return _spec(k, index, "index_copy.py.j2", pool, grid, params, 4, 1, outer * rows * length, checks=(err,))
 
 
 # ----------------------------------------------------------------------------- mla_attention (naive, flash)

@@ -10,7 +10,10 @@ Runtime calling convention (the same for every family):
   * kernel arguments are `spec.args` in order: every body input (role "in", in
     `kernel.body.inputs` order), then every body output (role "out", in
     `kernel.body.outputs` order), then any workspaces (role "scratch": uninitialized buffers of
-    `shape` that the runtime allocates for that launch only), then int scalars (kind "scalar")
+    `shape` that the runtime allocates for that launch only), then any runtime-check flags (role
+    "check": an int64 [2] buffer (code, bad value) that the runtime owns across calls and only
+    `LaunchPlan.check()` reads; the kernel writes it when a runtime check fails, `expr` is the
+    checked range's upper bound), then int scalars (kind "scalar")
     whose `expr` is a sympy expression over the graph's dim symbols, evaluated at launch;
   * tensors are contiguous row-major buffers of the arg's dtype and shape, 16-byte aligned
     (the sm_90a compile assumes it); outputs are written completely, never read;
@@ -59,6 +62,7 @@ class ArgSpec:
     dtype: DType | None = None
     role: str = ""                  # "in" | "out" | "scratch" (tensors; scratch: an uninitialized
                                     # workspace of `shape` the runtime allocates for the launch only)
+                                    # | "check" (a runtime-owned error flag, see the module docstring)
     index: int = -1
     shape: tuple[str, ...] = ()
     expr: str = ""
@@ -67,8 +71,8 @@ class ArgSpec:
     def __post_init__(self) -> None:
         if self.kind not in ("tensor", "scalar"):
             raise ValueError(f"ArgSpec {self.name}: kind must be tensor or scalar, got {self.kind!r}")
-        if self.kind == "tensor" and (self.dtype is None or self.role not in ("in", "out", "scratch")):
-            raise ValueError(f"ArgSpec {self.name}: a tensor needs a dtype and role in/out/scratch")
+        if self.kind == "tensor" and (self.dtype is None or self.role not in ("in", "out", "scratch", "check")):
+            raise ValueError(f"ArgSpec {self.name}: a tensor needs a dtype and role in/out/scratch/check")
         if self.kind == "scalar" and not self.expr:
             raise ValueError(f"ArgSpec {self.name}: a scalar needs an expr")
 

@@ -32,11 +32,26 @@ H200 = {"bytes_per_s": 4.8e12, "flops_bf16": 989e12, "flops_fp8": 1979e12, "flop
 TARGETS = ("sm_90a",)
 
 
-def trace(module: nn.Module, example_inputs: Sequence[torch.Tensor], dynamic: dict | None = None,
-          name: str | None = None) -> Graph:
-    """Trace `module` into the IR (see dsr_compiler.frontend)."""
+def trace(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, dynamic: dict | None = None,
+          name: str | None = None, kwargs: dict[str, Any] | None = None) -> Graph:
+    """Trace `module` into the IR (see dsr_compiler.frontend). A bare tensor is one example input;
+    `kwargs` are example inputs by forward parameter name."""
     from dsr_compiler.frontend import trace as _trace
-    return _trace(module, tuple(example_inputs), dynamic=dynamic, name=name)
+    from dsr_compiler.signature import CallSignature
+    _, example = CallSignature.from_example(module, _example_tuple(example_inputs), kwargs)
+    return _trace(module, example, dynamic=dynamic, name=name)
+
+
+def _example_tuple(example_inputs: Any) -> tuple:
+    """A bare tensor is one example input (iterating it would split it into rows)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        from dsr_compiler.errors import TraceError
+        raise TraceError(f"trace: example_inputs must be a tuple of example arguments, got "
+                         f"{type(example_inputs).__name__}",
+                         hint="pass e.g. (x,) or (x, kv_cache, pe_cache, start_pos); a single tensor is also accepted")
+    return tuple(example_inputs)
 
 
 @dataclass
@@ -66,6 +81,8 @@ class CompiledModule:
     example_env: dict[str, int]
     compile_ms: dict[str, float] = field(default_factory=dict)
     derived_params: list[dict] = field(default_factory=list)   # params computed once at compile time (ir/params.py)
+    signature: Any = None          # dsr_compiler.signature.CallSignature: what a call must pass
+    position_guards: tuple = ()    # signature.PositionGuard: decode positions checked on the host
     _plans: dict[str, Any] = field(default_factory=dict)
     _device_params: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
@@ -79,17 +96,39 @@ class CompiledModule:
             self._device_params[be] = [p.detach().to(dev).contiguous() for p in self.params]
         return be, self._plans[be]
 
-    def __call__(self, *inputs: torch.Tensor, backend: str | None = None):
+    def __call__(self, *args: Any, backend: str | None = None, **kwargs: Any):
+        """Run with exactly the arguments the module was compiled with (dsr_compiler/signature.py)."""
         be, plan = self.plan(backend)
-        n_data = len(self.graph.data_inputs)
-        if len(inputs) != n_data:
-            raise DsrError(f"{self.graph.name}: expected {n_data} inputs "
-                           f"({', '.join('%' + v.name for v in self.graph.data_inputs)}), got {len(inputs)}")
-        outs = plan.run(list(inputs) + self._device_params[be])
+        data = self.graph.data_inputs
+        where = f"calling the compiled {self.graph.name}"
+        if self.signature is not None:
+            from dsr_compiler.signature import check_positions
+            bound, host = self.signature.bind(args, kwargs, data, plan.device, where)
+            inputs = [bound[v.name] for v in data]
+            if self.position_guards and host:
+                env = bind_symbols([v.type for v in data], inputs, where=where)
+                check_positions(self.position_guards, host, {str(k): v for k, v in env.items()}, where)
+        else:
+            if kwargs or len(args) != len(data):
+                raise DsrError(f"{self.graph.name}: expected {len(data)} inputs "
+                               f"({', '.join('%' + v.name for v in data)}), got {len(args)}", where=where)
+            inputs = list(args)
+        outs = plan.run(inputs + self._device_params[be])
+        if knobs.get("DSR_DEBUG") >= 1:
+            self.check()
         if self.options.get("grad_wrt"):
             from dsr_compiler.grads import split_outputs
             return split_outputs(outs, self.options["grad_wrt"])
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def check(self) -> None:
+        """Synchronise and raise (DsrError naming the kernel, the bad value and the valid range) the
+        first runtime check that a kernel flagged since the last `check()`, e.g. a decode position
+        outside the KV cache; the flags are then cleared. Kernels only write their flag buffers:
+        this is the one place that reads them back (a host sync), so calls stay asynchronous.
+        Runs after every call under DSR_DEBUG>=1 and in `dsrc run --check`."""
+        for plan in self._plans.values():
+            plan.check()
 
     # ------------------------------------------------------------------ reporting
     def report(self) -> dict[str, Any]:
@@ -199,14 +238,17 @@ def _eval(expr: Any, env: dict) -> int | float:
     return int(v) if v.is_Integer else float(v)
 
 
-def compile(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, fp8: Any = False, target: str = "sm_90a",
+def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, kwargs: dict[str, Any] | None = None,
+            fp8: Any = False, target: str = "sm_90a",
             backend: str | None = None, dynamic: dict | None = None, name: str | None = None,
             on_pass: Callable[[PassRecord], None] | None = None,
             grad_wrt: Sequence[str] | None = None, mla: str = "absorb", ptx_families: Any = None) -> CompiledModule:
     """Compile `module` for `target`; the result runs on `backend` (auto | cuda | interpret).
 
     With `grad_wrt` (forward parameter names; the forward must return one scalar loss) the
-    compiled module also computes the gradients: `loss, grads = cm(*inputs)` (dsr_compiler/grads.py)."""
+    compiled module also computes the gradients: `loss, grads = cm(*inputs)` (dsr_compiler/grads.py).
+    `example_inputs` is a tuple of forward's arguments (a bare tensor is one), `kwargs` more of them by
+    name; the compiled module is called with the same arguments (dsr_compiler/signature.py)."""
     from dsr_compiler.frontend.trace import param_tensors
     from dsr_compiler.runtime.device import BACKENDS
     backend = backend or knobs.get("DSR_BACKEND")
@@ -221,8 +263,12 @@ def compile(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, fp8: A
     policy = Fp8Policy.from_option(fp8)    # fp8: False | True | dict of policy fields | Fp8Policy
     from dsr_compiler.codegen.ptx import resolve_ptx_families
     ptx = resolve_ptx_families(ptx_families)   # None: the DSR_PTX knob
+    from dsr_compiler.signature import CallSignature, position_guards
+    signature, example_inputs = CallSignature.from_example(module, _example_tuple(example_inputs), kwargs)
     t0 = time.perf_counter()
-    g = trace(module, example_inputs, dynamic=dynamic, name=name)
+    from dsr_compiler.frontend import trace as _trace
+    trace_notes: list[str] = []
+    g = _trace(module, example_inputs, dynamic=dynamic, name=name, notes=trace_notes)
     t_trace = (time.perf_counter() - t0) * 1e3
     from dsr_compiler.grads import check_grad_wrt
     wrt = check_grad_wrt(module, g, grad_wrt)
@@ -231,6 +277,9 @@ def compile(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, fp8: A
         ctx.options["grad_wrt"] = wrt
     t1 = time.perf_counter()
     records = run_passes(g, list(PIPELINE), ctx, on_pass=on_pass)
+    if trace_notes:       # the frontend's notes (e.g. a print() in forward) belong to the trace record
+        import dataclasses
+        records[0] = dataclasses.replace(records[0], notes=tuple(trace_notes))
     t_passes = (time.perf_counter() - t1) * 1e3
     final = records[-1].graph
     t2 = time.perf_counter()
@@ -248,7 +297,8 @@ def compile(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, fp8: A
                  "backend": backend,
                  "dynamic": dynamic or {}, "mla": mla,
                  **({"grad_wrt": list(wrt)} if wrt else {})},
-        params=params, example_env={str(k): v for k, v in env.items()}, derived_params=derived,
+        params=params, example_env={str(k): v for k, v in env.items()}, derived_params=derived, signature=signature,
+        position_guards=position_guards(g),
         compile_ms={"trace": t_trace, "passes": t_passes, "codegen": t_codegen,
                     "total": (time.perf_counter() - t0) * 1e3})
     if knobs.get("DSR_DEBUG") >= 1:
@@ -268,7 +318,7 @@ def _debug_log(cm: CompiledModule) -> None:
     for r in cm.passes:
         if level >= 2:
             w(f"[dsr] pass {r.index}/{total} {r.name}: {r.ms:.2f} ms\n")
-        if level >= 3:
+        if level >= 3 and r.index > 0:          # trace notes were printed at trace time (level 1)
             for note in r.notes:
                 w(f"[dsr]   {note}\n")
         if level >= 6:

@@ -70,11 +70,14 @@ def _require_weights(wl, cmd: str) -> None:
 
 
 def _fp8(args):
-    """False, True, or the policy dict of --fp8-policy (which implies --fp8 unless --no-fp8)."""
+    """False, True, or the policy dict of --fp8-policy (which implies --fp8; with --no-fp8 it is an error)."""
+    from dsr_compiler.errors import DsrError
+    if getattr(args, "fp8_policy", None) is not None and not args.fp8:
+        raise DsrError("--no-fp8 and --fp8-policy contradict each other: a policy configures FP8, --no-fp8 turns it off",
+                       hint="drop --no-fp8 to apply the policy, or drop --fp8-policy to keep GEMMs unquantized")
     if not args.fp8 or not getattr(args, "fp8_policy", None):
         return args.fp8
     import json
-    from dsr_compiler.errors import DsrError
     try:
         pol = json.loads(args.fp8_policy)
     except json.JSONDecodeError as e:
@@ -87,7 +90,7 @@ def _fp8(args):
 def _compile(args, wl):
     import dsr_compiler as dsr
     return dsr.compile(wl.module, wl.example_inputs, fp8=_fp8(args), target=args.target,
-                       backend=getattr(args, "backend", "auto"), dynamic=wl.dynamic, name=wl.name,
+                       backend=getattr(args, "backend", None), dynamic=wl.dynamic, name=wl.name,
                        grad_wrt=getattr(wl, "grad_wrt", None) or None, mla=args.mla)
 
 
@@ -129,6 +132,8 @@ def cmd_run(args) -> int:
     inputs = wl.make_inputs(args.batch * args.seq, args.seed)
     dev = "cuda" if be == "cuda" else "cpu"
     out = cm(*[x.to(dev) for x in inputs], backend=be)
+    if args.check:
+        cm.check()                          # kernels' runtime flags (e.g. a position outside the cache)
     if getattr(wl, "grad_wrt", None):       # a loss with gradients: dsr_compiler/grads.py checks both
         from dsr_compiler.grads import run_check
         return run_check(cm, wl, inputs, out, be, args.check)
@@ -217,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_compile)
     r = sub.add_parser("run", help="compile and run on seeded random inputs; --check compares with eager")
     _selectors(r)
-    r.add_argument("--backend", default="auto", choices=("auto", "cuda", "interpret"))
+    r.add_argument("--backend", default=None, choices=("auto", "cuda", "interpret"),
+                   help="runtime backend (default: the DSR_BACKEND knob, itself auto by default)")
     r.add_argument("--check", action="store_true", help="compare with eager PyTorch; exit 1 beyond tolerance")
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(fn=cmd_run)

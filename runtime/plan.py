@@ -47,6 +47,33 @@ class LaunchPlan:
         for v in graph.inputs:
             syms |= v.type.free_symbols()
         self.symbols = sorted(syms, key=lambda s: s.name)
+        # runtime-check flags, one per (kernel, check arg): (step, arg, buffer)
+        self.flags: list[tuple[KernelStep, Any, torch.Tensor]] = [
+            (st, a, torch.zeros(2, dtype=torch.int64, device=device))
+            for st in steps if isinstance(st, KernelStep) for a in st.spec.tensor_args if a.role == "check"]
+        self._last_env: dict[str, int] = {}
+
+    def check(self) -> None:
+        """Raise (and clear) the first runtime check a kernel flagged since the last check()."""
+        failed = []
+        for step, a, buf in self.flags:
+            code, value = (int(x) for x in buf.tolist())     # the host sync, here only
+            if code:
+                buf.zero_()
+                failed.append((step, a, code, value))
+        if not failed:
+            return
+        step, a, code, value = failed[0]
+        try:
+            bound = f"{eval_expr(a.expr, self._last_env)}"
+        except Exception:                   # an unbound symbol: show the expression
+            bound = a.expr
+        more = f" ({len(failed) - 1} more kernel(s) flagged too)" if len(failed) > 1 else ""
+        raise RuntimeLaunchError(
+            f"{self.graph.name}: kernel {step.name} got index {value}, outside the valid range [0, {bound}){more}",
+            where=f"kernel {step.name} (IR nodes {', '.join(step.spec.source_nodes)})",
+            hint="a decode position must satisfy 0 <= start_pos and start_pos + new tokens <= cache length; "
+                 "the outputs of that call are not valid")
 
     def run(self, args: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         g = self.graph
@@ -61,6 +88,9 @@ class LaunchPlan:
         env_sym = bind_symbols([v.type for v in g.inputs], args, where=f"inputs of {g.name}")
         names_env = {s.name: v for s, v in env_sym.items()}
         env: dict[str, torch.Tensor] = {v.name: a.contiguous() for v, a in zip(g.inputs, args)}
+        self._last_env = names_env
+        for _, a, buf in self.flags:
+            env[a.value] = buf
         for step in self.steps:
             if isinstance(step, KernelStep):
                 for o in step.outputs:

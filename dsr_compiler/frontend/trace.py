@@ -43,11 +43,13 @@ Conventions (documented choices):
 from __future__ import annotations
 
 import builtins
+import contextlib
 import inspect
 import math
 import operator
 import os
 import re
+import sys
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -851,12 +853,13 @@ class _DsrTracer(fx.Tracer):
 # ----------------------------------------------------------------------------- public API
 
 def trace(module: nn.Module, example_inputs: tuple, dynamic: dict[str, dict[int, str]] | None = None,
-          name: str | None = None) -> Graph:
+          name: str | None = None, notes: list[str] | None = None) -> Graph:
     """Trace `module` on `example_inputs` into a verified IR graph.
 
     `dynamic={"x": {0: "T"}}` makes dim 0 of input `x` the symbol `T` (shared by every input dim
     marked `T`; their example sizes must agree). Inputs are the forward's tensor arguments followed
     by the used parameters and buffers (`graph.params`, see `param_tensors`). Raises TraceError.
+    Trace notes (e.g. a `print()` in forward, which runs only now) are appended to `notes`.
     """
     if not isinstance(module, nn.Module):
         raise TraceError(f"trace: expected an nn.Module, got {type(module).__name__}")
@@ -876,8 +879,10 @@ def trace(module: nn.Module, example_inputs: tuple, dynamic: dict[str, dict[int,
         cx.inputs[n] = TensorRef(n, t)
         cx.names.add(n)
     tracer = _DsrTracer(cx)
+    found: list[str] = []
     try:
-        tracer.trace(root)
+        with _trace_time_prints(found):
+            tracer.trace(root)
     except DsrError:
         raise
     except _ConcreteValueNeeded as e:
@@ -897,7 +902,41 @@ def trace(module: nn.Module, example_inputs: tuple, dynamic: dict[str, dict[int,
         raise TraceError(what, where, hint) from e
     if cx.outputs is None:
         raise TraceError("trace: forward produced no output", f"top-level module ({cls})")
-    return verify(_build_graph(cx, _sanitize(name or cls)))
+    g = verify(_build_graph(cx, _sanitize(name or cls)))
+    _report_notes(found, notes)
+    return g
+
+
+@contextlib.contextmanager
+def _trace_time_prints(found: list[str]) -> Iterator[None]:
+    """Record every `print()` that forward runs while FX traces it: the compiled module never runs
+    Python, so the print happens once now and never again. builtins.print is patched for the
+    duration of the trace only (process-wide: another thread printing meanwhile is recorded too,
+    a harmless note) and restored in `finally`."""
+    real = builtins.print
+
+    def print_at_trace_time(*args: Any, **kwargs: Any) -> None:
+        f = sys._getframe(1)
+        if _is_user_file(f.f_code.co_filename):
+            note = (f"print() at {_short_path(f.f_code.co_filename)}:{f.f_lineno} ran at trace time only; "
+                    "the compiled module does not print")
+            if note not in found:
+                found.append(note)
+        real(*args, **kwargs)
+    builtins.print = print_at_trace_time
+    try:
+        yield
+    finally:
+        builtins.print = real
+
+
+def _report_notes(found: list[str], notes: list[str] | None) -> None:
+    from dsr_compiler import knobs
+    if notes is not None:
+        notes.extend(found)
+    if found and knobs.get("DSR_DEBUG") >= 1:
+        for n in found:
+            sys.stderr.write(f"[dsr] trace note: {n}\n")
 
 
 def param_tensors(module: nn.Module, graph: Graph) -> list[torch.Tensor]:

@@ -6,13 +6,20 @@ wrappers only re-plumb arguments (the math is the zoo's own decode, so eager out
 reference as they are):
 
     DecodeStep(mla_or_layer)(x [B, S_new, H], kv_cache [B, S_max, kv_lora], pe_cache [B, S_max, rope],
-                             start_pos i64[])  -> (out, new_kv_cache, new_pe_cache)
+                             start_pos i64[] or int)  -> (out, new_kv_cache, new_pe_cache)
     ModelDecodeStep(model)(tokens [B, S_new], kv_caches [L, B, S_max, kv_lora],
-                           pe_caches [L, B, S_max, rope], start_pos i64[])
+                           pe_caches [L, B, S_max, rope], start_pos i64[] or int)
                            -> (logits, new_kv_caches, new_pe_caches)
 
 The caches come in and go out as values (the IR is SSA): the new caches are copies with the new
 tokens' rows written, as in eager `decode`.
+
+`start_pos`: compile with a 0-d int64 tensor example so that it stays a runtime input (a Python
+int example is baked into the compiled graph, and a call with another int is refused). The
+compiled step then takes a Python int or a tensor, like eager: a host-known position outside
+`[0, S_max - S_new]` raises eager's DsrError before any launch; a device tensor's position is
+checked by the cache-write kernel and reported by `CompiledModule.check()` (README, "Calling a
+compiled module").
 """
 from __future__ import annotations
 
@@ -34,7 +41,7 @@ class DecodeStep(nn.Module):
         self.absorb = absorb
 
     def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
-                start_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                start_pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.inner.decode(x, kv_cache, pe_cache, start_pos, self.absorb)
 
 
@@ -52,7 +59,7 @@ class ModelDecodeStep(nn.Module):
         return torch.stack([kv for kv, _ in pairs]), torch.stack([pe for _, pe in pairs])
 
     def forward(self, tokens: torch.Tensor, kv_caches: torch.Tensor, pe_caches: torch.Tensor,
-                start_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                start_pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = len(self.model.layers)
         logits, new = self.model.decode(tokens, [(kv_caches[i], pe_caches[i]) for i in range(n)], start_pos,
                                         self.absorb)

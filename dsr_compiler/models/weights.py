@@ -204,7 +204,8 @@ def load_state_dict_safetensors(module: nn.Module, path: str | Path, prefix: str
     ``prefix`` selects a sub-module's tensors and strips it (``model.layers.1.mlp.`` for a
     :class:`MoE`, ``model.layers.0.`` for a :class:`DecoderLayer`); without it the names are those
     of a whole :class:`DeepSeekModel`. FP8 weights are dequantized with their ``weight_scale_inv``
-    and every tensor is cast to the dtype of the parameter it fills. Unknown (unless
+    and every float tensor is cast to the dtype of the parameter it fills (an int or bool tensor for a
+    float parameter, or the reverse, is refused as invalid). Unknown (unless
     ``strict=False``), missing and mis-shaped tensors are reported together in one DsrError.
     Returns ``module``.
 
@@ -327,6 +328,11 @@ def load_state_dict_safetensors(module: nn.Module, path: str | Path, prefix: str
             t = dequantize_fp8_blocks(t, s, block)
         elif hf_name + _SCALE_SUFFIX in raw:
             bad_other.append(f"{_show(hf_name, prefix)}: has a {_SCALE_SUFFIX} but dtype {t.dtype} is not FP8")
+            continue
+        elif t.dtype.is_floating_point != want.dtype.is_floating_point or t.dtype.is_complex:
+            # an int/bool tensor cast into a float weight (or the reverse) is not a checkpoint we understand
+            bad_other.append(f"{_show(hf_name, prefix)} -> {ours}: dtype {t.dtype}, expected {want.dtype} "
+                             f"({'a float' if want.dtype.is_floating_point else 'an integer'} tensor)")
             continue
         if tuple(t.shape) != tuple(want.shape):
             bad_shape.append(f"{_show(hf_name, prefix)} -> {ours}: shape {tuple(t.shape)}, "

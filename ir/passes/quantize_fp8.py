@@ -58,22 +58,28 @@ class Fp8Policy:
     scale_fmt: str | None = None   # None: fp32 scales; "ue8m0": power-of-two scales
     block_m: int | None = None     # gemm_fp8 tile rows (None: codegen decides)
     block_n: int | None = None     # gemm_fp8 tile cols (None: codegen decides, 128)
-    force: tuple[str, ...] = ()    # origins (module paths, e.g. "mlp.w2") that must quantize
+    force: tuple[str, ...] = ()    # origins (module paths, e.g. "mlp.w2") that must quantize; a single
+                                   # string is one path (never split into characters)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "force", tuple(self.force))
         where = "fp8 policy"
+        if isinstance(self.force, str):
+            object.__setattr__(self, "force", (self.force,))
+        if not isinstance(self.force, (list, tuple)):
+            raise DsrError(f"fp8 policy: force must be a list of module paths such as ['mlp.w2'], got "
+                           f"{type(self.force).__name__} {self.force!r}", where)
+        object.__setattr__(self, "force", tuple(self.force))
         for c in CLASSES:
             if not isinstance(getattr(self, c), bool):
                 raise DsrError(f"fp8 policy: {c} must be True or False, got {getattr(self, c)!r}", where)
-        if not isinstance(self.block, int) or self.block < 16 or self.block & (self.block - 1):
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 16 or self.block & (self.block - 1):
             raise DsrError(f"fp8 policy: block must be a power of two >= 16, got {self.block!r}", where,
                            "DeepSeek-V3 uses 128")
-        if self.scale_fmt not in SCALE_FMTS:
+        if not (self.scale_fmt is None or isinstance(self.scale_fmt, str)) or self.scale_fmt not in SCALE_FMTS:
             raise DsrError(f"fp8 policy: scale_fmt must be None or 'ue8m0', got {self.scale_fmt!r}", where)
         for k in ("block_m", "block_n"):
             v = getattr(self, k)
-            if v is not None and (not isinstance(v, int) or v < 16 or v & (v - 1)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1)):
                 raise DsrError(f"fp8 policy: {k} must be None or a power of two >= 16, got {v!r}", where)
         if self.block_n is not None and self.block_n % self.block and self.block % self.block_n:
             raise DsrError(f"fp8 policy: block_n={self.block_n} and block={self.block} must divide one another",
