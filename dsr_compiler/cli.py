@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -109,6 +110,9 @@ def _summary(cm) -> str:
 
 
 def cmd_compile(args) -> int:
+    if args.out is not None:        # refuse a folder holding other data before any compile work
+        from dsr_compiler.dump import check_out_dir
+        check_out_dir(args.out)
     wl = _workload(args)
     cm = _compile(args, wl)
     print(_summary(cm))
@@ -233,16 +237,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from dsr_compiler.errors import DsrError
+    from dsr_compiler.interrupts import watch_interrupts
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        with warnings.catch_warnings(), watch_interrupts():
+            warnings.showwarning = _show_warning
+            return args.fn(args)
     except DsrError as e:
-        if os.environ.get("DSR_DEBUG", "0") not in ("", "0"):
-            traceback.print_exc()
+        _debug_traceback()
         sys.stderr.write(f"dsrc {args.cmd}: {e}\n")
         return e.exit_code
-    except KeyboardInterrupt:
+    except OSError as e:            # the environment (disk full, permissions, read-only): not a failed check
+        _debug_traceback()
+        sys.stderr.write(f"dsrc {args.cmd}: {_os_error(e)}\n")
+        return 2
+    except KeyboardInterrupt:       # Ctrl-C: nothing half-written is left behind (dump and cache write atomically)
+        sys.stderr.write(f"dsrc {args.cmd}: interrupted\n")
         return 130
+
+
+def _debug_traceback() -> None:
+    if os.environ.get("DSR_DEBUG", "0") not in ("", "0"):
+        traceback.print_exc()
+
+
+def _os_error(e: OSError) -> str:
+    """what / where / hint for an OSError that escaped a command."""
+    where = f"\n  where: {e.filename}" if e.filename else ""
+    return (f"{e.strerror or e}{where}\n  hint: check that the files and folders named exist, are "
+            "readable / writable and that the disk is not full (DSR_DEBUG=1 shows the traceback)")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings of the compiler (e.g. runtime.cache.CacheWarning) as one `dsrc: warning:` line."""
+    from dsr_compiler.runtime.cache import CacheWarning
+    if issubclass(category, CacheWarning):
+        sys.stderr.write(f"dsrc: warning: {message}\n")
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.node import map_arg
 
+from dsr_compiler.interrupts import watch_interrupts
 from dsr_compiler.ir.errors import DsrError, TraceError
 from dsr_compiler.ir.graph import Graph, Node, Value, canon_attr
 from dsr_compiler.ir.ops import OPS, TypeRuleError
@@ -877,7 +878,8 @@ def trace(module: nn.Module, example_inputs: tuple, dynamic: dict[str, dict[int,
         cx.names.add(n)
     tracer = _DsrTracer(cx)
     try:
-        tracer.trace(root)
+        with watch_interrupts():   # a Ctrl-C swallowed inside torch is KeyboardInterrupt, not a TraceError
+            tracer.trace(root)
     except DsrError:
         raise
     except _ConcreteValueNeeded as e:
