@@ -236,13 +236,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from dsr_compiler.errors import DsrError
-    from dsr_compiler.interrupts import watch_interrupts
+    from dsr_compiler.interrupts import watch_interrupts   # light: torch is imported inside the guard below
     args = build_parser().parse_args(argv)
     try:
         with warnings.catch_warnings(), watch_interrupts():
             warnings.showwarning = _show_warning
-            return args.fn(args)
+            return _run(args)
+    except KeyboardInterrupt:       # Ctrl-C: nothing half-written is left behind (dump and cache write atomically)
+        sys.stderr.write(f"dsrc {args.cmd}: interrupted\n")
+        return 130
+
+
+def _run(args) -> int:
+    from dsr_compiler.errors import DsrError   # the first heavy import (torch, sympy): seconds
+    try:
+        return args.fn(args)
     except DsrError as e:
         _debug_traceback()
         sys.stderr.write(f"dsrc {args.cmd}: {e}\n")
@@ -251,9 +259,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         _debug_traceback()
         sys.stderr.write(f"dsrc {args.cmd}: {_os_error(e)}\n")
         return 2
-    except KeyboardInterrupt:       # Ctrl-C: nothing half-written is left behind (dump and cache write atomically)
-        sys.stderr.write(f"dsrc {args.cmd}: interrupted\n")
-        return 130
 
 
 def _debug_traceback() -> None:

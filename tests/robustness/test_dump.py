@@ -162,8 +162,8 @@ def test_interrupt_between_the_two_renames_keeps_previous_dump(tmp_path, cms, mo
     def patched(kind):
         def move(src, dst):
             calls.append((src, dst))
-            if len(calls) == 2 and Path(dst) == out:  # previous -> aside done, new -> PATH: Ctrl-C
-                raise KeyboardInterrupt
+            if Path(dst) == out and Path(src).name.startswith(".d.tmp-") and len(calls) == 2:
+                raise KeyboardInterrupt               # previous -> aside done, new -> PATH: Ctrl-C
             return real[kind](src, dst)
         return move
     for kind in real:                                 # whichever of the two the writer uses
