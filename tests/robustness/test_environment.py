@@ -126,6 +126,31 @@ def test_unreadable_cache_entry_warns_and_compiles(tmp_path, monkeypatch):
     assert list(root.glob("??/*/manifest.json"))        # an unreadable entry is not deleted
 
 
+def test_read_only_generated_source_folder_falls_back_to_a_private_one(tmp_path, monkeypatch):
+    """codegen writes each kernel's Triton source under <cache>/triton_src before importing it; a
+    read-only cache used to stop the compile there with a raw OSError."""
+    import tempfile
+
+    import torch
+    from torch import nn
+
+    from dsr_compiler.codegen import compile as codegen_compile
+    root = tmp_path / "cache"
+    (root / "triton_src").mkdir(parents=True)
+    real_access = os.access
+    monkeypatch.setattr(codegen_compile.os, "access",
+                        lambda p, mode, **k: False if Path(p) == root / "triton_src" else real_access(p, mode, **k))
+
+    class Fresh(nn.Module):          # a kernel this process has not imported yet
+        def forward(self, x):
+            return torch.relu(x) * 7.25 + 0.5
+    assert compile_tiny(root, Fresh()).kernels
+    assert list((root / "triton_src").iterdir()) == []
+    src = codegen_compile._PRIVATE_SRC
+    assert src is not None and src.parent == Path(tempfile.gettempdir()) and src.name.startswith("dsr_triton_src_")
+    assert src.stat().st_mode & 0o077 == 0       # private: the source written there is imported
+
+
 def test_oserror_escaping_a_command_is_exit_2_with_where(monkeypatch, capsys):
     def denied(args):
         raise PermissionError(errno.EACCES, "Permission denied", "/data/config.json")
