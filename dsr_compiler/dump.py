@@ -7,25 +7,29 @@ written last into every complete dump. A file, a symlink, a non-empty folder wit
 the current directory or one of its ancestors, and the artifact cache (or a folder holding it) are
 refused with a DumpError before anything is written.
 
-The dump is written into a hidden sibling `.<name>.tmp-<pid>-<rand>` and swapped in with two
-renames (previous dump -> `.<name>.old-<pid>-<rand>`, new -> DIR); SIGINT is held back during
-the swap and any exception between the renames puts the previous dump back, so DIR always holds
-the previous dump or the new one. Stale siblings left by a killed process are removed on the next
-dump only if they carry our marker and their process is gone.
+The dump is written into a hidden sibling `.<name>.tmp-<pid>-<rand>` and swapped in with one
+atomic renameat2(RENAME_EXCHANGE) on Linux, so that even a crash leaves the previous dump or the
+new one at DIR. Where that call is missing, two renames (previous dump -> `.<name>.old-<pid>-<rand>`,
+new -> DIR) with SIGINT held back and the previous dump put back on any exception between them.
+Stale siblings left by a killed process are removed on the next dump only if they carry our
+marker and their process is gone; our folders are deleted marker last for that reason.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import difflib
 import errno
+import functools
 import json
 import os
 import re
 import secrets
 import shutil
 import signal
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from dsr_compiler.errors import DsrError
 
@@ -149,8 +153,8 @@ def write_dump(cm: "CompiledModule", out_dir: str | os.PathLike) -> Path:
     except OSError as e:
         raise _env_error(e, out, where) from None
     finally:
-        if tmp.exists():               # ours: created above, never renamed into place
-            shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():               # ours: the unfinished dump, or the previous one after an exchange
+            _remove_ours(tmp)
     return out
 
 
@@ -201,7 +205,8 @@ def _sigint_held() -> Iterator[None]:
 
 
 def _swap(tmp: Path, out: Path) -> None:
-    """Move the finished dump `tmp` to `out`; `out` always holds the previous content or the new one."""
+    """Move the finished dump `tmp` to `out`; `out` always holds the previous content or the new one.
+    After an exchange `tmp` holds the previous dump, which the caller removes."""
     with _sigint_held():
         if not out.exists():
             os.rename(tmp, out)
@@ -216,6 +221,8 @@ def _swap(tmp: Path, out: Path) -> None:
                 raise
             os.rename(tmp, out)
             return
+        if _exchange(tmp, out):        # one atomic step: even a crash leaves one of the two dumps at `out`
+            return
         old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(6)}"
         os.rename(out, old)
         try:
@@ -223,7 +230,59 @@ def _swap(tmp: Path, out: Path) -> None:
         except BaseException:
             os.rename(old, out)        # put the previous dump back before reporting
             raise
-    shutil.rmtree(old, ignore_errors=True)   # a previous dump (marker checked): ours to delete
+    _remove_ours(old)                  # a previous dump (marker checked): ours to delete
+
+
+_RENAME_EXCHANGE = 2                   # linux/fs.h
+_AT_FDCWD = -100
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None                    # libc without renameat2 (glibc < 2.28, musl < 1.2.?)
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two folders (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False                   # kernel or file system without it: two renames instead
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove_ours(p: Path) -> None:
+    """Delete a folder we wrote, its markers last, so that a removal cut short by Ctrl-C leaves a
+    folder that the next dump still recognises as ours and cleans up."""
+    try:
+        entries = list(os.scandir(p))
+    except OSError:
+        return
+    for e in entries:
+        if e.name in (MARKER, PARTIAL):
+            continue
+        if e.is_dir(follow_symlinks=False):
+            shutil.rmtree(e.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(e.path)
+    for m in (MARKER, PARTIAL):
+        with contextlib.suppress(OSError):
+            os.unlink(p / m)
+    with contextlib.suppress(OSError):
+        os.rmdir(p)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -251,7 +310,7 @@ def _remove_stale(out: Path) -> None:
             continue
         p = Path(e.path)
         if _has_marker(p, MARKER) or _has_marker(p, PARTIAL):
-            shutil.rmtree(p, ignore_errors=True)
+            _remove_ours(p)
 
 
 def _env_error(e: OSError, out: Path, where: str) -> DumpError:

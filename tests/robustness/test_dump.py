@@ -168,10 +168,36 @@ def test_interrupt_between_the_two_renames_keeps_previous_dump(tmp_path, cms, mo
         return move
     for kind in real:                                 # whichever of the two the writer uses
         monkeypatch.setattr(dump_mod.os, kind, patched(kind))
+    monkeypatch.setattr(dump_mod, "_exchange", lambda a, b: False, raising=False)  # no renameat2 here
     with pytest.raises(KeyboardInterrupt):
         cms[1].dump(out)
     assert len(calls) >= 3                           # the previous dump was put back
     assert snapshot(out) == before and siblings(out) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux-only")
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_atomic_exchange_interrupted_around_it_leaves_one_whole_dump(tmp_path, cms, monkeypatch, when):
+    import dsr_compiler.dump as dump_mod
+    out = tmp_path / "d"
+    cms[0].dump(out)
+    before = snapshot(out)
+    real = dump_mod._exchange
+    used = []
+
+    def exchange(a, b):
+        if when == "before":
+            raise KeyboardInterrupt
+        used.append(real(a, b))
+        raise KeyboardInterrupt                      # swapped; Ctrl-C before the previous dump is removed
+    monkeypatch.setattr(dump_mod, "_exchange", exchange)
+    with pytest.raises(KeyboardInterrupt):
+        cms[1].dump(out)
+    if when == "before":
+        assert snapshot(out) == before
+    else:
+        assert used == [True] and report_graph(out) == "second" and is_dump(out)
+    assert siblings(out) == []
 
 
 def test_stale_leftovers_with_marker_are_cleaned_others_kept(tmp_path, cms):
@@ -220,3 +246,21 @@ def test_out_dot_in_a_real_process_is_a_clean_error(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "current directory" in r.stderr and "Traceback" not in r.stderr and "EBUSY" not in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_removal_cut_short_keeps_the_marker_and_is_cleaned_next_time(tmp_path, cms, monkeypatch):
+    import dsr_compiler.dump as dump_mod
+    out = tmp_path / "d"
+    cms[0].dump(out)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(dump_mod.shutil, "rmtree", interrupted)   # Ctrl-C while the previous dump is removed
+    with pytest.raises(KeyboardInterrupt):
+        cms[1].dump(out)
+    monkeypatch.undo()
+    assert report_graph(out) == "second"
+    (left,) = siblings(out)
+    assert is_dump(out.parent / left)                # deleted marker last: still recognisably ours
+    cms[0].dump(out)
+    assert siblings(out) == [] and report_graph(out) == "first"

@@ -125,6 +125,7 @@ def test_cli_interrupt_between_dump_renames_keeps_previous_dump(tmp_path, monkey
         return move
     for kind in real:                    # whichever of the two the writer uses
         monkeypatch.setattr(dump_mod.os, kind, patched(kind))
+    monkeypatch.setattr(dump_mod, "_exchange", lambda a, b: False, raising=False)   # the two-rename path
     assert cli.main([*MLP, "--out", str(out)]) == 130
     assert hit
     assert snapshot(out) == before and report_graph(out) == "previous" and siblings(out) == []
