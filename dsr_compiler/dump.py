@@ -74,28 +74,46 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
+def _show(p: object, limit: int = 200) -> str:
+    """A path for a message, cut to `limit` characters (a hostile --out can be kilobytes long)."""
+    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(p))   # no raw control characters
+    return s if len(s) <= limit else s[: limit // 2] + "..." + s[-limit // 2:]
+
+
 def check_out_dir(path: str | os.PathLike) -> Path:
     """Refuse an --out that would overwrite data the project did not create, or that cannot be
     written; returns the absolute path. Cheap: the CLI calls it before tracing."""
-    from dsr_compiler import knobs
     raw = os.fspath(path)
-    if not str(raw).strip():
+    if isinstance(raw, bytes):
+        raw = os.fsdecode(raw)
+    if not raw.strip():
         raise DumpError("--out is empty", hint="pass a folder name, e.g. --out out/mlp")
-    p = Path(raw).expanduser()
-    out = Path(os.path.abspath(p))
-    where = f"--out {raw}"
+    where = f"--out {_show(raw)}"
+    out = Path(os.path.abspath(Path(raw).expanduser()))
+    long = [c for c in out.parts if len(os.fsencode(c)) > 255]
+    if long or "\0" in raw:
+        raise DumpError(f"dump folder {_show(out)} is not a usable path "
+                        f"({'a name longer than 255 bytes' if long else 'a NUL character'})", where, _FIX)
+    try:
+        return _check(out, raw, where)
+    except OSError as e:              # e.g. ENAMETOOLONG, ELOOP, EACCES while looking the path up
+        raise DumpError(f"cannot use dump folder {_show(out)}: {e.strerror or e}", where, _FIX) from None
+
+
+def _check(out: Path, raw: str, where: str) -> Path:
+    from dsr_compiler import knobs
     if out.is_symlink():
-        raise DumpError(f"dump folder {out} is a symbolic link; a dump never writes through a link",
-                        where, f"pass the link's target ({os.path.realpath(out)}) or another folder")
+        raise DumpError(f"dump folder {_show(out)} is a symbolic link; a dump never writes through a link",
+                        where, f"pass the link's target ({_show(os.path.realpath(out))}) or another folder")
     real = out.resolve()
     cwd = Path.cwd().resolve()
     if real == cwd or real in cwd.parents:
         what = "the current directory" if real == cwd else "a parent of the current directory"
-        raise DumpError(f"dump folder {out} is {what}; a dump replaces its folder, which would delete it",
-                        where, f"{_FIX}, e.g. --out {Path(raw) / 'dump'}")
+        raise DumpError(f"dump folder {_show(out)} is {what}; a dump replaces its folder, which would delete it",
+                        where, f"{_FIX}, e.g. --out {_show(Path(raw) / 'dump')}")
     cache = Path(knobs.get("DSR_CACHE_DIR")).expanduser().resolve()
     if _inside(cache, real) or _inside(real, cache):
-        raise DumpError(f"dump folder {out} is, holds or lies inside the artifact cache {cache}",
+        raise DumpError(f"dump folder {_show(out)} is, holds or lies inside the artifact cache {_show(cache)}",
                         where, f"{_FIX} outside the cache (DSR_CACHE_DIR)")
     if out.exists():
         _check_existing(out, where)
@@ -105,16 +123,16 @@ def check_out_dir(path: str | os.PathLike) -> Path:
 
 def _check_existing(out: Path, where: str) -> None:
     if not out.is_dir():
-        raise DumpError(f"dump folder {out} exists and is a file, not a folder", where,
+        raise DumpError(f"dump folder {_show(out)} exists and is a file, not a folder", where,
                         f"{_FIX}; remove the file yourself if it is not needed")
     if is_dump(out):
         return
     try:
         empty = next(os.scandir(out), None) is None
     except OSError as e:
-        raise DumpError(f"cannot read dump folder {out}: {e.strerror}", where, _FIX) from None
+        raise DumpError(f"cannot read dump folder {_show(out)}: {e.strerror}", where, _FIX) from None
     if not empty:
-        raise DumpError(f"dump folder {out} is not empty and is not a dsr dump (no {MARKER} marker); "
+        raise DumpError(f"dump folder {_show(out)} is not empty and is not a dsr dump (no {MARKER} marker); "
                         "refusing to replace it", where, f"{_FIX}; only folders written by `dsrc compile --out` "
                         "are replaced")
 
@@ -125,9 +143,9 @@ def _check_writable(out: Path, where: str) -> None:
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent
     if not anc.is_dir():
-        raise DumpError(f"cannot create dump folder {out}: {anc} is a file, not a folder", where, _FIX)
+        raise DumpError(f"cannot create dump folder {_show(out)}: {_show(anc)} is a file, not a folder", where, _FIX)
     if not os.access(anc, os.W_OK | os.X_OK):
-        raise DumpError(f"cannot write dump folder {out}: no write permission in {anc} (or it is read-only)",
+        raise DumpError(f"cannot write dump folder {_show(out)}: no write permission in {_show(anc)} (or it is read-only)",
                         where, "choose a writable folder for --out")
 
 
@@ -320,6 +338,6 @@ def _env_error(e: OSError, out: Path, where: str) -> DumpError:
              errno.EACCES: "no permission: choose a writable folder for --out",
              errno.EPERM: "no permission: choose a writable folder for --out"}
     why = e.strerror or type(e).__name__
-    name = f" ({e.filename})" if e.filename else ""
-    return DumpError(f"cannot write the dump to {out}: {why}{name}", where,
+    name = f" ({_show(e.filename)})" if e.filename else ""
+    return DumpError(f"cannot write the dump to {_show(out)}: {why}{name}", where,
                      hints.get(e.errno or 0, "check that --out is a writable folder with free space"))

@@ -264,3 +264,12 @@ def test_removal_cut_short_keeps_the_marker_and_is_cleaned_next_time(tmp_path, c
     assert is_dump(out.parent / left)                # deleted marker last: still recognisably ours
     cms[0].dump(out)
     assert siblings(out) == [] and report_graph(out) == "first"
+
+
+@pytest.mark.parametrize("bad", ["a" * 5000, "x/" + "a" * 300, "b/" * 2100, "a\0b", "", "  "])
+def test_unusable_paths_are_short_clean_errors(tmp_path, monkeypatch, bad):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DumpError) as ei:
+        check_out_dir(bad)
+    assert len(str(ei.value)) < 1000 and "\0" not in str(ei.value)
+    assert list(tmp_path.iterdir()) == []
