@@ -64,7 +64,7 @@ def _has_marker(path: Path, marker: str) -> bool:
         if m.is_symlink() or not m.is_file() or m.stat().st_size > _MARKER_MAX_BYTES:
             return False
         data = json.loads(m.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):   # unreadable, not UTF-8 / JSON, or nested too deep
         return False
     return isinstance(data, dict) and data.get("format") == FORMAT
 

@@ -96,6 +96,12 @@ def test_forged_or_oversized_marker_is_not_a_dump(tmp_path, cms):
     (d / MARKER).write_text(json.dumps({"format": "dsr-dump", "pad": "x" * 10_000}))
     with pytest.raises(DumpError):
         cms[0].dump(d)
+    (d / MARKER).write_text("[" * 4000)                   # small, but nested past the recursion limit
+    with pytest.raises(DumpError):
+        cms[0].dump(d)
+    (d / MARKER).write_bytes(b"\xff\xfe")                  # not UTF-8
+    with pytest.raises(DumpError):
+        cms[0].dump(d)
     assert (d / "keep.txt").read_text() == "x"
 
 
