@@ -21,6 +21,7 @@ import ctypes
 import difflib
 import errno
 import functools
+import itertools
 import json
 import os
 import re
@@ -128,7 +129,8 @@ def _check_existing(out: Path, where: str) -> None:
     if is_dump(out):
         return
     try:
-        empty = next(os.scandir(out), None) is None
+        with os.scandir(out) as it:
+            empty = next(it, None) is None
     except OSError as e:
         raise DumpError(f"cannot read dump folder {_show(out)}: {e.strerror}", where, _FIX) from None
     if not empty:
@@ -143,10 +145,11 @@ def _check_writable(out: Path, where: str) -> None:
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent
     if not anc.is_dir():
-        raise DumpError(f"cannot create dump folder {_show(out)}: {_show(anc)} is a file, not a folder", where, _FIX)
+        raise DumpError(f"cannot create dump folder {_show(out)}: {_show(anc)} is a file, not a folder",
+                        where, _FIX)
     if not os.access(anc, os.W_OK | os.X_OK):
-        raise DumpError(f"cannot write dump folder {_show(out)}: no write permission in {_show(anc)} (or it is read-only)",
-                        where, "choose a writable folder for --out")
+        raise DumpError(f"cannot write dump folder {_show(out)}: no write permission in {_show(anc)} "
+                        "(or it is read-only)", where, "choose a writable folder for --out")
 
 
 # ----------------------------------------------------------------------------- writing
@@ -154,7 +157,7 @@ def _check_writable(out: Path, where: str) -> None:
 def write_dump(cm: "CompiledModule", out_dir: str | os.PathLike) -> Path:
     """Write `cm`'s dump to `out_dir` (rules above); returns the folder. OSError -> DumpError."""
     out = check_out_dir(out_dir)
-    where = f"dump folder {out}"
+    where = f"dump folder {_show(out)}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(out)
@@ -234,8 +237,8 @@ def _swap(tmp: Path, out: Path) -> None:
                 os.rmdir(out)
             except OSError as e:
                 if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise DumpError(f"dump folder {out} was filled by something else during the compile; "
-                                    "refusing to replace it", f"dump folder {out}", _FIX) from None
+                    raise DumpError(f"dump folder {_show(out)} was filled by something else during the "
+                                    "compile; refusing to replace it", f"dump folder {_show(out)}", _FIX) from None
                 raise
             os.rename(tmp, out)
             return
@@ -285,7 +288,8 @@ def _remove_ours(p: Path) -> None:
     """Delete a folder we wrote, its markers last, so that a removal cut short by Ctrl-C leaves a
     folder that the next dump still recognises as ours and cleans up."""
     try:
-        entries = list(os.scandir(p))
+        with os.scandir(p) as it:
+            entries = list(it)
     except OSError:
         return
     for e in entries:
@@ -308,7 +312,7 @@ def _pid_alive(pid: int) -> bool:
         return False                   # our own leftovers (an earlier dump in this process)
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):   # gone, or a number no process can have
         return False
     except OSError:
         return True                    # exists, owned by someone else
@@ -319,10 +323,11 @@ def _remove_stale(out: Path) -> None:
     """Delete `.<name>.tmp-*` / `.<name>.old-*` siblings left by a killed dump of the same folder:
     only real folders carrying our marker (complete or partial) whose writing process is gone."""
     try:
-        entries = list(os.scandir(out.parent))
+        with os.scandir(out.parent) as it:
+            entries = list(itertools.islice(it, 100_000))   # bounded: a huge parent is scanned in part
     except OSError:
         return
-    for e in entries[:10_000]:        # bounded: a huge parent folder is scanned only in part
+    for e in entries:
         m = _STALE.fullmatch(e.name)
         if m is None or m.group("name") != out.name or _pid_alive(int(m.group("pid"))):
             continue

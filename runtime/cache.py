@@ -123,7 +123,8 @@ class ArtifactCache:
             st = os.lstat(prefix)
         except OSError:
             return False
-        return stat.S_ISDIR(st.st_mode) and Path(os.path.realpath(prefix)) == Path(os.path.realpath(self.root)) / prefix.name
+        inside = Path(os.path.realpath(prefix)) == Path(os.path.realpath(self.root)) / prefix.name
+        return stat.S_ISDIR(st.st_mode) and inside
 
     # ------------------------------------------------------------------ write
     def put(self, key: str, files: Mapping[str, bytes]) -> None:
