@@ -255,10 +255,22 @@ def _run(args) -> int:
         _debug_traceback()
         sys.stderr.write(f"dsrc {args.cmd}: {e}\n")
         return e.exit_code
+    except BrokenPipeError:         # `dsrc ir | head`: the reader left early, nothing went wrong here
+        _silence_stdout()
+        return 141                  # what a shell reports for a writer stopped by SIGPIPE
     except OSError as e:            # the environment (disk full, permissions, read-only): not a failed check
         _debug_traceback()
         sys.stderr.write(f"dsrc {args.cmd}: {_os_error(e)}\n")
         return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's last flush does not fail on the pipe again."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+    except (OSError, ValueError):   # no real file descriptor (captured output)
+        pass
 
 
 def _debug_traceback() -> None:

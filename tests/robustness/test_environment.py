@@ -166,3 +166,12 @@ def test_cache_dir_that_is_a_file_through_the_cli_is_one_warning_line(tmp_path, 
     err = capsys.readouterr().err
     assert err.count("dsrc: warning: artifact cache") == 1 and "Traceback" not in err, err
     assert (tmp_path / "d" / ".dsr-dump").is_file() and f.read_text() == "x"
+
+
+def test_closed_stdout_pipe_is_quiet(monkeypatch, capsys):
+    """`dsrc ir | head -1`: the reader leaves early; not an error report, not exit 2."""
+    def piped(args):
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+    monkeypatch.setattr(cli, "cmd_ir", piped)
+    assert cli.main(["ir"]) == 141
+    assert capsys.readouterr().err == ""
