@@ -14,6 +14,7 @@ runtime's artifact cache can key them on spec.hash() + codegen_fingerprint() + v
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import importlib.util
@@ -124,11 +125,20 @@ def _source_dir() -> Path:
     d = Path(base) / "triton_src"
     try:
         d.mkdir(parents=True, exist_ok=True)
-        return d
+        if os.access(d, os.W_OK | os.X_OK):
+            return d
     except OSError:
-        d = Path(tempfile.gettempdir()) / "dsr_compiler_triton_src"
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+        pass
+    # the cache folder is unusable (a file, read-only): a private folder of this process, never a shared
+    # fixed-name one in /tmp, because the source written here is imported
+    global _PRIVATE_SRC
+    if _PRIVATE_SRC is None:
+        _PRIVATE_SRC = Path(tempfile.mkdtemp(prefix="dsr_triton_src_"))
+        atexit.register(shutil.rmtree, _PRIVATE_SRC, True)
+    return _PRIVATE_SRC
+
+
+_PRIVATE_SRC: Path | None = None
 
 
 @contextlib.contextmanager

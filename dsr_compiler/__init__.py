@@ -7,8 +7,17 @@
 """
 __version__ = "0.1.0"
 
-from dsr_compiler import ir  # noqa: E402
-from dsr_compiler.api import CompiledModule, compile, trace  # noqa: E402
-from dsr_compiler.errors import DsrError  # noqa: E402
-
 __all__ = ["CompiledModule", "DsrError", "compile", "ir", "trace", "__version__"]
+
+
+def __getattr__(name: str):
+    """The public names load on first use, so that `dsrc` (dsr_compiler.cli) starts without torch and
+    reports a Ctrl-C during the seconds-long torch / triton imports as exit 130, not a traceback."""
+    import importlib
+    if name in ("CompiledModule", "compile", "trace"):
+        return getattr(importlib.import_module("dsr_compiler.api"), name)
+    if name == "DsrError":
+        return importlib.import_module("dsr_compiler.errors").DsrError
+    if name == "ir":
+        return importlib.import_module("dsr_compiler.ir")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

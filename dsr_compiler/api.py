@@ -6,12 +6,9 @@ cubin for sm_90a (cached by content) -> a LaunchPlan run by the `cuda` or `inter
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,45 +171,10 @@ class CompiledModule:
         }
 
     def dump(self, out_dir: str | os.PathLike) -> Path:
-        """Write the dump layout of DESIGN §3 atomically (temporary folder, then rename)."""
-        out = Path(out_dir)
-        parent = out.parent if str(out.parent) else Path(".")
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-        try:
-            (tmp / "ir").mkdir()
-            (tmp / "kernels").mkdir()
-            total = len(self.passes) - 1
-            prev = ""
-            for r in self.passes:
-                text = print_graph(r.graph, header_line(r.graph, r.index, total, r.name, r.ms))
-                stem = f"{r.index:02d}_{r.name}"
-                (tmp / "ir" / f"{stem}.ir").write_text(text)
-                body = text.split("\n", 1)[1]
-                diff = difflib.unified_diff(prev.splitlines(keepends=True), body.splitlines(keepends=True),
-                                            fromfile="previous", tofile=stem)
-                (tmp / "ir" / f"{stem}.diff").write_text("".join(diff))
-                prev = body
-            for k in self.kernels:
-                (tmp / "kernels" / f"{k.spec.name}.py").write_text(k.source)
-                twin = ".triton" if k.ptx is not None else ""   # a PTX kernel: <name>.ptx is the template's
-                (tmp / "kernels" / f"{k.spec.name}{twin}.ptx").write_text(k.compiled.ptx)
-                (tmp / "kernels" / f"{k.spec.name}{twin}.cubin").write_bytes(k.compiled.cubin)
-                if k.ptx is not None:
-                    (tmp / "kernels" / f"{k.spec.name}.ptx").write_text(k.ptx.ptx)
-                    (tmp / "kernels" / f"{k.spec.name}.cubin").write_bytes(k.ptx.cubin)
-            (tmp / "report.json").write_text(json.dumps(self.report(), indent=2, sort_keys=False, default=str) + "\n")
-            if out.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-                os.replace(out, old / "d")
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return out
+        """Write the dump layout of DESIGN §3 (dsr_compiler/dump.py: replaces only a previous dump,
+        atomically; DumpError for a folder holding other data or one that cannot be written)."""
+        from dsr_compiler.dump import write_dump
+        return write_dump(self, out_dir)
 
 
 def _ptx_template(family: str) -> str:
@@ -359,20 +321,42 @@ def build_kernels(g: Graph, target: str = "sm_90a", ptx_families: Sequence[str] 
     return out
 
 
+_CACHE_FILES = ("meta.json", "kernel.ptx", "kernel.cubin", "kernel.ttir", "kernel.ttgir", "kernel.llir")
+
+
 def compile_cached(spec, source: str, target: str, cache) -> tuple[Any, bool]:
-    """compile_triton through the content-addressed artifact cache: (CompiledKernel, was it a hit)."""
+    """compile_triton through the content-addressed artifact cache: (CompiledKernel, was it a hit).
+    An entry missing any of _CACHE_FILES, or whose meta.json does not load, is evicted and rewritten."""
     from dsr_compiler.codegen.compile import CompiledKernel, compile_triton
     from dsr_compiler.codegen.render import codegen_fingerprint
     from dsr_compiler.runtime.cache import cache_key
     key = cache_key(spec.hash() + codegen_fingerprint() + hashlib.sha256(source.encode()).hexdigest(), target)
-    files = cache.get(key)
+    files = cache.get(key, required=_CACHE_FILES)
     if files is not None:
-        meta = json.loads(files["meta.json"])
-        return CompiledKernel(ptx=files["kernel.ptx"].decode(), cubin=files["kernel.cubin"],
-                              ttir=files["kernel.ttir"].decode(), ttgir=files["kernel.ttgir"].decode(),
-                              llir=files["kernel.llir"].decode(), **meta), True
+        try:
+            meta = _cached_meta(files["meta.json"], CompiledKernel)
+            return CompiledKernel(ptx=files["kernel.ptx"].decode(), cubin=files["kernel.cubin"],
+                                  ttir=files["kernel.ttir"].decode(), ttgir=files["kernel.ttgir"].decode(),
+                                  llir=files["kernel.llir"].decode(), **meta), True
+        except (ValueError, TypeError, RecursionError):   # bad JSON / UTF-8 / fields: not a usable entry
+            cache.evict(key)
     ck = compile_triton(spec, source, target)
     cache.put(key, {"meta.json": json.dumps(ck.meta(), sort_keys=True).encode(), "kernel.ptx": ck.ptx.encode(),
                     "kernel.cubin": ck.cubin, "kernel.ttir": ck.ttir.encode(), "kernel.ttgir": ck.ttgir.encode(),
                     "kernel.llir": ck.llir.encode()})
     return ck, False
+
+
+def _cached_meta(raw: bytes, cls: type) -> dict[str, Any]:
+    """meta.json of a cache entry (bytes from disk: untrusted): an object of `cls`'s scalar fields
+    whose values have the field's type; TypeError otherwise."""
+    import dataclasses
+    meta = json.loads(raw)
+    types = {f.name: f.type for f in dataclasses.fields(cls)}    # annotations are strings (__future__)
+    if not isinstance(meta, dict):
+        raise TypeError("meta.json is not an object")
+    for k, v in meta.items():
+        want = {"int": int, "str": str, "float": (int, float)}.get(types.get(k, ""))
+        if want is None or not isinstance(v, want) or isinstance(v, bool):
+            raise TypeError(f"meta.json field {k!r} is unknown or has the wrong type")
+    return meta

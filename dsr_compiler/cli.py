@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -112,6 +113,9 @@ def _summary(cm) -> str:
 
 
 def cmd_compile(args) -> int:
+    if args.out is not None:        # refuse a folder holding other data before any compile work
+        from dsr_compiler.dump import check_out_dir
+        check_out_dir(args.out)
     wl = _workload(args)
     cm = _compile(args, wl)
     print(_summary(cm))
@@ -238,17 +242,62 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from dsr_compiler.errors import DsrError
+    from dsr_compiler.interrupts import watch_interrupts   # light: torch is imported inside the guard below
     args = build_parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings(), watch_interrupts():
+            warnings.showwarning = _show_warning
+            return _run(args)
+    except KeyboardInterrupt:       # Ctrl-C: nothing half-written is left behind (dump and cache write atomically)
+        sys.stderr.write(f"dsrc {args.cmd}: interrupted\n")
+        return 130
+
+
+def _run(args) -> int:
+    from dsr_compiler.errors import DsrError   # the first heavy import (torch, sympy): seconds
     try:
         return args.fn(args)
     except DsrError as e:
-        if os.environ.get("DSR_DEBUG", "0") not in ("", "0"):
-            traceback.print_exc()
+        _debug_traceback()
         sys.stderr.write(f"dsrc {args.cmd}: {e}\n")
         return e.exit_code
-    except KeyboardInterrupt:
-        return 130
+    except BrokenPipeError:         # `dsrc ir | head`: the reader left early, nothing went wrong here
+        _silence_stdout()
+        return 141                  # what a shell reports for a writer stopped by SIGPIPE
+    except OSError as e:            # the environment (disk full, permissions, read-only): not a failed check
+        _debug_traceback()
+        sys.stderr.write(f"dsrc {args.cmd}: {_os_error(e)}\n")
+        return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's last flush does not fail on the pipe again."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+    except (OSError, ValueError):   # no real file descriptor (captured output)
+        pass
+
+
+def _debug_traceback() -> None:
+    if os.environ.get("DSR_DEBUG", "0") not in ("", "0"):
+        traceback.print_exc()
+
+
+def _os_error(e: OSError) -> str:
+    """what / where / hint for an OSError that escaped a command."""
+    where = f"\n  where: {e.filename}" if e.filename else ""
+    return (f"{e.strerror or e}{where}\n  hint: check that the files and folders named exist, are "
+            "readable / writable and that the disk is not full (DSR_DEBUG=1 shows the traceback)")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings of the compiler (e.g. runtime.cache.CacheWarning) as one `dsrc: warning:` line."""
+    from dsr_compiler.runtime.cache import CacheWarning
+    if issubclass(category, CacheWarning):
+        sys.stderr.write(f"dsrc: warning: {message}\n")
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 if __name__ == "__main__":

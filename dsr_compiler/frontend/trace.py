@@ -61,6 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.node import map_arg
 
+from dsr_compiler.interrupts import watch_interrupts
 from dsr_compiler.ir.errors import DsrError, TraceError
 from dsr_compiler.ir.graph import Graph, Node, Value, canon_attr
 from dsr_compiler.ir.ops import OPS, TypeRuleError
@@ -881,7 +882,8 @@ def trace(module: nn.Module, example_inputs: tuple, dynamic: dict[str, dict[int,
     tracer = _DsrTracer(cx)
     found: list[str] = []
     try:
-        with _trace_time_prints(found):
+        # a Ctrl-C swallowed inside torch is KeyboardInterrupt, not a TraceError
+        with watch_interrupts(), _trace_time_prints(found):
             tracer.trace(root)
     except DsrError:
         raise
