@@ -128,7 +128,7 @@ def cases() -> list[Case]:
         c.append(Case(f"env-{knob}-{val}", mlp, env={knob: val}, files={"cachefile": "x"} if val == "cachefile" else {},
                       keep=("cachefile",) if val == "cachefile" else ()))
     c.append(Case("run-backend-cuda-no-gpu", ["run", "--module", "mlp", "--no-fp8", "--backend", "cuda"]))
-    c.append(Case("run-meta-weights", ["run", "--module", "mlp", "--model", "deepseek-v3", "--no-fp8"]))
+    c.append(Case("run-meta-weights", ["run", "--module", "moe", "--model", "deepseek-v3", "--no-fp8"]))
     # ---- IR text: parse must not run code
     payloads = ["().__class__.__base__.__subclasses__()", "__import__('os').system('touch pwned')",
                 "(lambda: __import__('os').system('touch pwned'))()", "exec('open(\"pwned\",\"w\")')",
@@ -147,12 +147,12 @@ def cases() -> list[Case]:
               "graph g(%x : f32[4]) {\n  %y : f32[4] = call @k1_nope_x(%x)\n  return %y\n}\n")})]
     # ---- API misuse
     lin = "m = torch.nn.Linear(8, 8)\n"
-    c += [Case("api-bare-tensor", code=_api(lin + "dsr.compile(m, torch.randn(4, 8))")),
+    c += [Case("api-bare-tensor", code=_api(lin + "dsr.compile(m, torch.randn(4, 8))"), expect="ok"),  # one input
           Case("api-inputs-none", code=_api(lin + "dsr.compile(m, None)")),
           Case("api-inputs-str", code=_api(lin + "dsr.compile(m, 'x')")),
           Case("api-dynamic-bad-name", code=_api(lin + "dsr.compile(m, (torch.randn(4, 8),), dynamic={'nope': {0: 'T'}})")),
           Case("api-dynamic-bad-dim", code=_api(lin + "dsr.compile(m, (torch.randn(4, 8),), dynamic={'input': {5: 'T'}})")),
-          Case("api-dynamic-bad-sym", code=_api(lin + "dsr.compile(m, (torch.randn(4, 8),), dynamic={'input': {0: '__import__'}})")),
+          Case("api-dynamic-bad-sym", code=_api(lin + "dsr.compile(m, (torch.randn(4, 8),), dynamic={'input': {0: '__import__'}})"), expect="ok"),
           Case("api-fp8-str", code=_api(lin + "dsr.compile(m, (torch.randn(4, 8),), fp8='yes')")),
           Case("api-force-str", code=_api(lin + "dsr.compile(m, (torch.randn(4, 128),), fp8={'force': 'w'})")),
           Case("api-target", code=_api(lin + "dsr.compile(m, (torch.randn(4, 8),), target='sm_100')")),
