@@ -287,7 +287,7 @@ class ModelConfig:
                 raise ConfigError(f"invalid config field {f!r} = {v!r}: above the supported limit {limit:,}{need}",
                                   where=where, hint=f"set {f} to at most {limit:,} (see README, Limits)")
         for n, (r, c, fs) in mats.items():
-            if r * c > MAX_MATRIX_ELEMENTS:
+            if r * c > MAX_MATRIX_ELEMENTS and n not in _INT64_INDEXED:
                 raise ConfigError(f"config: weight {n} [{r}, {c}] has {r * c:,} elements ({2 * r * c:,} bytes in bf16), "
                                   f"more than the {MAX_MATRIX_ELEMENTS:,} a kernel addresses with 32-bit offsets",
                                   where=where, hint=f"lower {' or '.join(fs)}")
@@ -305,6 +305,7 @@ FIELD_LIMITS: dict[str, int] = {
     "v_head_dim": 1024, "max_position_embeddings": (1 << 31) - 1, "num_nextn_predict_layers": 16,
 }
 MAX_MATRIX_ELEMENTS = (1 << 31) - 1
+_INT64_INDEXED = frozenset({"gate"})      # the MoE router addresses gate rows with 64-bit offsets
 MAX_CONFIG_BYTES = 1 << 20      # a config file (DeepSeek-V3's is 1.7 KB)
 MAX_JSON_DEPTH = 32             # nesting of objects/lists (a DeepSeek config nests 2 deep)
 

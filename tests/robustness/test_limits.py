@@ -9,6 +9,7 @@ sizes as 256) and that the kernel compiles for sm_90a without spills.
 from __future__ import annotations
 
 import ast
+import json
 import math
 
 import pytest
@@ -122,3 +123,113 @@ def test_router_compiles_without_spills(e, n_group):
     spec = lower_kernel(k, 1)
     ck = compile_triton(spec, render(spec))
     assert ck.spills == 0 and ck.stack == 0, ck.ptxas_log
+
+
+# ----------------------------------------------------------------------------- config JSON and sizes
+
+def _tiny(**changes) -> dict:
+    from dsr_compiler.models.config import _TINY
+    return {**_TINY, **changes}
+
+
+def _write(tmp_path, text: str, name: str = "config.json"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def _dsrc(capsys, *argv: str) -> tuple[int, str]:
+    """`dsrc` in-process: (exit code, stderr); argparse errors exit through SystemExit."""
+    from dsr_compiler.cli import main
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return rc, err
+
+
+@pytest.mark.parametrize("text,match", [
+    (json.dumps(_tiny(hidden_size=10**12)), r"'hidden_size' = 1000000000000: above the supported limit 65,536; "
+                                            r"the weight embed \[1024, 1000000000000\] alone would need "
+                                            r"2,048,000,000,000,000 bytes"),
+    (json.dumps(_tiny(hidden_size=10**30)), r"'hidden_size' = 10{30}: above the supported limit .* bytes"),
+    (json.dumps(_tiny(n_routed_experts=65537 * 4, n_group=4)), r"'n_routed_experts' = 262148: above the supported "
+                                                               r"limit 65,536"),
+    (json.dumps(_tiny(vocab_size=1 << 20, hidden_size=1 << 14)), r"weight embed \[1048576, 16384\] has "
+                                                                 r"17,179,869,184 elements \(34,359,738,368 bytes"),
+    ("[" * 100_000 + "]" * 100_000, r"JSON nests 100000 levels deep, more than the 32 supported"),
+    (json.dumps(_tiny())[:-1] + ', "hidden_size": 512}', r"duplicate key 'hidden_size' in JSON: the values 256 and "
+                                                         r"512 disagree"),
+    (json.dumps(_tiny(rope_scaling=None))[:-1] + ', "quantization_config": {"fmt": "e4m3", "fmt": "e5m2"}}',
+     r"duplicate key 'fmt' in JSON: the values 'e4m3' and 'e5m2' disagree"),
+    (json.dumps(_tiny(rope_scaling=None))[:-1] + ', "foo": Infinity}', r"Infinity is not a JSON number"),
+    (json.dumps(_tiny(rope_scaling=None))[:-1] + ', "foo": [NaN]}', r"NaN is not a JSON number"),
+    ("[" + json.dumps(_tiny()) + "]", r"config must be a JSON object, got list"),
+    (json.dumps(_tiny(hidden_size=True)), r"'hidden_size' = True: expected an integer, got bool"),
+    (json.dumps(_tiny(hidden_size=7168.0)), r"'hidden_size' = 7168.0: expected an integer, got float"),
+    (json.dumps(_tiny(hidden_size=-7168)), r"'hidden_size' = -7168: must be a positive integer"),
+    (json.dumps(_tiny()) + " " * (1 << 20), r"config file is larger than 1,048,576 bytes"),
+], ids=["hidden1e12", "hidden1e30", "experts", "matrix", "deep", "dup", "dup-nested", "inf", "nan", "list", "bool",
+        "float", "negative", "big-file"])
+def test_bad_config_files_are_config_errors(tmp_path, capsys, text, match):
+    import re
+
+    from dsr_compiler.errors import ConfigError
+    from dsr_compiler.models import ModelConfig
+    p = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match=match) as e:
+        ModelConfig.from_json(p)
+    assert str(p) in str(e.value)                                   # names the file
+    rc, err = _dsrc(capsys, "ir", "--config", str(p), "--module", "mlp")
+    assert rc == 2 and re.search(match, err), err
+
+
+def test_supported_limits_are_accepted():
+    from dsr_compiler.models import ModelConfig
+    cfg = ModelConfig.from_dict(_tiny(n_routed_experts=65536, n_group=65536, topk_group=8, hidden_size=16384,
+                                      vocab_size=32767))
+    assert cfg.n_routed_experts == 65536
+
+
+# ----------------------------------------------------------------------------- --batch / --seq and host bytes
+
+@pytest.mark.parametrize("argv,match", [
+    (("--seq", "1e11"), r"argument --seq: '1e11' is not an integer; use a whole number in 1 .. 2,147,483,647"),
+    (("--seq", "1e3"), r"argument --seq: '1e3' is not an integer \(write 1000\)"),
+    (("--seq", "100000000000"), r"argument --seq: 100000000000 is outside 1 .. 2,147,483,647"),
+    (("--batch", "0"), r"argument --batch: 0 is outside 1 .. 2,147,483,647"),
+    (("--batch", "-3"), r"argument --batch: -3 is outside"),
+    (("--seq", "2147483647"), r"the workload needs 2,199,024,828,416 bytes of host memory \(params 1,573,888, "
+                              r"example inputs 2,199,023,254,528\)"),
+    (("--batch", "65536", "--seq", "65536"), r"--batch x --seq = 4,294,967,296 tokens: more than the 2,147,483,647"),
+    (("--module", "decoder", "--batch", "4096", "--seq", "500000"), r"caches 1,310,720,000,000"),
+    (("--module", "grpo", "--seq", "4000000"), r"logits to draw the old/ref log-probs 131,072,000,000"),
+    (("--fp8-policy", '{"attn": false, "attn": true}'), r"duplicate key 'attn' in JSON"),
+    (("--fp8-policy", "[" * 5000 + "]" * 5000), r"JSON nests 5000 levels deep"),
+])
+def test_sizes_that_cannot_fit_are_refused_before_building(capsys, argv, match):
+    import re
+    args = dict(zip(argv[::2], argv[1::2]))
+    from dsr_compiler import knobs
+    with knobs.scoped(DSR_MAX_HOST_BYTES=1 << 36):      # the same answer on any machine
+        rc, err = _dsrc(capsys, "compile", *(() if "--module" in args else ("--module", "mlp")), *argv)
+    assert rc == 2 and re.search(match, err), err
+
+
+def test_host_limit_knob(capsys):
+    from dsr_compiler import knobs
+    from dsr_compiler.errors import ConfigError
+    from dsr_compiler.models import ModelConfig
+    from dsr_compiler.workloads import build, check_footprint
+    cfg = ModelConfig.named("deepseek-v3-tiny")
+    parts = check_footprint(cfg, "moe", 2, 8, torch.float32)
+    assert parts["example inputs"] == 16 * 256 * 4 and parts["params"] > 0
+    with knobs.scoped(DSR_MAX_HOST_BYTES=sum(parts.values()) - 1):
+        with pytest.raises(ConfigError, match=f"needs {sum(parts.values()):,} bytes"):
+            build(cfg, "moe", 2, 8)
+    with knobs.scoped(DSR_MAX_HOST_BYTES=-1), pytest.raises(Exception, match="DSR_MAX_HOST_BYTES"):
+        check_footprint(cfg, "moe", 2, 8, torch.float32)
+    with knobs.scoped(DSR_MAX_HOST_BYTES=1 << 36), pytest.raises(ConfigError, match="example inputs 1,024,000,000,000"):
+        build(cfg, "mlp", 1, 10**9)                     # the Python API too, not only the CLI
