@@ -233,3 +233,50 @@ def test_host_limit_knob(capsys):
         check_footprint(cfg, "moe", 2, 8, torch.float32)
     with knobs.scoped(DSR_MAX_HOST_BYTES=1 << 36), pytest.raises(ConfigError, match="example inputs 1,024,000,000,000"):
         build(cfg, "mlp", 1, 10**9)                     # the Python API too, not only the CLI
+
+
+# ----------------------------------------------------------------------------- compile deadline
+
+def _slow_source(seconds: int) -> tuple:
+    """A real router spec whose rendered module sleeps at import: the worker's compile hangs."""
+    spec = lower_kernel(_router(64, 32, topk=2), 1)
+    return spec, f"import time\ntime.sleep({seconds})\n" + render(spec)
+
+
+def _worker_proc():
+    from dsr_compiler.codegen import compile as cc
+    return cc._WORKER[0] if cc._WORKER else None
+
+
+def test_compile_past_the_deadline_is_a_clean_error(monkeypatch):
+    import time
+
+    from dsr_compiler.errors import CodegenError
+    spec, src = _slow_source(120)
+    monkeypatch.setenv("DSR_COMPILE_TIMEOUT", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(CodegenError, match=rf"compiling {spec.name} took longer than 1 s \(DSR_COMPILE_TIMEOUT\)"):
+        compile_triton(spec, src)
+    assert time.perf_counter() - t0 < 60 and _worker_proc() is None      # the worker was stopped
+    monkeypatch.setenv("DSR_COMPILE_TIMEOUT", "soon")
+    with pytest.raises(CodegenError, match="bad value for DSR_COMPILE_TIMEOUT"):
+        compile_triton(spec, src)
+
+
+def test_ctrl_c_during_a_compile_ends_the_worker(monkeypatch):
+    import os
+    import signal
+    import threading
+
+    spec, src = _slow_source(120)
+    monkeypatch.setenv("DSR_COMPILE_TIMEOUT", "600")
+    seen = []
+    timer = threading.Timer(3.0, lambda: (seen.append(_worker_proc()), os.kill(os.getpid(), signal.SIGINT)))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            compile_triton(spec, src)
+    finally:
+        timer.cancel()
+    assert seen and seen[0] is not None and seen[0].poll() is not None   # it ran, and it was ended
+    assert _worker_proc() is None
