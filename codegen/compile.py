@@ -6,8 +6,9 @@ TRITON_INTERPRET unset, compiles it for an explicit `GPUTarget("cuda", 90, 32)` 
 the stable `triton.compile(ASTSource(...))` entry point, and runs ptxas -v on the PTX to
 record registers, spills, shared memory and stack. The Triton compile itself runs in a reused
 worker process (`compile_worker.py`) under a deadline (DSR_COMPILE_TIMEOUT, default 600 s): a
-compile stuck in LLVM, or Ctrl-C during one, ends the worker instead of hanging this process. `load_interpreted` builds the same
-source under TRITON_INTERPRET=1 (CPU tensors); `load_jit` for a real GPU.
+compile stuck in LLVM, or Ctrl-C during one, ends the worker instead of hanging this process.
+`load_interpreted` builds the same source under TRITON_INTERPRET=1 (CPU tensors); `load_jit` for a
+real GPU.
 
 The compile assumes every pointer argument is 16-byte aligned (see `specialization_attrs`);
 a launcher must pass aligned buffers (torch allocations are). Results are plain data
@@ -446,5 +447,5 @@ def _compile_in_worker(spec: KernelSpec, source: str, arch: int, options: dict,
     return asm, reply["meta"]
 
 
-__all__ = ["CompiledKernel", "InterpretedKernel", "compile_timeout", "compile_triton", "load_interpreted", "load_jit", "parse_ptxas_log",
-           "parse_target", "ptxas_path", "run_ptxas", "specialization_attrs"]
+__all__ = ["CompiledKernel", "InterpretedKernel", "compile_timeout", "compile_triton", "load_interpreted", "load_jit",
+           "parse_ptxas_log", "parse_target", "ptxas_path", "run_ptxas", "specialization_attrs"]

@@ -288,8 +288,8 @@ class ModelConfig:
                                   where=where, hint=f"set {f} to at most {limit:,} (see README, Limits)")
         for n, (r, c, fs) in mats.items():
             if r * c > MAX_MATRIX_ELEMENTS and n not in _INT64_INDEXED:
-                raise ConfigError(f"config: weight {n} [{r}, {c}] has {r * c:,} elements ({2 * r * c:,} bytes in bf16), "
-                                  f"more than the {MAX_MATRIX_ELEMENTS:,} a kernel addresses with 32-bit offsets",
+                raise ConfigError(f"config: weight {n} [{r}, {c}] has {r * c:,} elements "
+                                  f"({2 * r * c:,} bytes in bf16), more than the {MAX_MATRIX_ELEMENTS:,} a kernel addresses with 32-bit offsets",
                                   where=where, hint=f"lower {' or '.join(fs)}")
 
 
