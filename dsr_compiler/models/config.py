@@ -258,6 +258,10 @@ class ModelConfig:
                 if not getattr(rs, f) > 0:
                     raise ConfigError(f"invalid config field 'rope_scaling.{f}' = {getattr(rs, f)!r}: must be > 0",
                                       where=where, hint=f"set rope_scaling.{f} to a positive number")
+            for f in ("factor", "mscale", "mscale_all_dim"):
+                if not math.isfinite(getattr(rs, f)):
+                    raise ConfigError(f"invalid config field 'rope_scaling.{f}' = {getattr(rs, f)!r}: must be finite",
+                                      where=where, hint=f"set rope_scaling.{f} to a finite number")
             if rs.original_max_position_embeddings <= 0:
                 raise ConfigError("invalid config field 'rope_scaling.original_max_position_embeddings' = "
                                   f"{rs.original_max_position_embeddings!r}: must be > 0", where=where,

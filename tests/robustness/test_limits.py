@@ -280,3 +280,14 @@ def test_ctrl_c_during_a_compile_ends_the_worker(monkeypatch):
         timer.cancel()
     assert seen and seen[0] is not None and seen[0].poll() is not None   # it ran, and it was ended
     assert _worker_proc() is None
+
+
+def test_non_finite_numbers_from_python_are_refused():
+    """The JSON reader refuses NaN literals; a dict built in Python is checked by the validator."""
+    from dsr_compiler.errors import ConfigError
+    from dsr_compiler.models import ModelConfig
+    rope = {**_tiny()["rope_scaling"], "mscale_all_dim": float("nan")}
+    with pytest.raises(ConfigError, match=r"'rope_scaling.mscale_all_dim' = nan: must be finite"):
+        ModelConfig.from_dict(_tiny(rope_scaling=rope))
+    with pytest.raises(ConfigError, match=r"'routed_scaling_factor' = inf"):
+        ModelConfig.from_dict(_tiny(routed_scaling_factor=float("inf")))
