@@ -4,8 +4,11 @@ Sits after rendering. `compile_triton` writes the source to a real file (Triton'
 reads source through `inspect`), imports it under a unique module name with
 TRITON_INTERPRET unset, compiles it for an explicit `GPUTarget("cuda", 90, 32)` through
 the stable `triton.compile(ASTSource(...))` entry point, and runs ptxas -v on the PTX to
-record registers, spills, shared memory and stack. `load_interpreted` builds the same
-source under TRITON_INTERPRET=1 (CPU tensors); `load_jit` for a real GPU.
+record registers, spills, shared memory and stack. The Triton compile itself runs in a reused
+worker process (`compile_worker.py`) under a deadline (DSR_COMPILE_TIMEOUT, default 600 s): a
+compile stuck in LLVM, or Ctrl-C during one, ends the worker instead of hanging this process.
+`load_interpreted` builds the same source under TRITON_INTERPRET=1 (CPU tensors); `load_jit` for a
+real GPU.
 
 The compile assumes every pointer argument is 16-byte aligned (see `specialization_attrs`);
 a launcher must pass aligned buffers (torch allocations are). Results are plain data
@@ -15,12 +18,14 @@ runtime's artifact cache can key them on spec.hash() + codegen_fingerprint() + v
 from __future__ import annotations
 
 import atexit
+import base64
 import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -171,6 +176,15 @@ def _preload_triton() -> None:
             importlib.import_module("triton.experimental.gluon")
 
 
+def _source_file(spec: KernelSpec, source: str, mode: str) -> tuple[Path, str]:
+    """(the generated source's file, written if needed; its module name for `mode`)."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    path = _source_dir() / f"{spec.name}_{digest}.py"
+    if not path.exists() or path.read_text() != source:
+        _atomic_write(path, source.encode())
+    return path, f"dsr_kernel_{spec.name}_{digest}_{mode}"
+
+
 def _import(spec: KernelSpec, source: str, interpret: bool) -> Any:
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     mode = "interp" if interpret else "jit"
@@ -179,9 +193,7 @@ def _import(spec: KernelSpec, source: str, interpret: bool) -> Any:
     with _LOCK:
         mod = sys.modules.get(modname)
         if mod is None:
-            path = _source_dir() / f"{spec.name}_{digest}.py"
-            if not path.exists() or path.read_text() != source:
-                _atomic_write(path, source.encode())
+            path, _ = _source_file(spec, source, mode)
             module_spec = importlib.util.spec_from_file_location(modname, path)
             if module_spec is None or module_spec.loader is None:
                 raise CodegenError(f"codegen: cannot import generated source {path}")
@@ -313,41 +325,136 @@ def specialization_attrs(spec: KernelSpec) -> dict[tuple[int, ...], list[list[An
 
 
 def compile_triton(spec: KernelSpec, source: str, target: str = "sm_90a") -> CompiledKernel:
-    """Compile rendered source for `target` without a GPU: ttir/ttgir/llir/PTX/cubin + ptxas stats."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    """Compile rendered source for `target` without a GPU: ttir/ttgir/llir/PTX/cubin + ptxas stats.
 
+    The Triton compile runs in the compile worker (a reused process, `compile_worker.py`) and one
+    past DSR_COMPILE_TIMEOUT seconds (default 600) is a CodegenError; DSR_COMPILE_TIMEOUT=0 compiles
+    in this process, without a limit."""
+    import triton
     arch = parse_target(target)
     t0 = time.perf_counter()
-    fn = load_jit(spec, source)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    timeout = compile_timeout()
     try:
-        src = ASTSource(fn=fn, signature=spec.signature(), constexprs={}, attrs=specialization_attrs(spec))
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+        if timeout:
+            asm, meta = _compile_in_worker(spec, source, arch, options, timeout)
+        else:
+            asm, meta = _compile_here(spec, source, arch, options)
     except CodegenError:
         raise
     except Exception as e:
-        msg = str(e).strip().splitlines()
-        raise CodegenError(f"codegen: Triton failed to compile {spec.name}: {msg[-1] if msg else type(e).__name__}",
-                           where="\n".join(msg[:40]), hint="see the generated source (DSR_DEBUG=4)") from e
-    asm = k.asm
+        raise _triton_failed(spec, str(e) or type(e).__name__) from e
     ptx = asm["ptx"]
     _, log, stats = run_ptxas(ptx, arch, spec.name)
     entry = re.search(r"\.entry\s+\w+\s*\((.*?)\)", ptx, re.S)
     n_params = len(re.findall(r"\.param\b", entry.group(1))) if entry else 0
-    dyn_shared = int(getattr(k.metadata, "shared", 0) or 0)
+    dyn_shared = meta["shared"]
     return CompiledKernel(
         name=spec.name, ptx=ptx, cubin=asm["cubin"], ttir=asm.get("ttir", ""), ttgir=asm.get("ttgir", ""),
         llir=asm.get("llir", ""), target=target, registers=stats["registers"], spill_stores=stats["spill_stores"],
         spill_loads=stats["spill_loads"], shared_mem=dyn_shared + stats["smem"], stack=stats["stack"],
         num_warps=spec.num_warps, num_stages=spec.num_stages, dynamic_shared=dyn_shared, ptx_params=n_params,
-        global_scratch_size=int(getattr(k.metadata, "global_scratch_size", 0) or 0),
-        profile_scratch_size=int(getattr(k.metadata, "profile_scratch_size", 0) or 0),
+        global_scratch_size=meta["global_scratch_size"], profile_scratch_size=meta["profile_scratch_size"],
         compile_s=round(time.perf_counter() - t0, 3), ptxas_log=log.strip(), spec_hash=spec.hash(),
         triton_version=triton.__version__)
 
 
-__all__ = ["CompiledKernel", "InterpretedKernel", "compile_triton", "load_interpreted", "load_jit", "parse_ptxas_log",
-           "parse_target", "ptxas_path", "run_ptxas", "specialization_attrs"]
+COMPILE_TIMEOUT_S = 600
+
+
+def compile_timeout() -> int:
+    """DSR_COMPILE_TIMEOUT in seconds (0: compile in this process); read here, documented in knobs.py."""
+    raw = os.environ.get("DSR_COMPILE_TIMEOUT", "").strip()
+    if not raw:
+        return COMPILE_TIMEOUT_S
+    if not raw.isdigit():
+        raise CodegenError(f"bad value for DSR_COMPILE_TIMEOUT: {raw!r}",
+                           hint="seconds one kernel's compile may take (a whole number; 0: no limit, in process)")
+    return int(raw)
+
+
+def _triton_failed(spec: KernelSpec, text: str) -> CodegenError:
+    msg = text.strip().splitlines()
+    return CodegenError(f"codegen: Triton failed to compile {spec.name}: {msg[-1] if msg else 'unknown error'}",
+                        where="\n".join(msg[:40]), hint="see the generated source (DSR_DEBUG=4)")
+
+
+_META = ("shared", "global_scratch_size", "profile_scratch_size")
+
+
+def _compile_here(spec: KernelSpec, source: str, arch: int, options: dict) -> tuple[dict[str, Any], dict[str, int]]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    fn = load_jit(spec, source)
+    src = ASTSource(fn=fn, signature=spec.signature(), constexprs={}, attrs=specialization_attrs(spec))
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    return dict(k.asm), {m: int(getattr(k.metadata, m, 0) or 0) for m in _META}
+
+
+# ----------------------------------------------------------------------------- the compile worker
+
+_WORKER: list[subprocess.Popen] = []      # at most one warm worker, reused across kernels
+
+
+def _worker() -> subprocess.Popen:
+    if _WORKER and _WORKER[0].poll() is None:
+        return _WORKER[0]
+    _WORKER.clear()
+    script = Path(__file__).with_name("compile_worker.py")
+    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    _WORKER.append(proc)
+    return proc
+
+
+def _stop_worker() -> None:
+    """End the worker (a stuck compile, Ctrl-C, or exit): it holds no state worth waiting for."""
+    while _WORKER:
+        proc = _WORKER.pop()
+        with contextlib.suppress(OSError):
+            proc.kill()
+        with contextlib.suppress(Exception):
+            proc.wait(timeout=10)
+
+
+atexit.register(_stop_worker)
+
+
+def _compile_in_worker(spec: KernelSpec, source: str, arch: int, options: dict,
+                       timeout: float) -> tuple[dict[str, Any], dict[str, int]]:
+    from . import compile_worker as cw
+    path, modname = _source_file(spec, source, "worker")
+    attrs = [[list(k), v] for k, v in specialization_attrs(spec).items()]
+    req = {"env": dict(os.environ), "path": str(path), "module": modname, "kernel": spec.name,
+           "signature": spec.signature(), "attrs": attrs, "options": options, "arch": arch}
+    with _LOCK:
+        proc = _worker()
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            cw.send(proc.stdin.fileno(), req)
+            ready, _, _ = select.select([proc.stdout], [], [], timeout)
+            if not ready:
+                _stop_worker()
+                raise CodegenError(f"codegen: compiling {spec.name} took longer than {timeout:g} s "
+                                   "(DSR_COMPILE_TIMEOUT); the compile worker was stopped",
+                                   where=f"kernel {spec.name} ({spec.family}, template {spec.template})",
+                                   hint="a kernel this slow to compile is a codegen bug worth reporting (DSR_DEBUG=4 "
+                                        "shows its source); raise DSR_COMPILE_TIMEOUT to wait longer")
+            reply = cw.recv(proc.stdout.fileno())
+        except BaseException:          # Ctrl-C or a timeout: the worker may be mid-compile
+            _stop_worker()
+            raise
+    if reply is None:
+        _stop_worker()
+        raise CodegenError(f"codegen: the compile worker ended while compiling {spec.name} (exit {proc.poll()})",
+                           hint="rerun with DSR_COMPILE_TIMEOUT=0 to compile in this process and see the error")
+    if not reply["ok"]:
+        raise _triton_failed(spec, reply["error"])
+    asm = dict(reply["asm"])
+    asm["cubin"] = base64.b64decode(asm["cubin"])
+    return asm, reply["meta"]
+
+
+__all__ = ["CompiledKernel", "InterpretedKernel", "compile_timeout", "compile_triton", "load_interpreted", "load_jit",
+           "parse_ptxas_log", "parse_target", "ptxas_path", "run_ptxas", "specialization_attrs"]

@@ -4,7 +4,8 @@ Where it sits: a codegen extension (listed in `families.EXTENSIONS`), importing 
 families, each one Jinja template (`templates/moe_*.py.j2`) plus one lowering ir.Kernel ->
 KernelSpec. The fusion pass makes each MoE op its own kernel (family = the op's kind):
 
-    moe_router   one program per 16 tokens: fp32 gate GEMM, scores, group limit, top-k, weights
+    moe_router   one program per 16 tokens: fp32 gate GEMM, scores, group limit, top-k, weights, each
+                 a loop over chunks of <= 256 experts through an fp32 workspace [T, E] (+ [T, G])
     moe_dispatch one program: counts, scan, scatter of slot ids into the BM-padded expert layout
     moe_gemm     one program per (BM-row block, BN-column tile); mode gate_up (gather + SwiGLU) or
                  down (x routing weight, scatter to y_slots rows); unused blocks skip the K loop
@@ -34,7 +35,7 @@ from .lower import (
     source_nodes,
     tensor_args,
 )
-from .spec import KernelSpec
+from .spec import ArgSpec, KernelSpec
 from .views import ScalarPool, prod
 
 
@@ -68,16 +69,22 @@ def _static_dim(k: Kernel, n: Node, d: sympy.Expr, what: str) -> int:
 
 
 def _spec(k: Kernel, index: int, template: str, pool: ScalarPool, grid: sympy.Expr, params: tuple, num_warps: int,
-          num_stages: int, flops: sympy.Expr, traffic: tuple[sympy.Expr, sympy.Expr] | None = None) -> KernelSpec:
+          num_stages: int, flops: sympy.Expr, traffic: tuple[sympy.Expr, sympy.Expr] | None = None,
+          scratch: tuple[ArgSpec, ...] = ()) -> KernelSpec:
     rd, wr = _bytes(k.body) if traffic is None else (dim_str(traffic[0]), dim_str(traffic[1]))
     return KernelSpec(
         name=_kernel_name(k, index), family=k.family, template=template,
-        args=tuple(tensor_args(k.body)) + tuple(pool.args), grid=(dim_str(sympy.simplify(grid)),),
+        args=tuple(tensor_args(k.body)) + scratch + tuple(pool.args), grid=(dim_str(sympy.simplify(grid)),),
         num_warps=num_warps, num_stages=num_stages, params=params, body=(), source_nodes=source_nodes(k.body),
         flops=dim_str(sympy.expand(flops)), bytes_read=rd, bytes_written=wr)
 
 
 # ----------------------------------------------------------------------------- router
+
+# Router tiles: no register tile spans all experts (65,536 experts compile like 256), and each
+# loop chunk holds at most _ROUTER_TILE fp32 values per token row.
+_ROUTER_TILE = 256
+
 
 def _lower_router(k: Kernel, index: int) -> KernelSpec:
     n = _the_op(k, (MOE_ROUTER,))
@@ -89,22 +96,35 @@ def _lower_router(k: Kernel, index: int) -> KernelSpec:
     tokens = xt.shape[0]
     e = _static_dim(k, n, wt.shape[0], "the expert count")
     h = _static_dim(k, n, xt.shape[1], "the hidden size")
+    ng, topk = a["n_group"], a["topk"]
+    epg = e // ng
     bt = _attr_int(k, "block_t", 16)
-    ep = max(16, _next_pow2(e))
-    bk = _attr_int(k, "block_k", max(16, min(64, 8192 // ep)))   # the gate tile [BK, E_PAD] fp32 <= 32 KiB
+    be = _attr_int(k, "block_e", min(_ROUTER_TILE, max(16, _next_pow2(e))))
+    bk = _attr_int(k, "block_k", max(16, min(64, 8192 // be)))   # the gate tile [BK, BE] fp32 <= 32 KiB
+    bj = min(_next_pow2(epg), be)                                 # group pass: [BG groups, BJ members]
+    bg = min(_next_pow2(ng), max(1, be // bj))
+    # fp32 workspaces, this launch only: the scores [T, E] and (with a group limit) the group scores [T, G]
+    scratch = [ArgSpec("scores_ws", "tensor", value=f"{k.name}.scores", dtype=DType.f32, role="scratch",
+                       shape=(dim_str(tokens), str(e)))]
+    if ng > 1:
+        scratch.append(ArgSpec("groups_ws", "tensor", value=f"{k.name}.group_scores", dtype=DType.f32,
+                               role="scratch", shape=(dim_str(tokens), str(ng))))
     params = (
-        ("BLOCK_T", bt), ("BLOCK_K", bk), ("T", pool.lit(tokens)), ("H", h), ("E", e), ("E_PAD", ep),
-        ("TOPK", a["topk"]), ("K_PAD", _next_pow2(a["topk"])), ("N_GROUP", a["n_group"]),
-        ("EPG", e // a["n_group"]), ("TOPK_GROUP", a["topk_group"]), ("SCORING", a["scoring"]),
+        ("BLOCK_T", bt), ("BLOCK_E", be), ("BLOCK_K", bk), ("BLOCK_G", bg), ("BLOCK_J", bj),
+        ("BLOCK_GS", min(_next_pow2(ng), be)), ("BLOCK_W", _attr_int(k, "block_w", min(_next_pow2(topk), 64))),
+        ("T", pool.lit(tokens)), ("H", h), ("E", e),
+        ("TOPK", topk), ("N_GROUP", ng), ("EPG", epg), ("TOPK_GROUP", a["topk_group"]), ("SCORING", a["scoring"]),
         ("GROUP_SCORE", a["group_score"]), ("ROUTE_SCALE", repr(float(a["route_scale"]))),
         ("NORM", bool(a["norm_topk"])),
         ("X", names[("in", n.inputs[0])]), ("GW", names[("in", n.inputs[1])]),
         ("BIAS", names[("in", n.inputs[2])] if len(n.inputs) == 3 else ""),
         ("W_OUT", _out_ptr(k, n, 0)), ("IDS_OUT", _out_ptr(k, n, 1)),
+        ("SCORES", scratch[0].name), ("GROUPS", scratch[1].name if ng > 1 else ""),
     )
-    flops = 2 * tokens * e * h + tokens * e * (8 + 4 * a["topk"] + 6 * a["n_group"])
+    flops = 2 * tokens * e * h + tokens * e * (8 + 4 * topk + 6 * ng)
     return _spec(k, index, "moe_router.py.j2", pool, sympy.ceiling(tokens / bt), params,
-                 _attr_int(k, "num_warps", 4 if ep <= 64 else 8), _attr_int(k, "num_stages", 2), flops)
+                 _attr_int(k, "num_warps", 4 if be <= 64 else 8), _attr_int(k, "num_stages", 2), flops,
+                 scratch=tuple(scratch))
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -24,14 +24,34 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+_MAX_COUNT = (1 << 31) - 1
+
+
+def _count(text: str) -> int:
+    """--batch / --seq: a whole number in 1 .. 2**31 - 1 (the kernels index tokens with 32-bit offsets)."""
+    try:
+        n = int(text)
+    except ValueError:
+        try:
+            f = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        fits = f.is_integer() and 1 <= f <= _MAX_COUNT
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer" + (
+            f" (write {int(f)})" if fits else f"; use a whole number in 1 .. {_MAX_COUNT:,}")) from None
+    if not 1 <= n <= _MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{n} is outside 1 .. {_MAX_COUNT:,}")
+    return n
+
+
 def _selectors(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("selectors")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="built-in config: deepseek-v3-tiny (default), deepseek-v2-lite, deepseek-v3")
     src.add_argument("--config", default=None, help="path to a DeepSeek config.json (HF or reference ModelArgs format)")
     g.add_argument("--module", default="decoder", choices=MODULES, help="which part of the model to compile (default: decoder)")
-    g.add_argument("--batch", type=int, default=1, help="batch size of the example inputs (default 1)")
-    g.add_argument("--seq", type=int, default=16, help="sequence length of the example inputs (default 16)")
+    g.add_argument("--batch", type=_count, default=1, help="batch size of the example inputs (default 1)")
+    g.add_argument("--seq", type=_count, default=16, help="sequence length of the example inputs (default 16)")
     g.add_argument("--dtype", default="f32", choices=("f32", "bf16"), help="activation/weight dtype (default f32)")
     fp8 = g.add_mutually_exclusive_group()
     fp8.add_argument("--fp8", dest="fp8", action="store_true",
@@ -78,11 +98,8 @@ def _fp8(args):
                        hint="drop --no-fp8 to apply the policy, or drop --fp8-policy to keep GEMMs unquantized")
     if not args.fp8 or not getattr(args, "fp8_policy", None):
         return args.fp8
-    import json
-    try:
-        pol = json.loads(args.fp8_policy)
-    except json.JSONDecodeError as e:
-        raise DsrError(f"--fp8-policy is not valid JSON: {e}", hint='e.g. --fp8-policy \'{"scale_fmt": "ue8m0"}\'') from None
+    from dsr_compiler.models.config import parse_json     # bounded depth, no duplicate keys, no NaN
+    pol = parse_json(args.fp8_policy, "--fp8-policy", 'e.g. --fp8-policy \'{"scale_fmt": "ue8m0"}\'')
     if not isinstance(pol, dict):
         raise DsrError("--fp8-policy must be a JSON object of policy fields", hint='e.g. \'{"attn": false}\'')
     return pol

@@ -27,6 +27,13 @@ def _int(s: str) -> int:
     return int(s)
 
 
+def _count(s: str) -> int:
+    n = int(s)
+    if n < 0:
+        raise ValueError(s)
+    return n
+
+
 def _path(s: str) -> Path:
     return Path(s).expanduser()
 
@@ -42,6 +49,10 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("DSR_CACHE_DIR", _path, None, "artifact cache folder (default: $XDG_CACHE_HOME/dsr_compiler)"),
     Knob("DSR_NO_CACHE", _int, 0, "1 disables the on-disk artifact cache (every compile is cold)"),
     Knob("DSR_BACKEND", str, "auto", "default runtime backend: auto | cuda | interpret"),
+    Knob("DSR_MAX_HOST_BYTES", _count, 0, "largest host allocation a workload may plan (weights + example inputs + "
+                                        "caches), checked before building; 0: the machine's physical memory"),
+    Knob("DSR_COMPILE_TIMEOUT", _count, 600, "seconds one kernel's Triton compile may take (it runs in a reused "
+                                             "worker process; past the limit: an error); 0: in process, no limit"),
     Knob("DSR_PTX", str, "", "kernel families emitted as direct PTX instead of Triton: 1/all (pointwise, "
                              "reduction, quant_fp8) or a comma list; unset/0: Triton for everything"),
 )}

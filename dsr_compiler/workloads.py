@@ -2,17 +2,22 @@
 
 Each builder constructs a zoo module from a ModelConfig with seeded weights, and example
 inputs whose token dimension is symbolic (`T`), so one compile serves every token count.
+Before anything is built, `check_footprint` adds up the host bytes the workload will allocate
+(each `--module` registers its count in `FOOTPRINTS`) and refuses, naming the bytes, what the
+machine cannot hold (knob DSR_MAX_HOST_BYTES) or what the kernels' 32-bit token index cannot reach.
 """
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from dsr_compiler.errors import DsrError
+from dsr_compiler import knobs
+from dsr_compiler.errors import ConfigError, DsrError
 from dsr_compiler.models import ModelConfig
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
@@ -53,7 +58,50 @@ def _mlp(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int) 
     return Workload("mlp", m, make(batch * seq, seed), {"x": {0: "T"}}, make)
 
 
+def _mlp_bytes(cfg: ModelConfig, batch: int, seq: int, isz: int, phase: str | None) -> dict[str, int]:
+    return {"params": param_bytes(3 * cfg.hidden_size * cfg.intermediate_size + cfg.hidden_size, isz),
+            "example inputs": batch * seq * cfg.hidden_size * isz}
+
+
 BUILDERS: dict[str, Callable[..., Workload]] = {"mlp": _mlp}
+# --module -> (cfg, batch, seq, itemsize, phase) -> {"params" | "example inputs" | "caches" | ...: host bytes}
+FOOTPRINTS: dict[str, Callable[..., dict[str, int]]] = {"mlp": _mlp_bytes}
+MAX_TOKENS = (1 << 31) - 1      # batch x seq: kernels index token rows with 32-bit offsets
+
+
+def param_bytes(elements: int, isz: int) -> int:
+    """Host bytes of materialized weights: built in fp32, seeded, then cast to the dtype."""
+    return elements * (4 + (isz if isz != 4 else 0))
+
+
+def host_limit() -> int:
+    """DSR_MAX_HOST_BYTES, or the machine's physical memory."""
+    limit = knobs.get("DSR_MAX_HOST_BYTES")
+    if limit:
+        return limit
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):   # no sysconf: no host bound beyond the allocator's
+        return 1 << 62
+
+
+def check_footprint(cfg: ModelConfig, module: str, batch: int, seq: int, dtype: torch.dtype,
+                    phase: str | None = None) -> dict[str, int]:
+    """The host bytes of the workload, by part; a ConfigError naming them when they cannot fit."""
+    where = f"--module {module} --batch {batch} --seq {seq} ({cfg.name})"
+    if batch * seq > MAX_TOKENS:
+        raise ConfigError(f"--batch x --seq = {batch * seq:,} tokens: more than the {MAX_TOKENS:,} the kernels "
+                          "index with 32-bit offsets", where=where, hint="lower --batch or --seq")
+    isz = torch.empty((), dtype=dtype).element_size()
+    parts = FOOTPRINTS[module](cfg, batch, seq, isz, phase)
+    total, limit = sum(parts.values()), host_limit()
+    if total > limit:
+        shown = ", ".join(f"{k} {v:,}" for k, v in parts.items() if v)
+        raise ConfigError(f"the workload needs {total:,} bytes of host memory ({shown}), more than the {limit:,} "
+                          "available", where=where,
+                          hint="lower --seq or --batch, or use a smaller config; the limit is the machine's memory "
+                               "or DSR_MAX_HOST_BYTES")
+    return parts
 
 
 def build(cfg: ModelConfig, module: str, batch: int = 1, seq: int = 16, dtype: str = "f32", seed: int = 0,
@@ -65,6 +113,7 @@ def build(cfg: ModelConfig, module: str, batch: int = 1, seq: int = 16, dtype: s
         raise DsrError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
     if batch < 1 or seq < 1:
         raise DsrError(f"--batch and --seq must be >= 1, got {batch} and {seq}")
+    check_footprint(cfg, module, batch, seq, DTYPES[dtype], phase)     # before anything is allocated
     if phase is not None:
         if "phase" not in inspect.signature(BUILDERS[module]).parameters:
             raise DsrError(f"--phase {phase}: --module {module} has no decode/prefill phases",

@@ -19,7 +19,7 @@ import torch
 
 from dsr_compiler.errors import DsrError
 from dsr_compiler.models import ModelConfig
-from dsr_compiler.workloads import BUILDERS, Workload
+from dsr_compiler.workloads import BUILDERS, FOOTPRINTS, Workload, param_bytes
 
 GROUP = 4                       # completions per prompt (TRL's num_generations)
 MAX_REAL_HEAD_ELEMENTS = 1 << 27
@@ -67,7 +67,16 @@ def _grpo(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int)
     return Workload("grpo", m, example, {}, make, grad_wrt=GRAD_WRT)
 
 
+def _grpo_bytes(cfg: ModelConfig, batch: int, seq: int, isz: int, phase: str | None) -> dict[str, int]:
+    n, hid, voc = batch * GROUP, cfg.hidden_size, cfg.vocab_size
+    if voc * hid > MAX_REAL_HEAD_ELEMENTS:      # example inputs on the meta device: compile-only
+        return {}
+    return {"example inputs": n * seq * (hid * isz + 8 + 3 * 4) + n * 4 + voc * hid * isz,
+            "logits to draw the old/ref log-probs": n * seq * voc * (isz + 4)}
+
+
 BUILDERS["grpo"] = _grpo
+FOOTPRINTS["grpo"] = _grpo_bytes
 
 
 def _mtp(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int) -> Workload:
@@ -110,4 +119,17 @@ def _mtp(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int) 
     return Workload("mtp", m, example, {}, make)
 
 
+def _mtp_bytes(cfg: ModelConfig, batch: int, seq: int, isz: int, phase: str | None) -> dict[str, int]:
+    from dsr_compiler.workloads_mla import layer_elements
+    from dsr_compiler.workloads_moe import MAX_REAL_EXPERT_ELEMENTS, expert_elements
+    h = cfg.hidden_size
+    if expert_elements(cfg) > MAX_REAL_EXPERT_ELEMENTS or cfg.vocab_size * h > MAX_REAL_HEAD_ELEMENTS:
+        return {}                               # module and example inputs on the meta device
+    trunk = sum(layer_elements(cfg, i) for i in range(max(1, cfg.first_k_dense_replace)))
+    mtp = cfg.num_nextn_predict_layers * (layer_elements(cfg, cfg.num_hidden_layers - 1) + 2 * h * h)
+    return {"params": param_bytes(trunk + mtp + 2 * cfg.vocab_size * h, isz),
+            "example inputs": batch * seq * (h * isz + 8 + 4)}
+
+
 BUILDERS["mtp"] = _mtp
+FOOTPRINTS["mtp"] = _mtp_bytes

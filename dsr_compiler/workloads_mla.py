@@ -24,7 +24,7 @@ from torch import nn
 
 from dsr_compiler.errors import DsrError
 from dsr_compiler.models import ModelConfig
-from dsr_compiler.workloads import BUILDERS, Workload, _init_
+from dsr_compiler.workloads import BUILDERS, FOOTPRINTS, Workload, _init_, param_bytes
 
 MAX_REAL_ELEMENTS = 1 << 27
 PHASES = ("decode", "prefill")
@@ -109,7 +109,7 @@ def _model(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int
     from dsr_compiler.models.deepseek import DeepSeekModel
     from dsr_compiler.models.steps import ModelDecodeStep
     _check_phase(phase, "model")
-    elements = sum(layer_elements(cfg, i) for i in range(cfg.num_hidden_layers)) + 2 * cfg.vocab_size * cfg.hidden_size
+    elements = model_elements(cfg)
     m = _build(lambda: DeepSeekModel(cfg), cfg, dtype, seed, elements)
     if phase == "prefill":
         def make(tokens: int, s: int) -> tuple[torch.Tensor, ...]:
@@ -123,6 +123,28 @@ def _model(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int
     return Workload("model", ModelDecodeStep(m).eval(), make_decode(batch * seq, seed), dyn, make_decode)
 
 
+def model_elements(cfg: ModelConfig) -> int:
+    return sum(layer_elements(cfg, i) for i in range(cfg.num_hidden_layers)) + 2 * cfg.vocab_size * cfg.hidden_size
+
+
+def _step_bytes(cfg: ModelConfig, batch: int, seq: int, isz: int, phase: str | None, elements: int,
+                layers: int | None) -> dict[str, int]:
+    """mla / decoder (layers None) and model: weights unless on meta, then the phase's inputs and caches."""
+    params = param_bytes(elements, isz) if elements <= MAX_REAL_ELEMENTS else 0
+    if phase == "prefill":
+        per_token = 8 if layers is not None else cfg.hidden_size * isz      # token ids (int64) or x
+        return {"params": params, "example inputs": batch * seq * per_token}
+    x = batch * (8 if layers is not None else cfg.hidden_size * isz)
+    caches = (layers or 1) * batch * seq * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * isz
+    return {"params": params, "example inputs": x + 8, "caches": caches}
+
+
+FOOTPRINTS["mla"] = lambda cfg, b, s, isz, phase: _step_bytes(cfg, b, s, isz, phase or "decode", mla_elements(cfg),
+                                                              None)
+FOOTPRINTS["decoder"] = lambda cfg, b, s, isz, phase: _step_bytes(
+    cfg, b, s, isz, phase or "decode", layer_elements(cfg, cfg.num_hidden_layers - 1), None)
+FOOTPRINTS["model"] = lambda cfg, b, s, isz, phase: _step_bytes(cfg, b, s, isz, phase or "decode", model_elements(cfg),
+                                                                cfg.num_hidden_layers)
 BUILDERS["mla"] = _mla
 BUILDERS["decoder"] = _decoder
 BUILDERS["model"] = _model

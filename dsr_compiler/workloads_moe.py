@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from dsr_compiler.models import ModelConfig
-from dsr_compiler.workloads import BUILDERS, Workload, _init_
+from dsr_compiler.workloads import BUILDERS, FOOTPRINTS, Workload, _init_, param_bytes
 
 MAX_REAL_EXPERT_ELEMENTS = 1 << 27
 
@@ -40,4 +40,14 @@ def _moe(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int) 
     return Workload("moe", m, make(batch * seq, seed), {"x": {0: "T"}}, make)
 
 
+def moe_bytes(cfg: ModelConfig, batch: int, seq: int, isz: int, phase: str | None) -> dict[str, int]:
+    h = cfg.hidden_size
+    params = 0
+    if expert_elements(cfg) <= MAX_REAL_EXPERT_ELEMENTS:     # else built on the meta device
+        params = param_bytes(expert_elements(cfg) + 3 * h * cfg.n_shared_experts * cfg.moe_intermediate_size
+                             + cfg.n_routed_experts * (h + 1), isz)
+    return {"params": params, "example inputs": batch * seq * h * isz}
+
+
 BUILDERS["moe"] = _moe
+FOOTPRINTS["moe"] = moe_bytes

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from dsr_compiler.errors import ConfigError
 
-__all__ = ["ModelConfig", "RopeScaling", "QuantConfig", "BUILTIN_NAMES"]
+__all__ = ["BUILTIN_NAMES", "FIELD_LIMITS", "MAX_MATRIX_ELEMENTS", "ModelConfig", "QuantConfig", "RopeScaling",
+           "parse_json", "weight_matrices"]
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
 
@@ -155,16 +157,16 @@ class ModelConfig:
             raise ConfigError(f"config path is not a file: {p}", where=where,
                               hint="pass the config.json file itself, not its directory")
         try:
-            text = p.read_text(encoding="utf-8")
+            with p.open("rb") as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)      # never more: the path may be a huge or endless file
+            text = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read config file: {e}", where=where,
                               hint="check the file's permissions and that it is UTF-8 text") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})",
-                              where=where,
-                              hint="fix the JSON syntax; a DeepSeek config.json is one JSON object") from None
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file is larger than {MAX_CONFIG_BYTES:,} bytes", where=where,
+                              hint="a DeepSeek config.json is a few KB; pass the config, not a weights file")
+        data = parse_json(text, where, "a DeepSeek config.json is one JSON object")
         if name is None:
             name = p.parent.name if p.stem == "config" and p.parent.name else p.stem
         return cls.from_dict(data, source=str(p), name=name)
@@ -246,6 +248,7 @@ class ModelConfig:
         if self.qk_rope_head_dim % 2:
             raise bad("qk_rope_head_dim", "RoPE rotates pairs, so the rope dim must be even",
                       "use an even qk_rope_head_dim (DeepSeek: 64)")
+        self._validate_limits(where)
         rs = self.rope_scaling
         if rs is not None:
             if rs.type not in ROPE_SCALING_TYPES:
@@ -255,6 +258,10 @@ class ModelConfig:
                 if not getattr(rs, f) > 0:
                     raise ConfigError(f"invalid config field 'rope_scaling.{f}' = {getattr(rs, f)!r}: must be > 0",
                                       where=where, hint=f"set rope_scaling.{f} to a positive number")
+            for f in ("factor", "mscale", "mscale_all_dim"):
+                if not math.isfinite(getattr(rs, f)):
+                    raise ConfigError(f"invalid config field 'rope_scaling.{f}' = {getattr(rs, f)!r}: must be finite",
+                                      where=where, hint=f"set rope_scaling.{f} to a finite number")
             if rs.original_max_position_embeddings <= 0:
                 raise ConfigError("invalid config field 'rope_scaling.original_max_position_embeddings' = "
                                   f"{rs.original_max_position_embeddings!r}: must be > 0", where=where,
@@ -268,6 +275,114 @@ class ModelConfig:
                 raise ConfigError("invalid config field 'quantization_config.weight_block_size' = "
                                   f"{list(q.weight_block_size)!r}: must be two positive ints",
                                   where=where, hint="DeepSeek-V3 uses [128, 128]")
+
+
+    def _validate_limits(self, where: str) -> None:
+        """The supported sizes (FIELD_LIMITS), then every weight matrix within 32-bit offsets."""
+        mats = weight_matrices(self)
+        for f, limit in FIELD_LIMITS.items():
+            v = getattr(self, f)
+            if v > limit:
+                shaped = [(n, r, c) for n, (r, c, fs) in mats.items() if f in fs]
+                need = ""
+                if shaped:
+                    n, r, c = shaped[0]
+                    need = f"; the weight {n} [{r}, {c}] alone would need {2 * r * c:,} bytes in bf16"
+                raise ConfigError(f"invalid config field {f!r} = {v!r}: above the supported limit {limit:,}{need}",
+                                  where=where, hint=f"set {f} to at most {limit:,} (see README, Limits)")
+        for n, (r, c, fs) in mats.items():
+            if r * c > MAX_MATRIX_ELEMENTS and n not in _INT64_INDEXED:
+                raise ConfigError(f"config: weight {n} [{r}, {c}] has {r * c:,} elements "
+                                  f"({2 * r * c:,} bytes in bf16), more than the {MAX_MATRIX_ELEMENTS:,} a kernel addresses with 32-bit offsets",
+                                  where=where, hint=f"lower {' or '.join(fs)}")
+
+
+# ---- supported limits -----------------------------------------------------------------------------
+# Upper bounds of the size fields (DeepSeek-V3: vocab 129,280, hidden 7,168, 256 experts, 128 heads).
+# The MoE router tiles over up to 65,536 experts; GEMM kernels address one weight matrix (one
+# layer's, one expert's) with 32-bit offsets, hence MAX_MATRIX_ELEMENTS; the bounds also keep every
+# product of sizes far from int64 overflow.
+FIELD_LIMITS: dict[str, int] = {
+    "vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 20, "moe_intermediate_size": 1 << 20,
+    "num_hidden_layers": 1024, "num_attention_heads": 1024, "n_shared_experts": 256, "n_routed_experts": 1 << 16,
+    "q_lora_rank": 1 << 16, "kv_lora_rank": 1 << 16, "qk_nope_head_dim": 1024, "qk_rope_head_dim": 1024,
+    "v_head_dim": 1024, "max_position_embeddings": (1 << 31) - 1, "num_nextn_predict_layers": 16,
+}
+MAX_MATRIX_ELEMENTS = (1 << 31) - 1
+_INT64_INDEXED = frozenset({"gate"})      # the MoE router addresses gate rows with 64-bit offsets
+MAX_CONFIG_BYTES = 1 << 20      # a config file (DeepSeek-V3's is 1.7 KB)
+MAX_JSON_DEPTH = 32             # nesting of objects/lists (a DeepSeek config nests 2 deep)
+
+
+def weight_matrices(cfg: ModelConfig) -> dict[str, tuple[int, int, tuple[str, ...]]]:
+    """Every weight matrix the zoo builds, as name -> (rows, cols, the fields that shape it);
+    experts count once (they are stacked along a third, int64-indexed dimension)."""
+    h, nh = cfg.hidden_size, cfg.num_attention_heads
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    heads_qk = ("num_attention_heads", "qk_nope_head_dim", "qk_rope_head_dim")
+    m: dict[str, tuple[int, int, tuple[str, ...]]] = {
+        "embed": (cfg.vocab_size, h, ("vocab_size", "hidden_size")),
+        "mlp.w1": (cfg.intermediate_size, h, ("intermediate_size", "hidden_size")),
+        "experts.w13": (2 * cfg.moe_intermediate_size, h, ("moe_intermediate_size", "hidden_size")),
+        "shared_experts.w1": (cfg.n_shared_experts * cfg.moe_intermediate_size, h,
+                              ("n_shared_experts", "moe_intermediate_size", "hidden_size")),
+        "gate": (cfg.n_routed_experts, h, ("n_routed_experts", "hidden_size")),
+        "attn.wkv_a": (cfg.kv_lora_rank + cfg.qk_rope_head_dim, h, ("kv_lora_rank", "qk_rope_head_dim", "hidden_size")),
+        "attn.wkv_b": (nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank,
+                       ("num_attention_heads", "qk_nope_head_dim", "v_head_dim", "kv_lora_rank")),
+        "attn.wo": (h, nh * cfg.v_head_dim, ("hidden_size", "num_attention_heads", "v_head_dim")),
+    }
+    if cfg.num_nextn_predict_layers:
+        m["mtp.eh_proj"] = (h, 2 * h, ("hidden_size",))
+    if cfg.q_lora_rank:
+        m["attn.wq_a"] = (cfg.q_lora_rank, h, ("q_lora_rank", "hidden_size"))
+        m["attn.wq_b"] = (nh * qk, cfg.q_lora_rank, heads_qk + ("q_lora_rank",))
+    else:
+        m["attn.wq"] = (nh * qk, h, heads_qk + ("hidden_size",))
+    return m
+
+
+def parse_json(text: str, where: str, what: str) -> Any:
+    """`json.loads` with bounds: at most MAX_JSON_DEPTH nesting levels (checked before parsing, so
+    a deep file is not a RecursionError), no duplicate keys (json would keep the last silently), no
+    NaN / Infinity literals (not JSON). Every failure is a ConfigError naming `where`."""
+    depth = _json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise ConfigError(f"JSON nests {depth} levels deep, more than the {MAX_JSON_DEPTH} supported", where=where,
+                          hint=what)
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for k, v in items:
+            if k in d:
+                raise ConfigError(f"duplicate key {k!r} in JSON: the values {d[k]!r} and {v!r} disagree"
+                                  if d[k] != v else f"duplicate key {k!r} in JSON", where=where,
+                                  hint=f"keep one {k!r}; a JSON object names each key once")
+            d[k] = v
+        return d
+
+    def constant(name: str) -> Any:
+        raise ConfigError(f"{name} is not a JSON number", where=where, hint="write a finite number")
+    try:
+        return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})", where=where,
+                          hint=f"fix the JSON syntax; {what}") from None
+    except RecursionError:   # the depth scan bounds this; kept so that no input can surface one
+        raise ConfigError("JSON nests too deep", where=where, hint=what) from None
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _json_depth(text: str) -> int:
+    """The deepest nesting of [ and { outside strings (a linear scan; malformed text is json's to report)."""
+    depth = deepest = 0
+    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub("", text)):
+        depth += 1 if m.group() in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 BUILTIN_NAMES = ("deepseek-v3", "deepseek-v2-lite", "deepseek-v3-tiny")

@@ -5,7 +5,7 @@ from typing import Any, Sequence
 
 import torch
 from dsr_compiler.codegen import launch_args, load_interpreted, lower_kernel, render
-from dsr_compiler.codegen.spec import KernelSpec
+from dsr_compiler.codegen.spec import KernelSpec, eval_expr
 from dsr_compiler.ir import OPS, DType, Graph, GraphBuilder, Kernel, Node, TensorType, Value, run_graph, verify
 from dsr_compiler.ir.interp import bind_symbols
 
@@ -75,6 +75,9 @@ def run_interpreted(k: Kernel, inputs: list[torch.Tensor], spec: KernelSpec | No
                        dtype=vals[o].type.dtype.torch) for o in k.body.outputs]
     buffers = {v.name: x for v, x in zip(k.body.inputs, inputs)}
     buffers.update({o: t for o, t in zip(k.body.outputs, outs)})
+    for a in spec.tensor_args:   # workspaces hold garbage on purpose: a kernel reads only what it wrote
+        if a.role == "scratch":
+            buffers[a.value] = torch.full(tuple(eval_expr(d, env) for d in a.shape), float("nan"), dtype=a.dtype.torch)
     grid, args = launch_args(spec, buffers, env)
     fn[grid](*args)
     return outs
