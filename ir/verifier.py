@@ -14,6 +14,18 @@ from .ops import CALL, OPS, TypeRuleError
 from .printer import format_node
 from .types import TensorType
 
+# The kernel families that codegen can lower, one per template (codegen/families.py registers
+# each). The list lives here because `ir` never imports `codegen` (imports run one way); instead
+# codegen's `register_family` refuses a family missing from this tuple, so the two cannot drift,
+# and the verifier can refuse an unknown family in parsed or hand-built IR before any lowering.
+KERNEL_FAMILIES: tuple[str, ...] = (
+    "pointwise", "reduction", "gemm", "attention",                       # the fusion pass's core four
+    "gemm_fp8", "quant_fp8",                                             # FP8 recipe
+    "moe_router", "moe_dispatch", "moe_gemm", "moe_gemm_fp8", "moe_combine",
+    "rope_table", "index_copy", "mla_attention", "mla_decode", "mla_combine",
+    "vocab_logprobs", "vocab_grad_hidden", "vocab_grad_weight", "gather",
+)
+
 
 def _same_type(a: TensorType, b: TensorType) -> bool:
     return a.dtype == b.dtype and a.rank == b.rank and all(
@@ -42,6 +54,9 @@ def verify(g: Graph, _kernels: dict | None = None) -> Graph:
             if k.name in seen_k:
                 raise VerifyError(f"verify: kernel @{k.name} defined twice")
             seen_k.add(k.name)
+            if k.family not in KERNEL_FAMILIES:
+                raise VerifyError(f"verify: kernel @{k.name} has unknown family {k.family!r}",
+                                  hint="known families: " + ", ".join(KERNEL_FAMILIES))
             if k.body.kernels:
                 raise VerifyError(f"verify: kernel @{k.name} defines nested kernels")
             try:
