@@ -19,7 +19,7 @@ import torch
 from dsr_compiler.ir.errors import CodegenError
 from dsr_compiler.ir.graph import Graph, Kernel, Node, Value
 from dsr_compiler.ir.ops import ATTENTION, OPS, POINTWISE, REDUCTION, SOURCE
-from dsr_compiler.ir.types import DType, dim_str
+from dsr_compiler.ir.types import DType, dim_str, to_expr
 from dsr_compiler.ir.verifier import ir_window
 
 from .exprs import POINTWISE_EXPRS, reg_kind
@@ -41,7 +41,7 @@ def _next_pow2(n: int) -> int:
 
 
 def _static(e: sympy.Expr) -> int | None:
-    e = sympy.sympify(e)
+    e = to_expr(e)
     return int(e) if e.is_Integer else None
 
 
