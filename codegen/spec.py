@@ -314,11 +314,19 @@ def launch_args(spec: KernelSpec, tensors: Mapping[str, Any],
 _IDENT = re.compile(r"[^A-Za-z0-9_]")
 
 
+def comment_text(text: str) -> str:
+    """`text` made safe to write into a one-line comment of generated Python or PTX: every character
+    outside printable ASCII (newlines, carriage returns, NUL, non-ASCII) is written as an escape, so
+    names and origins taken from the IR or the user's module can never end the comment and become
+    code."""
+    return "".join(ch if " " <= ch <= "~" else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
+
+
 def ident(text: str) -> str:
     """A Python identifier derived from an IR name (`x.q` -> `x_q`)."""
     s = _IDENT.sub("_", text)
     return s if s and not s[0].isdigit() else "v" + s
 
 
-__all__ = ["ArgSpec", "Block", "FAMILIES", "KernelSpec", "Stmt", "TRITON_PTR", "eval_expr", "expr_fn",
+__all__ = ["ArgSpec", "Block", "FAMILIES", "KernelSpec", "Stmt", "TRITON_PTR", "comment_text", "eval_expr", "expr_fn",
            "ident", "launch_args", "launch_values"]
