@@ -26,7 +26,8 @@ from __future__ import annotations
 import keyword
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from functools import lru_cache
+from typing import Any, Callable, NoReturn
 
 import sympy
 
@@ -38,6 +39,8 @@ MAX_INT_DIGITS = 64       # an integer literal (attributes hold at most 64-bit v
 MAX_BITS = 1024           # every intermediate integer/rational numerator and denominator
 MAX_EXPONENT = 64         # `x ** e`: |e| at most this (and an integer)
 MAX_ARGS = 4              # arguments of Max/Min
+MAX_SYMBOLS = 6           # distinct dim symbols in one expression (graphs use T, B, S, ...)
+MAX_DEGREE = 6            # polynomial degree (T*S*B is 3): keeps expand/simplify of a dim cheap
 MAX_CALLS = 8             # function calls in one expression (sympy evaluates each; some are slow)
 
 # Names the grammar gives a meaning other than "dim symbol"; `types.sym` refuses them as symbol
@@ -132,7 +135,7 @@ class _Parser:
         if not self.accept(op):
             self.fail(f"expected {op!r}", self.peek())
 
-    def fail(self, what: str, tok: _Tok | None = None) -> None:
+    def fail(self, what: str, tok: _Tok | None = None) -> NoReturn:
         at = tok if tok is not None else self.peek()
         got = "the end" if at.kind == "end" else repr(at.text)
         raise ExprError(f"{what} at column {at.pos + 1} (got {got}) in {_show(self.text)}")
@@ -232,7 +235,6 @@ class _Parser:
             if t.kind == "str":
                 return re.sub(r"\\(.)", r"\1", t.text[1:-1], flags=re.DOTALL)
         self.fail("expected a number, a dim symbol or '('" + (" or a literal" if self.attrs else ""), t)
-        raise AssertionError("unreachable")
 
     def group(self, open_tok: _Tok) -> Any:
         """`( expr )`, or in attributes a tuple `()`, `(a,)`, `(a, b)` or a list `[a, b]`."""
@@ -270,8 +272,8 @@ class _Parser:
                 return None
             if n in ("inf", "nan"):
                 return float(n)
-            from .types import DType     # types imports this module
-            if n in DType._value2member_map_:
+            if n in _dtype_names():
+                from .types import DType     # types imports this module
                 return DType(n)
         return self.symbol(t)
 
@@ -343,13 +345,45 @@ def _bounded(v: sympy.Expr, text: str, depth: int = 3) -> sympy.Expr:
     return v
 
 
+@lru_cache(maxsize=1)
+def _dtype_names() -> frozenset[str]:
+    from .types import DType             # types imports this module
+    return frozenset(d.value for d in DType)
+
+
 def symbol_name_ok(name: str) -> bool:
     """A dim symbol: an identifier that is not a Python keyword, not a dunder, and not a name the
     grammar reads otherwise (functions, literals, dtypes)."""
-    from .types import DType
     return (bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)) and not keyword.iskeyword(name)
             and not name.startswith("__") and name not in FUNCTIONS and name not in LITERAL_NAMES
-            and name not in DType._value2member_map_)
+            and name not in _dtype_names())
+
+
+def _degree(e: sympy.Expr) -> int:
+    """An upper bound of the polynomial degree (functions count as their arguments' degree)."""
+    if e.is_Symbol:
+        return 1
+    if e.is_Number or not e.args:
+        return 0
+    if isinstance(e, sympy.Mul):
+        return sum(_degree(a) for a in e.args)
+    if isinstance(e, sympy.Pow):
+        return _degree(e.base) * abs(int(e.exp)) if e.exp.is_Integer else MAX_DEGREE + 1
+    return max(_degree(a) for a in e.args)
+
+
+def _check_size(v: Any, text: str) -> Any:
+    """Later stages expand and simplify dims (the verifier compares types); a dim of many symbols or
+    a high degree would make that slow, so such text is refused here."""
+    if isinstance(v, tuple):
+        for x in v:
+            _check_size(x, text)
+    elif isinstance(v, sympy.Expr) and not v.is_Atom:
+        if len(v.free_symbols) > MAX_SYMBOLS:
+            raise ExprError(f"{_show(text)} uses more than {MAX_SYMBOLS} dim symbols")
+        if _degree(v) > MAX_DEGREE:
+            raise ExprError(f"{_show(text)} has a polynomial degree above {MAX_DEGREE}")
+    return v
 
 
 def parse_expr_text(text: str) -> sympy.Expr:
@@ -357,12 +391,12 @@ def parse_expr_text(text: str) -> sympy.Expr:
     v = _Parser(text, attrs=False).parse()
     if not isinstance(v, sympy.Expr):
         raise ExprError(f"{_show(text)} is not a size expression")
-    return v
+    return _check_size(v, text)
 
 
 def parse_value_text(text: str) -> Any:
     """An attribute value -> int, float, str, bool, None, DType, sympy expression, or tuple of those."""
-    return _canon(_Parser(text, attrs=True).parse())
+    return _canon(_check_size(_Parser(text, attrs=True).parse(), text))
 
 
 def _canon(v: Any) -> Any:
@@ -373,5 +407,6 @@ def _canon(v: Any) -> Any:
     return v
 
 
-__all__ = ["ExprError", "FUNCTIONS", "LITERAL_NAMES", "MAX_CHARS", "MAX_DEPTH", "MAX_EXPONENT", "MAX_INT_DIGITS",
+__all__ = ["ExprError", "FUNCTIONS", "LITERAL_NAMES", "MAX_CHARS", "MAX_DEGREE", "MAX_DEPTH", "MAX_EXPONENT",
+           "MAX_INT_DIGITS", "MAX_SYMBOLS",
            "parse_expr_text", "parse_value_text", "symbol_name_ok"]

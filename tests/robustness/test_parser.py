@@ -121,6 +121,9 @@ BOUNDED = {
     "division_by_zero": "T/(T-T)",
     "mod_by_zero": "Mod(T, 0)",
     "too_many_max_args": "Max(" + ", ".join(f"a{i}" for i in range(40)) + ")",
+    "high_degree": "*".join(["(T+1)"] * 7),
+    "many_symbols": "+".join(f"a{i}" for i in range(7)),
+    "many_calls": "+".join(["floor(T/2)"] * 9),
 }
 
 
@@ -139,6 +142,17 @@ def test_attrs_and_whole_files_are_bounded(case):
     _quick(parse, PLACES["statement_dim"](p))
     nested_tuples = "(" * 100_000 + ")" * 100_000
     _quick(parse_value_text, nested_tuples)
+
+
+@pytest.mark.parametrize("dim", ["(a+b+c+d+e+f+1)**6", "floor((a+b+c+d+e+f+1)**6/7)",
+                                 "Mod((a+b+c+d+e+f+1)**6, 7)+Max(a,b)*ceiling(c/3)**4"])
+def test_verifying_hostile_dims_is_bounded(dim):
+    """Dims at the grammar's limits that disagree with the type rule: the verifier says so quickly
+    (sympy.simplify took minutes on these)."""
+    t0 = time.perf_counter()
+    with pytest.raises(VerifyError, match="declares"):
+        parse(GOOD.replace("%r : f32[2,T,4]", f"%r : f32[2,T,{dim}]"))
+    assert time.perf_counter() - t0 < 5.0
 
 
 def test_limits_are_generous_for_real_sizes():
