@@ -386,17 +386,28 @@ def _check_size(v: Any, text: str) -> Any:
     return v
 
 
+def _read(text: str, attrs: bool) -> Any:
+    parser = _Parser(text, attrs)          # TypeError for a non-str, before anything else
+    try:
+        return _check_size(parser.parse(), text)
+    except ExprError:
+        raise
+    except (ArithmeticError, ValueError, TypeError, AttributeError, RecursionError) as e:
+        # sympy refusing an operation on values the grammar admitted: still bad input, not a crash
+        raise ExprError(f"cannot build {_show(text)}: {type(e).__name__}: {e}") from None
+
+
 def parse_expr_text(text: str) -> sympy.Expr:
     """A dim / size expression -> sympy (integers, dim symbols, arithmetic, whitelisted functions)."""
-    v = _Parser(text, attrs=False).parse()
+    v = _read(text, attrs=False)
     if not isinstance(v, sympy.Expr):
         raise ExprError(f"{_show(text)} is not a size expression")
-    return _check_size(v, text)
+    return v
 
 
 def parse_value_text(text: str) -> Any:
     """An attribute value -> int, float, str, bool, None, DType, sympy expression, or tuple of those."""
-    return _canon(_check_size(_Parser(text, attrs=True).parse(), text))
+    return _canon(_read(text, attrs=True))
 
 
 def _canon(v: Any) -> Any:

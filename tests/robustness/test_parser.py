@@ -155,6 +155,33 @@ def test_verifying_hostile_dims_is_bounded(dim):
     assert time.perf_counter() - t0 < 5.0
 
 
+_GRAMMAR_BITS = st.sampled_from(["T", "B", "0", "1", "7", "99999", "(", ")", ",", "+", "-", "*", "/", "//", "%", "**",
+                                  "[", "]", '"', "\\", ".", "e", "5.", "inf", "None", "f32", "floor(", "Max(",
+                                  "Mod(", "ceiling(", " ", "__class__", "'", "lambda", ":"])
+
+
+@given(st.lists(_GRAMMAR_BITS, max_size=24).map("".join))
+def test_any_text_reads_or_is_a_parse_error(text):
+    for read in (parse_dim, parse_value_text):
+        t0 = time.perf_counter()
+        try:
+            read(text)
+        except ParseError:
+            pass
+        assert time.perf_counter() - t0 < 3.0
+
+
+@given(st.integers(0, len(GOOD)), st.integers(0, 12), st.lists(st.one_of(_GRAMMAR_BITS, st.sampled_from(
+    ["%x", "%y", "@k1_pointwise_neg", "{", "}", "\n", "#", "=", "return", "kernel", "graph", "family="])), max_size=6))
+def test_mutated_ir_text_is_a_dsr_error(at, cut, bits):
+    from dsr_compiler.ir.errors import DsrError
+    text = GOOD[:at] + "".join(bits) + GOOD[at + cut:]
+    try:
+        parse(text)
+    except DsrError:
+        pass
+
+
 def test_limits_are_generous_for_real_sizes():
     assert parse_dim("10**40") == sympy.Integer(10) ** 40
     assert parse_dim("(" * MAX_DEPTH + "T" + ")" * MAX_DEPTH) == T
