@@ -287,3 +287,22 @@ def test_parse_error_is_picklable():
         parse(PARSE_ERRORS["bad_type_in_statement"][0])
     again = pickle.loads(pickle.dumps(ei.value))
     assert str(again) == str(ei.value)
+
+
+# ----------------------------------------------------------------------------- the zoo's IR
+
+@pytest.mark.parametrize("module, phase, fp8", [("decoder", "decode", True), ("decoder", "prefill", False),
+                                                ("moe", None, True)])
+def test_zoo_ir_roundtrips_verified_after_every_pass(module, phase, fp8):
+    """Every dim and attribute the printer emits for real models (ceiling(T/128), 8*T+16128, Min(16,4*T),
+    kernel families, FP8 policies) reads back exactly through the expression grammar, and verifies."""
+    from dsr_compiler.frontend.trace import trace
+    from dsr_compiler.ir.passes import Fp8Policy
+    from dsr_compiler.ir.passes.manager import PassContext
+    from dsr_compiler.models import ModelConfig
+    from dsr_compiler.workloads import build
+    wl = build(ModelConfig.named("deepseek-v3-tiny"), module, 1, 8, **({"phase": phase} if phase else {}))
+    g = trace(wl.module, wl.example_inputs, dynamic=wl.dynamic, name=wl.name)
+    ctx = PassContext(options={"fp8": Fp8Policy.from_option(fp8) or False, "target": "sm_90a", "mla": "absorb"})
+    for r in run_passes(g, list(PIPELINE), ctx):
+        assert_roundtrip(r.graph)
