@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import keyword
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
@@ -114,14 +115,29 @@ def render(spec: KernelSpec) -> str:
     return src
 
 
+# Template parameters that are text are identifiers or expressions built by the lowering
+# (`offs_m[:, None] * 0`, `float("nan")`; names only through `ident`): one line, no `;`, `#` or
+# backslash, so none can end a statement or open a comment.
+_CODE_FRAGMENT = re.compile(r"[A-Za-z0-9_.\[\]+\-*/%(), :<>=&|~\"]*")
+
+
 def _check_identifiers(spec: KernelSpec) -> None:
-    """Names written into code (the kernel and its arguments) must be plain identifiers; text from
-    the IR or the user's modules reaches sources only through `ident` (names) and the `comment`
-    filter (origins), so nothing in an input can become a statement."""
+    """Names written into code (the kernel and its arguments) must be plain identifiers, and text
+    parameters plain expression fragments; text from the IR or the user's modules reaches sources
+    only through `ident` (names) and the `comment` filter (origins), so nothing in an input can
+    become a statement."""
     for what, name in [("kernel name", spec.name)] + [("argument name", a.name) for a in spec.args]:
         if not (isinstance(name, str) and name.isidentifier() and name.isascii()) or keyword.iskeyword(name):
             raise CodegenError(f"codegen: kernel {comment_text(spec.name)}: {what} {name!r} is not a Python identifier",
                                hint="names come from codegen.spec.ident / the lowering's kernel name")
+    stack = [(k, v) for k, v in spec.params]
+    while stack:
+        k, v = stack.pop()
+        if isinstance(v, (tuple, list)):
+            stack += [(k, x) for x in v]
+        elif isinstance(v, str) and not _CODE_FRAGMENT.fullmatch(v):
+            raise CodegenError(f"codegen: kernel {comment_text(spec.name)}: template parameter {k} = {v!r} "
+                               "is not a plain expression fragment")
 
 
 @lru_cache(maxsize=None)

@@ -427,3 +427,5 @@ def test_render_refuses_names_that_are_not_identifiers():
     spec = lower_kernel(_kernel("attn"), 1)
     with pytest.raises(CodegenError, match="not a Python identifier"):
         render(dataclasses.replace(spec, name="k1():\n    pass\nimport os\ndef k2"))
+    with pytest.raises(CodegenError, match="not a plain expression fragment"):
+        render(dataclasses.replace(spec, params=spec.params + (("X", "0\nimport os"),)))
