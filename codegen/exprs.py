@@ -12,7 +12,7 @@ from typing import Callable, Union
 
 from dsr_compiler.ir.types import DType
 
-from .spec import Stmt
+from .spec import Stmt, comment_text
 
 # IR dtype -> Triton element type (memory) and register kind.
 TL_DTYPE = {
@@ -187,7 +187,9 @@ def _lit(v: object) -> str:
         if v in (float("inf"), float("-inf")):
             return 'float("inf")' if v > 0 else 'float("-inf")'
         return repr(v)
-    return str(v)
+    if isinstance(v, int):
+        return str(int(v))
+    raise TypeError(f"a constant in generated code must be a number or bool, got {type(v).__name__}")  # never text
 
 
 def index_expr(terms: tuple, offset: str = "0") -> str:
@@ -255,7 +257,7 @@ def render_stmt(s: Stmt) -> str:
     if s.op == "const":
         return _const(s)
     if s.op == "comment":
-        return f"# {s.attr('text')}"
+        return f"# {comment_text(s.attr('text'))}"
     e = POINTWISE_EXPRS.get(s.op) or INTERNAL_EXPRS.get(s.op)
     if e is None:
         raise KeyError(f"no Triton expression for op {s.op!r}")

@@ -11,6 +11,7 @@ import importlib
 from typing import Callable
 
 from dsr_compiler.ir.graph import Kernel
+from dsr_compiler.ir.verifier import KERNEL_FAMILIES
 
 from .lower import LOWERINGS
 from .render import register_template
@@ -24,6 +25,8 @@ def register_family(family: str, template: str, lowering: Callable[[Kernel, int]
     """Add a kernel family: its template file under codegen/templates and its lowering."""
     if family in LOWERINGS:
         raise ValueError(f"kernel family {family!r} registered twice")
+    if family not in KERNEL_FAMILIES:   # the verifier's list (ir cannot import codegen)
+        raise ValueError(f"kernel family {family!r} is not in dsr_compiler.ir.verifier.KERNEL_FAMILIES")
     register_template(template, family)
     FAMILIES.append(family)
     LOWERINGS[family] = lowering

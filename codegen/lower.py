@@ -19,11 +19,11 @@ import torch
 from dsr_compiler.ir.errors import CodegenError
 from dsr_compiler.ir.graph import Graph, Kernel, Node, Value
 from dsr_compiler.ir.ops import ATTENTION, OPS, POINTWISE, REDUCTION, SOURCE
-from dsr_compiler.ir.types import DType, dim_str
+from dsr_compiler.ir.types import DType, dim_str, to_expr
 from dsr_compiler.ir.verifier import ir_window
 
 from .exprs import POINTWISE_EXPRS, reg_kind
-from .spec import ArgSpec, KernelSpec, Stmt, ident
+from .spec import ArgSpec, KernelSpec, Stmt, comment_text, ident
 from .views import Axis, IndexBuilder, ScalarPool, View, ViewError, apply_layout, broadcast_strides, prod, same
 
 INDEX_MAP_OPS = ("permute", "expand", "slice", "reshape")
@@ -41,7 +41,7 @@ def _next_pow2(n: int) -> int:
 
 
 def _static(e: sympy.Expr) -> int | None:
-    e = sympy.sympify(e)
+    e = to_expr(e)
     return int(e) if e.is_Integer else None
 
 
@@ -348,7 +348,7 @@ def source_nodes(g: Graph) -> tuple[str, ...]:
         if OPS[n.op].kind == SOURCE:
             continue
         lhs = ", ".join("%" + o.name for o in n.outputs)
-        out.append(f"{lhs} = {n.op}" + (f" @ {n.origin}" if n.origin else ""))
+        out.append(comment_text(f"{lhs} = {n.op}" + (f" @ {n.origin}" if n.origin else "")))
     return tuple(out)
 
 

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import sympy
 from dsr_compiler.ir.graph import Kernel, Node
 from dsr_compiler.ir.ops import OPS, SOURCE
-from dsr_compiler.ir.types import DType, dim_str
+from dsr_compiler.ir.types import DType, dim_str, to_expr
 
 from .families import register_family
 from .lower import (
@@ -256,7 +256,7 @@ def _lower_mla_decode(k: Kernel, index: int) -> KernelSpec:
     sc = _static_dim(k, n, c, "kv_lora (the latent width)")
     sr = _static_dim(k, n, r, "the rope head dim")
     split = int(n.attr("split"))
-    ns = sympy.ceiling(sympy.sympify(t) / split)
+    ns = sympy.ceiling(to_expr(t) / split)
     pool = ScalarPool(i64=True)
     lit = pool.lit
 

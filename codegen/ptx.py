@@ -34,7 +34,7 @@ import jinja2
 from dsr_compiler.ir.errors import CodegenError
 from dsr_compiler.ir.types import DType
 
-from .spec import KernelSpec, Stmt
+from .spec import KernelSpec, Stmt, comment_text
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 PTX_FAMILIES = ("pointwise", "reduction", "quant_fp8")
@@ -525,6 +525,7 @@ def _env() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
     env.filters["f32_hex"] = f32_hex
+    env.filters["comment"] = comment_text     # IR names/origins in `//` comments (codegen.spec)
     return env
 
 

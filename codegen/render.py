@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import keyword
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
@@ -19,7 +21,7 @@ from dsr_compiler.ir.errors import CodegenError
 from dsr_compiler.ir.types import DType
 
 from .exprs import TL_DTYPE, helpers_for, index_expr, render_stmt, store_value
-from .spec import KernelSpec, Stmt
+from .spec import KernelSpec, Stmt, comment_text
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 
@@ -65,7 +67,7 @@ def _tl_dtype(dt: DType) -> str:
 
 
 FILTERS = {"stmts": _stmts, "index": _index, "helpers": _helpers, "tl_dtype": _tl_dtype,
-           "store_value": store_value}
+           "store_value": store_value, "comment": comment_text}
 
 
 def _environment() -> jinja2.Environment:
@@ -93,6 +95,7 @@ def render(spec: KernelSpec) -> str:
     if fam != spec.family:
         raise CodegenError(f"codegen: kernel {spec.name}: template {spec.template} is for {fam}, "
                            f"the spec's family is {spec.family}")
+    _check_identifiers(spec)
     try:
         src = _ENV.get_template(spec.template).render(spec=spec)
     except (jinja2.UndefinedError, KeyError) as e:
@@ -110,6 +113,31 @@ def render(spec: KernelSpec) -> str:
                            where=window,
                            hint="a template or the expression table (codegen/exprs.py) is wrong") from None
     return src
+
+
+# Template parameters that are text are identifiers or expressions built by the lowering
+# (`offs_m[:, None] * 0`, `float("nan")`; names only through `ident`): one line, no `;`, `#` or
+# backslash, so none can end a statement or open a comment.
+_CODE_FRAGMENT = re.compile(r"[A-Za-z0-9_.\[\]+\-*/%(), :<>=&|~\"]*")
+
+
+def _check_identifiers(spec: KernelSpec) -> None:
+    """Names written into code (the kernel and its arguments) must be plain identifiers, and text
+    parameters plain expression fragments; text from the IR or the user's modules reaches sources
+    only through `ident` (names) and the `comment` filter (origins), so nothing in an input can
+    become a statement."""
+    for what, name in [("kernel name", spec.name)] + [("argument name", a.name) for a in spec.args]:
+        if not (isinstance(name, str) and name.isidentifier() and name.isascii()) or keyword.iskeyword(name):
+            raise CodegenError(f"codegen: kernel {comment_text(spec.name)}: {what} {name!r} is not a Python identifier",
+                               hint="names come from codegen.spec.ident / the lowering's kernel name")
+    stack = [(k, v) for k, v in spec.params]
+    while stack:
+        k, v = stack.pop()
+        if isinstance(v, (tuple, list)):
+            stack += [(k, x) for x in v]
+        elif isinstance(v, str) and not _CODE_FRAGMENT.fullmatch(v):
+            raise CodegenError(f"codegen: kernel {comment_text(spec.name)}: template parameter {k} = {v!r} "
+                               "is not a plain expression fragment")
 
 
 @lru_cache(maxsize=None)

@@ -28,6 +28,7 @@ import fractions
 import hashlib
 import json
 import math
+import operator
 import re
 from dataclasses import dataclass, fields
 from functools import lru_cache
@@ -207,40 +208,66 @@ def _unplain(v: Any) -> Any:
 
 # ----------------------------------------------------------------------------- launch-time evaluation
 
-_FUNCS = {"ceiling": "_ceil", "floor": "_floor", "Max": "max", "Min": "min"}
+Env = Mapping[str, int]
+Evaluator = Callable[[Env], "int | fractions.Fraction"]
+_FUNCS: dict[str, Callable[..., Any]] = {"ceiling": math.ceil, "floor": math.floor, "Max": max, "Min": min}
 
 
-def _to_py(e: sympy.Expr) -> str:
-    """Exact Python source for an integer-valued sympy expression (Fractions, no floats)."""
+def _const(v: "int | fractions.Fraction") -> Evaluator:
+    return lambda env: v
+
+
+def _symbol(name: str) -> Evaluator:
+    return lambda env: env[name]
+
+
+def _fold(op: Callable[[Any, Any], Any], parts: list[Evaluator]) -> Evaluator:
+    def run(env: Env) -> Any:
+        acc = parts[0](env)
+        for p in parts[1:]:
+            acc = op(acc, p(env))
+        return acc
+    return run
+
+
+def _power(base: Evaluator, n: int) -> Evaluator:
+    if n >= 0:
+        return lambda env: base(env) ** n
+    return lambda env: fractions.Fraction(1) / (base(env) ** -n)
+
+
+def _call(fn: Callable[..., Any], parts: list[Evaluator]) -> Evaluator:
+    return lambda env: fn(*(p(env) for p in parts))
+
+
+def _to_fn(e: sympy.Expr) -> Evaluator:
+    """An exact evaluator (ints and Fractions, no floats) for an integer-valued sympy expression,
+    built as closures over the expression tree: no source text is generated or evaluated."""
     if e.is_Integer:
-        return str(int(e))
+        return _const(int(e))
     if e.is_Rational:
-        return f"_F({e.p}, {e.q})"
+        return _const(fractions.Fraction(int(e.p), int(e.q)))
     if e.is_Symbol:
-        return f"env[{e.name!r}]"
+        return _symbol(e.name)
     if isinstance(e, sympy.Add):
-        return "(" + " + ".join(_to_py(a) for a in e.args) + ")"
+        return _fold(operator.add, [_to_fn(a) for a in e.args])
     if isinstance(e, sympy.Mul):
-        return "(" + " * ".join(_to_py(a) for a in e.args) + ")"
+        return _fold(operator.mul, [_to_fn(a) for a in e.args])
     if isinstance(e, sympy.Pow) and e.exp.is_Integer:
-        n = int(e.exp)
-        base = _to_py(e.base)
-        return f"({base} ** {n})" if n >= 0 else f"(_F(1) / ({base} ** {-n}))"
+        return _power(_to_fn(e.base), int(e.exp))
     if isinstance(e, sympy.Mod):
-        return f"({_to_py(e.args[0])} % {_to_py(e.args[1])})"
+        return _fold(operator.mod, [_to_fn(a) for a in e.args])
     name = type(e).__name__
     if name in _FUNCS:
-        return f"{_FUNCS[name]}(" + ", ".join(_to_py(a) for a in e.args) + ")"
+        return _call(_FUNCS[name], [_to_fn(a) for a in e.args])
     raise CodegenError(f"codegen: cannot evaluate size expression {e}",
                        hint="sizes may use + - * /, ceiling, floor, Max, Min, Mod over dim symbols")
 
 
 @lru_cache(maxsize=4096)
 def expr_fn(text: str) -> Callable[[Mapping[str, int]], int]:
-    """Compile a sympy expression string into an exact evaluator `f(env_by_name) -> int`."""
-    code = _to_py(parse_dim(text))
-    scope = {"_F": fractions.Fraction, "_ceil": math.ceil, "_floor": math.floor}
-    fn = eval(f"lambda env: {code}", scope)
+    """Compile a size expression (dim grammar text) into an exact evaluator `f(env_by_name) -> int`."""
+    fn = _to_fn(parse_dim(text))
 
     def run(env: Mapping[str, int]) -> int:
         try:
@@ -291,11 +318,19 @@ def launch_args(spec: KernelSpec, tensors: Mapping[str, Any],
 _IDENT = re.compile(r"[^A-Za-z0-9_]")
 
 
+def comment_text(text: str) -> str:
+    """`text` made safe to write into a one-line comment of generated Python or PTX: every character
+    outside printable ASCII (newlines, carriage returns, NUL, non-ASCII) is written as an escape, so
+    names and origins taken from the IR or the user's module can never end the comment and become
+    code."""
+    return "".join(ch if " " <= ch <= "~" else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
+
+
 def ident(text: str) -> str:
     """A Python identifier derived from an IR name (`x.q` -> `x_q`)."""
     s = _IDENT.sub("_", text)
     return s if s and not s[0].isdigit() else "v" + s
 
 
-__all__ = ["ArgSpec", "Block", "FAMILIES", "KernelSpec", "Stmt", "TRITON_PTR", "eval_expr", "expr_fn",
+__all__ = ["ArgSpec", "Block", "FAMILIES", "KernelSpec", "Stmt", "TRITON_PTR", "comment_text", "eval_expr", "expr_fn",
            "ident", "launch_args", "launch_values"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import sympy
+from dsr_compiler.ir.types import to_expr
 
 from .spec import ArgSpec, Stmt
 
@@ -27,7 +28,7 @@ class ViewError(ValueError):
 
 def same(a: Expr, b: Expr) -> bool:
     """Symbolic equality; cheap structural checks first (simplify is slow)."""
-    a, b = sympy.sympify(a), sympy.sympify(b)
+    a, b = to_expr(a), to_expr(b)
     if a == b:
         return True
     d = sympy.expand(a - b)
@@ -62,7 +63,7 @@ class View:
 
     @staticmethod
     def contiguous(shape: Sequence[Expr]) -> "View":
-        shape = tuple(sympy.sympify(d) for d in shape)
+        shape = tuple(to_expr(d) for d in shape)
         return View(shape, contiguous_strides(shape), ZERO)
 
     def is_contiguous(self) -> bool:
@@ -72,7 +73,7 @@ class View:
 
 def _divides(a: Expr, b: Expr) -> bool:
     """Does `a` divide `b` as a polynomial in the dim symbols (b / a has no denominator)?"""
-    _, den = sympy.fraction(sympy.cancel(sympy.sympify(b) / a))
+    _, den = sympy.fraction(sympy.cancel(to_expr(b) / a))
     return den == 1
 
 
@@ -172,7 +173,7 @@ class ScalarPool:
         self.i64 = i64
 
     def lit(self, e: Expr | int) -> str:
-        e = sympy.sympify(e)
+        e = to_expr(e)
         if not (e.is_Integer or e.is_Symbol):
             e = sympy.expand(e)
         if e.is_Integer:

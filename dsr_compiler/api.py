@@ -194,8 +194,8 @@ def _peak_key(spec: Any) -> str:
 
 
 def _eval(expr: Any, env: dict) -> int | float:
-    from dsr_compiler.ir.types import parse_dim
-    e = parse_dim(expr) if isinstance(expr, str) else sympy.sympify(expr)
+    from dsr_compiler.ir.types import to_expr
+    e = to_expr(expr)
     v = e.subs({sympy.Symbol(s.name, integer=True, positive=True): val for s, val in env.items()}) if e.free_symbols else e
     return int(v) if v.is_Integer else float(v)
 

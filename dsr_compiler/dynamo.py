@@ -7,6 +7,7 @@ structure. Anything the compiler cannot take raises a DsrError: no silent fallba
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence
 
 import torch
@@ -39,9 +40,15 @@ def _with_signature(gm: torch.fx.GraphModule) -> torch.nn.Module:
             if nm[0].isdigit() or keyword.iskeyword(nm) or nm in names:
                 nm = f"arg{len(names)}_{nm}"
             names.append(nm)
-    ns: dict[str, Any] = {}
-    exec(f"def forward(self, {', '.join(names)}):\n    return self.gm({', '.join(names)})\n", ns)  # noqa: S102
-    wrapper_cls = type("DynamoGraph", (torch.nn.Module,), {"forward": ns["forward"]})
+
+    def forward(self: torch.nn.Module, *args: Any) -> Any:
+        return self.gm(*args)
+    # The tracer binds example inputs by `inspect.signature(module.forward)`; a signature object
+    # names the placeholders without generating source.
+    P = inspect.Parameter
+    forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [P("self", P.POSITIONAL_OR_KEYWORD)] + [P(n, P.POSITIONAL_OR_KEYWORD) for n in names])
+    wrapper_cls = type("DynamoGraph", (torch.nn.Module,), {"forward": forward})
     w = wrapper_cls()
     w.gm = gm
     return w

@@ -25,7 +25,7 @@ import sympy
 import torch
 
 from .ops import GEMM, AttrSpec, OpDef, TypeRuleError, _same, register
-from .types import DType, TensorType
+from .types import DType, TensorType, to_expr
 
 QUANT = "quant"          # op kind: fused by ir/passes/fuse_fp8.py into the quant_fp8 / gemm_fp8 families
 E4M3_MAX = 448.0
@@ -36,7 +36,7 @@ GEMM_OUT_DTYPES = (DType.bf16, DType.f32)
 
 def n_blocks(size: Any, block: int) -> sympy.Expr:
     """ceil(size / block) as a sympy dim (an int for static sizes)."""
-    return sympy.ceiling(sympy.sympify(size) / block)
+    return sympy.ceiling(to_expr(size) / block)
 
 
 # ----------------------------------------------------------------------------- eager references

@@ -21,7 +21,7 @@ import sympy
 import torch
 
 from .ops import POINTWISE, AttrSpec, OpDef, TypeRuleError, _same, register
-from .types import DType, TensorType
+from .types import DType, TensorType, to_expr
 
 INT_DTYPES = (DType.i32, DType.i64)
 
@@ -40,7 +40,7 @@ def _dims_equal(a: Sequence[sympy.Expr], b: Sequence[sympy.Expr]) -> bool:
 def _iota_rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple[TensorType, ...]:
     n, dt = a["n"], a["dtype"]
     _need(dt in INT_DTYPES, f"iota: dtype must be i32 or i64, got {dt.value}")
-    n = sympy.sympify(n)
+    n = to_expr(n)
     _need(not (n.is_Integer and int(n) < 1), f"iota: n must be >= 1, got {n}")
     return (TensorType(dt, (n,)),)
 
@@ -177,7 +177,7 @@ def mla_decode_ref(q_lat, q_pe, kv, pe, q_pos, k_pos, *, scale: float, split: in
 
 
 def _n_splits(t: sympy.Expr, split: int) -> sympy.Expr:
-    return sympy.ceiling(sympy.sympify(t) / split)
+    return sympy.ceiling(to_expr(t) / split)
 
 
 def _mla_decode_rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple[TensorType, ...]:

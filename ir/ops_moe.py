@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops import AttrSpec, OpDef, TypeRuleError, _same, register
-from .types import DType, TensorType
+from .types import DType, TensorType, to_expr
 
 MOE_ROUTER = "moe_router"
 MOE_DISPATCH = "moe_dispatch"
@@ -45,12 +45,12 @@ GROUP_SCORES = ("top2_sum", "max")
 
 def moe_rows(tokens: sympy.Expr | int, topk: int, n_experts: int, block_m: int) -> sympy.Expr:
     """R: the most rows of the padded expert-sorted layout (every expert may waste BM-1 rows)."""
-    return sympy.sympify(tokens) * topk + n_experts * (block_m - 1)
+    return to_expr(tokens) * topk + n_experts * (block_m - 1)
 
 
 def moe_blocks(rows: sympy.Expr, block_m: int) -> sympy.Expr:
     """NB: BM-row blocks covering R rows."""
-    return sympy.ceiling(sympy.sympify(rows) / block_m)
+    return sympy.ceiling(to_expr(rows) / block_m)
 
 
 def _static_int(d: sympy.Expr, what: str, op: str) -> int:

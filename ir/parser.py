@@ -1,22 +1,26 @@
 """Text IR parser: the inverse of the printer, so that `parse(str(g)) == g`.
 
 Comments (`# ...` lines) are ignored except a trailing `# origin` on a statement, which
-is the node's origin. Errors name the line and column.
+is the node's origin. Errors name the line and column. Text IR may come from anywhere (a dump, a
+bug report), so it is data: the statement structure is read with anchored regexes, dims and
+attribute values with the bounded grammar of ir/dimexpr.py, and the result is verified.
 """
 from __future__ import annotations
 
 import re
 from typing import Any
 
-from .errors import ParseError
-
+from .dimexpr import parse_value_text
+from .errors import DsrError, ParseError
 from .graph import Graph, Kernel, Node, Value
-from .types import DType, TensorType, _split_top, parse_dim, parse_type
+from .types import TensorType, _split_top, parse_type
+from .verifier import verify as verify_graph
 
 _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.]*"
 _VAL_RE = re.compile(rf"%({_NAME})")
 _KERNEL_RE = re.compile(rf"^kernel\s+@({_NAME})\((.*)\{{\s*$")  # signature and attrs split by _split_kernel_head
 _GRAPH_RE = re.compile(rf"^graph\s+({_NAME})\((.*)\)\s*\{{\s*$")
+_ATTR_KEY_RE = re.compile(r"[a-z_][a-z0-9_]*")
 
 
 def _strip_comment(line: str) -> tuple[str, str]:
@@ -39,11 +43,23 @@ def _strip_comment(line: str) -> tuple[str, str]:
     return line.rstrip(), ""
 
 
+def _what(e: Exception) -> str:
+    return e.what if isinstance(e, DsrError) else str(e)
+
+
 def _type(text: str, where: str) -> TensorType:
     try:
         return parse_type(text)
-    except Exception as e:  # unknown dtype, unbalanced brackets, sympy errors
-        raise ParseError(f"bad type {text.strip()!r}: {e}", where=where, hint="write e.g. `f32[T,256]`") from None
+    except (DsrError, ValueError, TypeError) as e:  # unknown dtype, unbalanced brackets, bad dims
+        raise ParseError(f"bad type {text.strip()!r}: {_what(e)}", where=where, hint="write e.g. `f32[T,256]`") from None
+
+
+def _origin(comment: str, where: str) -> str:
+    """A statement's trailing `# origin`: one printable line (it is echoed into generated sources)."""
+    if not comment.isprintable():
+        raise ParseError("origin comment holds control characters", where=where,
+                         hint="origins are module paths such as `layers.0.mlp.w1`")
+    return comment
 
 
 def _split_kernel_head(rest: str, where: str) -> tuple[str, str]:
@@ -69,34 +85,11 @@ def _split_kernel_head(rest: str, where: str) -> tuple[str, str]:
 
 
 def parse_attr_value(text: str) -> Any:
+    """An attribute value, read by the bounded grammar of ir/dimexpr.py (never evaluated as Python)."""
     t = text.strip()
     if not t:
-        raise ValueError("empty attribute value")
-    if t.startswith("(") and t.endswith(")"):
-        inner = t[1:-1].strip()
-        if not inner:
-            return ()
-        parts = _split_top(inner)
-        if parts and parts[-1] == "":
-            parts = parts[:-1]
-        return tuple(parse_attr_value(p) for p in parts)
-    if t.startswith('"') and t.endswith('"') and len(t) >= 2:
-        return re.sub(r'\\(.)', r"\1", t[1:-1])
-    if t in ("True", "False"):
-        return t == "True"
-    if t == "None":
-        return None
-    if t in ("inf", "-inf", "nan"):
-        return float(t)
-    if re.fullmatch(r"-?\d+", t):
-        return int(t)
-    if re.fullmatch(r"-?(\d+\.\d*|\d*\.\d+|\d+)([eE][-+]?\d+)?", t):
-        return float(t)
-    try:
-        return DType(t)
-    except ValueError:
-        pass
-    return parse_dim(t)
+        raise ParseError("empty attribute value")
+    return parse_value_text(t)
 
 
 def _parse_signature(text: str, where: str) -> tuple[list[Value], list[str]]:
@@ -149,12 +142,12 @@ def _parse_node(code: str, origin: str, where: str) -> Node:
             inputs.append(vm.group(1))
             continue
         key, eq2, val = arg.partition("=")
-        if not eq2 or not re.fullmatch(r"[a-z_][a-z0-9_]*", key.strip()):
+        if not eq2 or not _ATTR_KEY_RE.fullmatch(key.strip()):
             raise ParseError(f"bad argument {arg!r}", where=where)
         try:
             attrs.append((key.strip(), parse_attr_value(val)))
-        except Exception as e:  # sympy and int errors
-            raise ParseError(f"bad attribute value {val!r}: {e}", where=where) from None
+        except (DsrError, ValueError, TypeError) as e:
+            raise ParseError(f"bad attribute value {val.strip()!r}: {_what(e)}", where=where) from None
     return Node(tuple(outputs), op, tuple(inputs), tuple(attrs), origin)
 
 
@@ -185,12 +178,28 @@ def _parse_block(lines: list[tuple[int, str]], i: int, name: str, inputs: list[V
                     raise ParseError(f"bad return value {part!r}", where=where)
                 outputs.append(m.group(1))
             continue
-        nodes.append(_parse_node(code, comment, where))
+        nodes.append(_parse_node(code, _origin(comment, where), where))
     raise ParseError(f"block {name} is not closed with '}}'", where=f"end of text; the block opens at {opened}")
 
 
-def parse(text: str) -> Graph:
-    """Parse text IR (as printed by `print_graph`) back into a Graph."""
+def parse(text: str, verify: bool = True) -> Graph:
+    """Parse text IR (as printed by `print_graph`) back into a Graph.
+
+    Only `str` is accepted (read files yourself, choosing the encoding). Dims and attribute values
+    are read by the bounded grammar of ir/dimexpr.py: nothing in the text is evaluated as Python.
+    With `verify=True` (the default) the graph is checked by the verifier, so a parsed graph is
+    well formed (SSA, op type rules, known kernel families); `verify=False` returns it unchecked,
+    e.g. to test the verifier itself."""
+    if not isinstance(text, str):
+        raise TypeError(f"dsr.ir.parse takes the IR text as a str, got {type(text).__name__}"
+                        + ("; decode it first, e.g. data.decode('utf-8')" if isinstance(text, (bytes, bytearray))
+                           else "; read the file first, e.g. Path(p).read_text()" if hasattr(text, "__fspath__")
+                           else ""))
+    graph = _parse_text(text)
+    return verify_graph(graph) if verify else graph
+
+
+def _parse_text(text: str) -> Graph:
     lines = list(enumerate(text.splitlines(), start=1))
     kernels: list[Kernel] = []
     i = 0
@@ -212,12 +221,12 @@ def parse(text: str) -> Graph:
             kattrs: list[tuple[str, Any]] = []
             for part in _split_top(attr_text.strip(), sep=" ") if attr_text.strip() else []:
                 k, eq, v = part.partition("=")
-                if not eq:
-                    raise ParseError(f"bad kernel attribute {part!r}", where=where)
+                if not eq or not _ATTR_KEY_RE.fullmatch(k):
+                    raise ParseError(f"bad kernel attribute {part!r}", where=where, hint="write `key=value`")
                 try:
                     kattrs.append((k, parse_attr_value(v)))
-                except Exception as e:  # sympy and int errors
-                    raise ParseError(f"bad kernel attribute value {v!r}: {e}", where=where) from None
+                except (DsrError, ValueError, TypeError) as e:
+                    raise ParseError(f"bad kernel attribute value {v!r}: {_what(e)}", where=where) from None
             d = dict(kattrs)
             if "family" not in d:
                 raise ParseError("kernel needs family=...", where=where)

@@ -7,6 +7,7 @@ sympy symbols (integer, positive) so shapes print as `f32[T,256]` and parse back
 from __future__ import annotations
 
 import enum
+import operator
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -14,6 +15,8 @@ from typing import Iterable
 
 import sympy
 import torch
+
+from .dimexpr import parse_expr_text, symbol_name_ok
 
 
 class DType(enum.Enum):
@@ -64,18 +67,21 @@ _TO_TORCH = {
 _FROM_TORCH = {v: k for k, v in _TO_TORCH.items()}
 
 Dim = sympy.Expr
-_SYMBOL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @lru_cache(maxsize=None)
 def sym(name: str) -> sympy.Symbol:
-    """The one symbol for a named dynamic dimension (positive integer)."""
-    if not _SYMBOL_RE.match(name):
+    """The one symbol for a named dynamic dimension (positive integer).
+
+    Names are identifiers that the expression grammar reads back as symbols: not Python keywords,
+    dunders, function names (`floor`, `Max`, ...), literals (`inf`, `None`) or dtypes (`f32`)."""
+    if not isinstance(name, str) or not symbol_name_ok(name):
         raise ValueError(f"bad dimension symbol name: {name!r}")
     return sympy.Symbol(name, integer=True, positive=True)
 
 
 def as_dim(d: int | str | sympy.Expr) -> Dim:
+    """A dimension from an int, a sympy expression, or text in the dim grammar (ir/dimexpr.py)."""
     if isinstance(d, bool):
         raise TypeError("a bool is not a dimension")
     if isinstance(d, int):
@@ -87,13 +93,29 @@ def as_dim(d: int | str | sympy.Expr) -> Dim:
     raise TypeError(f"not a dimension: {d!r}")
 
 
+def to_expr(v: int | float | str | sympy.Basic) -> sympy.Expr:
+    """A sympy expression from a Python number, a sympy object, or text in the dim grammar.
+
+    The typed replacement for `sympy.sympify`, which evaluates strings as Python: text goes through
+    our own grammar only, and any other type is a TypeError."""
+    if isinstance(v, bool):
+        raise TypeError("a bool is not a size expression")
+    if isinstance(v, sympy.Basic):
+        return v
+    if isinstance(v, int):
+        return sympy.Integer(v)
+    if isinstance(v, float):
+        return sympy.Float(v)
+    if isinstance(v, str):
+        return parse_dim(v)
+    if hasattr(type(v), "__index__"):         # numpy / torch integer scalars
+        return sympy.Integer(operator.index(v))
+    raise TypeError(f"not a size expression: {type(v).__name__} {v!r}")
+
+
 def parse_dim(text: str) -> Dim:
-    text = text.strip()
-    if re.fullmatch(r"\d+", text):
-        return sympy.Integer(int(text))
-    names = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text))
-    local = {n: sym(n) for n in names if n not in ("floor", "ceiling", "Max", "Min", "Mod")}
-    return sympy.sympify(text, locals=local)
+    """Text -> dim, through the bounded grammar of ir/dimexpr.py (never `sympify`/`eval`)."""
+    return parse_expr_text(text)
 
 
 def dim_str(d: Dim) -> str:

@@ -14,10 +14,42 @@ from .ops import CALL, OPS, TypeRuleError
 from .printer import format_node
 from .types import TensorType
 
+# The kernel families that codegen can lower, one per template (codegen/families.py registers
+# each). The list lives here because `ir` never imports `codegen` (imports run one way); instead
+# codegen's `register_family` refuses a family missing from this tuple, so the two cannot drift,
+# and the verifier can refuse an unknown family in parsed or hand-built IR before any lowering.
+KERNEL_FAMILIES: tuple[str, ...] = (
+    "pointwise", "reduction", "gemm", "attention",                       # the fusion pass's core four
+    "gemm_fp8", "quant_fp8",                                             # FP8 recipe
+    "moe_router", "moe_dispatch", "moe_gemm", "moe_gemm_fp8", "moe_combine",
+    "rope_table", "index_copy", "mla_attention", "mla_decode", "mla_combine",
+    "vocab_logprobs", "vocab_grad_hidden", "vocab_grad_weight", "gather",
+)
+
+
+def _same_dim(x: sympy.Expr, y: sympy.Expr) -> bool:
+    """Structural equality first (parsed IR matches what the type rules build), then a polynomial
+    check. Dims with floor/ceiling/Max/Min/Mod are first evaluated at a few positive integer points
+    (a difference anywhere settles it cheaply); `simplify`, which can take minutes on large
+    expressions from hostile text, only confirms equality of small ones."""
+    if x == y:
+        return True
+    d = x - y
+    if d.is_polynomial():
+        return sympy.expand(d) == 0
+    syms = sorted(d.free_symbols, key=str)
+    for k in range(3):
+        v = d.xreplace({s: sympy.Integer(2 + 3 * i + 7 * k) for i, s in enumerate(syms)})
+        if v.is_number and v != 0:
+            return False
+    return sympy.count_ops(d) <= _SIMPLIFY_OPS and sympy.simplify(d) == 0
+
+
+_SIMPLIFY_OPS = 48      # dims of real graphs have a handful of operations
+
 
 def _same_type(a: TensorType, b: TensorType) -> bool:
-    return a.dtype == b.dtype and a.rank == b.rank and all(
-        sympy.simplify(x - y) == 0 for x, y in zip(a.shape, b.shape))
+    return a.dtype == b.dtype and a.rank == b.rank and all(_same_dim(x, y) for x, y in zip(a.shape, b.shape))
 
 
 def ir_window(g: Graph, index: int, radius: int = 3) -> str:
@@ -42,6 +74,9 @@ def verify(g: Graph, _kernels: dict | None = None) -> Graph:
             if k.name in seen_k:
                 raise VerifyError(f"verify: kernel @{k.name} defined twice")
             seen_k.add(k.name)
+            if k.family not in KERNEL_FAMILIES:
+                raise VerifyError(f"verify: kernel @{k.name} has unknown family {k.family!r}",
+                                  hint="known families: " + ", ".join(KERNEL_FAMILIES))
             if k.body.kernels:
                 raise VerifyError(f"verify: kernel @{k.name} defines nested kernels")
             try:

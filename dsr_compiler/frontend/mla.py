@@ -30,7 +30,7 @@ import sympy
 import torch
 
 from dsr_compiler.ir.ops_mla import INT_DTYPES
-from dsr_compiler.ir.types import DType
+from dsr_compiler.ir.types import DType, to_expr
 
 from .trace import (
     FUNCTION_LOWERINGS,
@@ -75,7 +75,7 @@ def _arange(cx: TraceContext, start: Any, end: Any = None, step: Any = 1, *, dty
     if not isinstance(lo, int):
         raise cx.fail(f"torch.arange: a symbolic start `{lo}` is not supported",
                       hint="write torch.arange(n) + start")
-    n = sympy.ceiling((sympy.sympify(hi) - lo) / st)
+    n = sympy.ceiling((to_expr(hi) - lo) / st)
     if n.is_Integer and int(n) < 1:
         raise cx.fail(f"torch.arange({lo}, {hi}, {st}) is empty", hint="the IR has no empty tensors")
     out = cx.emit("iota", [], {"n": _canon(sympy.simplify(n)), "dtype": DType.i64})

@@ -25,7 +25,7 @@ import sympy
 import torch
 from torch import nn
 
-from dsr_compiler.ir.types import DType
+from dsr_compiler.ir.types import DType, to_expr
 
 from .trace import (
     DERIVED_PARAMS,
@@ -133,7 +133,7 @@ def _leaf_moe(cx: TraceContext, module: nn.Module, args: tuple, kwargs: dict) ->
         raise cx.fail(f"{name} (moe leaf) needs `cfg` (ModelConfig) and `gate` attributes like models.deepseek.MoE")
     path = cx._origin                                   # the MoE's module path ("" at the root)
     h = cfg.hidden_size
-    if x.type.rank < 1 or not x.type.dtype.is_float or sympy.sympify(x.type.shape[-1]) != h:
+    if x.type.rank < 1 or not x.type.dtype.is_float or to_expr(x.type.shape[-1]) != h:
         raise cx.fail(f"{name}: expected float x [..., {h}], got {x.type}")
     try:
         n_exp = len(_experts(module))

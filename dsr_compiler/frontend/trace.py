@@ -45,12 +45,14 @@ from __future__ import annotations
 import builtins
 import contextlib
 import inspect
+import keyword
 import math
 import operator
 import os
 import re
 import sys
 import traceback
+import types
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -65,7 +67,7 @@ from dsr_compiler.interrupts import watch_interrupts
 from dsr_compiler.ir.errors import DsrError, TraceError
 from dsr_compiler.ir.graph import Graph, Node, Value, canon_attr
 from dsr_compiler.ir.ops import OPS, TypeRuleError
-from dsr_compiler.ir.types import DType, TensorType, sym
+from dsr_compiler.ir.types import DType, TensorType, sym, to_expr
 from dsr_compiler.ir.verifier import verify
 
 __all__ = ["FUNCTION_LOWERINGS", "LEAF_LOWERINGS", "WRAPPED_FUNCTIONS", "TensorRef", "TraceContext",
@@ -126,7 +128,7 @@ def _is_symbolic(v: Any) -> bool:
 
 
 def _same(a: Any, b: Any) -> bool:
-    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+    return sympy.simplify(to_expr(a) - to_expr(b)) == 0
 
 
 def _has_tensor(v: Any) -> bool:
@@ -496,7 +498,7 @@ class TraceContext:
         return t if t.type.dtype is dtype else self.emit("cast", [t], {"dtype": dtype})
 
     def reshape(self, t: TensorRef, shape: Sequence[Any]) -> TensorRef:
-        shape = tuple(sympy.sympify(d) for d in shape)
+        shape = tuple(to_expr(d) for d in shape)
         if len(shape) == t.type.rank and all(_same(a, b) for a, b in zip(shape, t.type.shape)):
             return t
         return self.emit("reshape", [t], {"shape": tuple(_canon(d) for d in shape)})
@@ -1053,20 +1055,52 @@ def _input_types(tensors: list[tuple[str, torch.Tensor]], dynamic: dict, cls: st
 
 
 def _make_root(module: nn.Module, tensor_names: list[str], call_exprs: list[str], consts: list[Any]) -> nn.Module:
-    """A generated wrapper whose forward takes exactly the tensor inputs and calls the user's module.
+    """A wrapper whose forward takes exactly the tensor inputs and calls the user's module.
 
     Tracing through it makes the user's module a submodule, so a root that is itself a leaf
     (e.g. an RMSNorm with `dsr_op`, or nn.Linear) lowers to its op, and scalar example inputs and
-    omitted defaults are bound by plain Python instead of FX's `concrete_args` (which adds guards)."""
-    src = (f"def forward(self{''.join(', ' + n for n in tensor_names)}):\n"
-           f"    return self.{_ROOT_ATTR}({', '.join(call_exprs)})\n")
-    ns: dict[str, Any] = {}
-    exec(compile(src, _ROOT_FILE, "exec"), ns)
-    cls = type("DsrTraceRoot", (nn.Module,), {"forward": ns["forward"]})
+    omitted defaults are bound by plain Python instead of FX's `concrete_args` (which adds guards).
+    No source is generated: `call_exprs` lists, per positional parameter, either a tensor input's
+    name or the next baked-in constant, and the wrapper's parameter names come from
+    `_named_signature`."""
+    plan: list[tuple[bool, int]] = []          # (is_tensor, index into the tensor args / consts)
+    n_const = 0
+    for e in call_exprs:
+        if e in tensor_names:
+            plan.append((True, tensor_names.index(e)))
+        else:
+            plan.append((False, n_const))
+            n_const += 1
+
+    def forward(self: nn.Module, *tensors: Any) -> Any:
+        args = [tensors[i] if is_tensor else self._dsr_consts[i] for is_tensor, i in plan]
+        return getattr(self, _ROOT_ATTR)(*args)
+    forward.__wrapped__ = _named_signature(tensor_names)   # type: ignore[attr-defined]
+    cls = type("DsrTraceRoot", (nn.Module,), {"forward": forward})
     root = cls()
     root.add_module(_ROOT_ATTR, module)
     root._dsr_consts = list(consts)
     return root
+
+
+def _signature_template(self):  # noqa: ANN001, ANN202 -- only its code object is used
+    return None
+
+
+def _named_signature(names: list[str]) -> Callable[..., None]:
+    """A never-called function whose parameters are `(self, *names)`.
+
+    torch.fx names the graph's placeholders after the root forward's code object
+    (`inspect.unwrap(forward).__code__.co_varnames`), so the wrapper's `__wrapped__` points here. Only
+    the names of a fixed code object change (`CodeType.replace`, as torch.fx does itself); its
+    bytecode stays `return None`, and nothing is compiled from text."""
+    for n in names:
+        if not n.isidentifier() or keyword.iskeyword(n):
+            raise TraceError(f"trace: input name {n!r} is not a Python identifier")
+    varnames = ("self", *names)
+    code = _signature_template.__code__.replace(co_argcount=len(varnames), co_nlocals=len(varnames),
+                                                co_varnames=varnames, co_name="forward", co_qualname="forward")
+    return types.FunctionType(code, {}, "forward")
 
 
 def _build_graph(cx: TraceContext, name: str) -> Graph:
@@ -1525,7 +1559,7 @@ def _resolve_sizes(cx: TraceContext, x: TensorRef, sizes: Sequence[Any], what: s
                 known = known * s
         if known == 0:
             raise cx.fail(f"{what}: cannot infer -1 next to a zero size in {tuple(vals)}")
-        q = sympy.cancel(sympy.sympify(x.type.numel) / known)
+        q = sympy.cancel(to_expr(x.type.numel) / known)
         num, den = sympy.fraction(q)
         if den != 1:
             raise cx.fail(f"{what}: cannot infer -1: {x.type} has {x.type.numel} elements, not a multiple of {known}",
@@ -1574,7 +1608,7 @@ def _unflatten(cx: TraceContext, input: Any, dim: Any, sizes: Any) -> TensorRef:
     d = cx.norm_dim(dim, x.type.rank, "unflatten")
     part = TensorRef(x.name, TensorType(x.type.dtype, (x.type.shape[d],)))
     new = _resolve_sizes(cx, part, tuple(sizes), "unflatten")
-    return cx.reshape(x, x.type.shape[:d] + tuple(sympy.sympify(s) for s in new) + x.type.shape[d + 1:])
+    return cx.reshape(x, x.type.shape[:d] + tuple(to_expr(s) for s in new) + x.type.shape[d + 1:])
 
 
 @_lowers(torch.unsqueeze, "unsqueeze")
@@ -1658,7 +1692,7 @@ def _expand_to(cx: TraceContext, x: TensorRef, sizes: Sequence[Any]) -> TensorRe
                 raise cx.fail("expand: -1 is not allowed for new leading dims")
             shape.append(x.type.shape[i - lead])
         else:
-            shape.append(sympy.sympify(s))
+            shape.append(to_expr(s))
     if lead == 0 and all(_same(a, b) for a, b in zip(shape, x.type.shape)):
         return x
     return cx.emit("expand", [x], {"shape": tuple(_canon(s) for s in shape)})

@@ -36,7 +36,7 @@ import sympy
 from ..errors import DsrError
 from ..graph import Graph, GraphBuilder, Node, Value
 from ..ops import OPS
-from ..types import TensorType
+from ..types import TensorType, to_expr
 from .cleanup import dce
 from .fuse import GROUP_RULES, TAGGERS
 from .manager import PassContext
@@ -50,7 +50,7 @@ DYNAMIC_SPLIT = 256         # keys per split when the cache length is symbolic
 def choose_split(t: sympy.Expr) -> int:
     """Keys per split for a cache of length t: enough splits to fill an H200 at batch 1
     (8 head blocks of 16 x 16 splits ~ 132 SMs for DeepSeek-V3's 128 heads), never tiny ones."""
-    t = sympy.sympify(t)
+    t = to_expr(t)
     if not t.is_Integer:
         return DYNAMIC_SPLIT
     n = -(-int(t) // TARGET_SPLITS)
@@ -58,7 +58,7 @@ def choose_split(t: sympy.Expr) -> int:
 
 
 def _same(a: sympy.Expr, b: sympy.Expr) -> bool:
-    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+    return sympy.simplify(to_expr(a) - to_expr(b)) == 0
 
 
 class _Match:

@@ -34,9 +34,10 @@ def ir(text: str) -> str:
     return textwrap.dedent(text).strip("\n") + "\n"
 
 
-def assert_roundtrip(g: Graph) -> str:
+def assert_roundtrip(g: Graph, verify: bool = True) -> str:
+    """`verify=False` only for graphs of made-up ops (`custom_op`), which the verifier refuses."""
     text = print_graph(g)
-    back = parse(text)
+    back = parse(text, verify=verify)
     assert back == g, f"round trip changed the graph:\n{text}\n---\n{print_graph(back)}"
     assert print_graph(back) == text
     return text
@@ -146,7 +147,7 @@ ATTR_CASES = {
 def test_attribute_kinds_roundtrip(case):
     attrs, printed = ATTR_CASES[case]
     g = _node_with(attrs)
-    text = assert_roundtrip(g)
+    text = assert_roundtrip(g, verify=False)
     assert f"custom_op(%x, {printed})" in text
 
 
@@ -154,13 +155,13 @@ def test_sympy_integer_attrs_become_ints():
     g = _node_with({"shape": (sympy.Integer(4), T)})
     assert g.nodes[0].attr("shape") == (4, T)
     assert type(g.nodes[0].attr("shape")[0]) is int
-    assert_roundtrip(g)
+    assert_roundtrip(g, verify=False)
 
 
 @pytest.mark.parametrize("origin", ["layers.0.mlp.w1", "model.layers.11.attn.wq_a", "a#b", "x = y(z)"])
 def test_origins_roundtrip(origin):
     g = _node_with({"k": 1}, origin)
-    text = assert_roundtrip(g)
+    text = assert_roundtrip(g, verify=False)
     assert text.splitlines()[1].endswith(f"  # {origin}")
 
 
@@ -173,7 +174,8 @@ def test_kernel_attributes_roundtrip():
     """))
     k = Kernel("k1_pointwise_neg", "pointwise", body,
                {"tile": (64, 128), "note": 'a) b "c" #d', "warps": 4, "hint": T})
-    top = parse("graph g(%x : f32[T]) {\n  %y : f32[T] = call @k1_pointwise_neg(%x)\n  return %y\n}\n")
+    top = parse("graph g(%x : f32[T]) {\n  %y : f32[T] = call @k1_pointwise_neg(%x)\n  return %y\n}\n",
+                verify=False)   # the kernel is attached below
     g = top.replace(kernels=(k,))
     text = assert_roundtrip(g)
     assert 'family="pointwise" tile=(64, 128) note="a) b \\"c\\" #d" warps=4 hint=T {' in text
@@ -187,7 +189,7 @@ def test_symbolic_and_odd_shapes_roundtrip():
     for i, t in enumerate(types):
         b.add(Node((Value(f"v{i}", t),), "custom_op", (x.name,)))
     b.add(Node(tuple(Value(f"m{i}", t) for i, t in enumerate(types)), "multi", ("x", "v0")))
-    assert_roundtrip(b.build(["v0", "m3"]))
+    assert_roundtrip(b.build(["v0", "m3"]), verify=False)
 
 
 @given(tensor_types())
@@ -198,7 +200,7 @@ def test_types_roundtrip(t):
 
 @given(st.dictionaries(attr_names, attr_values, max_size=4), origins)
 def test_random_attributes_roundtrip(attrs, origin):
-    assert_roundtrip(_node_with(attrs, origin))
+    assert_roundtrip(_node_with(attrs, origin), verify=False)
 
 
 @given(graphs())
@@ -285,3 +287,22 @@ def test_parse_error_is_picklable():
         parse(PARSE_ERRORS["bad_type_in_statement"][0])
     again = pickle.loads(pickle.dumps(ei.value))
     assert str(again) == str(ei.value)
+
+
+# ----------------------------------------------------------------------------- the zoo's IR
+
+@pytest.mark.parametrize("module, phase, fp8", [("decoder", "decode", True), ("decoder", "prefill", False),
+                                                ("moe", None, True)])
+def test_zoo_ir_roundtrips_verified_after_every_pass(module, phase, fp8):
+    """Every dim and attribute the printer emits for real models (ceiling(T/128), 8*T+16128, Min(16,4*T),
+    kernel families, FP8 policies) reads back exactly through the expression grammar, and verifies."""
+    from dsr_compiler.frontend.trace import trace
+    from dsr_compiler.ir.passes import Fp8Policy
+    from dsr_compiler.ir.passes.manager import PassContext
+    from dsr_compiler.models import ModelConfig
+    from dsr_compiler.workloads import build
+    wl = build(ModelConfig.named("deepseek-v3-tiny"), module, 1, 8, **({"phase": phase} if phase else {}))
+    g = trace(wl.module, wl.example_inputs, dynamic=wl.dynamic, name=wl.name)
+    ctx = PassContext(options={"fp8": Fp8Policy.from_option(fp8) or False, "target": "sm_90a", "mla": "absorb"})
+    for r in run_passes(g, list(PIPELINE), ctx):
+        assert_roundtrip(r.graph)
