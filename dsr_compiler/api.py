@@ -213,6 +213,7 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
     name; the compiled module is called with the same arguments (dsr_compiler/signature.py)."""
     from dsr_compiler.frontend.trace import param_tensors
     from dsr_compiler.runtime.device import BACKENDS
+    knobs.check_all()
     backend = backend or knobs.get("DSR_BACKEND")
     if target not in TARGETS:
         raise DsrError(f"unknown target {target!r}", hint=f"supported: {', '.join(TARGETS)}")

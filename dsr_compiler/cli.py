@@ -273,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args) -> int:
     from dsr_compiler.errors import DsrError   # the first heavy import (torch, sympy): seconds
     try:
+        from dsr_compiler import knobs
+        knobs.check_all()
         return args.fn(args)
     except DsrError as e:
         _debug_traceback()
@@ -297,7 +299,15 @@ def _silence_stdout() -> None:
 
 
 def _debug_traceback() -> None:
-    if os.environ.get("DSR_DEBUG", "0") not in ("", "0"):
+    """The traceback behind an error, under DSR_DEBUG>=1 (a malformed DSR_DEBUG shows none: it is the
+    error being reported)."""
+    from dsr_compiler import knobs
+    from dsr_compiler.errors import DsrError
+    try:
+        show = knobs.get("DSR_DEBUG") >= 1
+    except DsrError:
+        show = False
+    if show:
         traceback.print_exc()
 
 

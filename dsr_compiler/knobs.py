@@ -27,6 +27,24 @@ def _int(s: str) -> int:
     return int(s)
 
 
+def _ranged(lo: int, hi: int) -> Callable[[str], int]:
+    """An integer knob with a closed range: a value outside it is a typo, not a setting."""
+    def parse(s: str) -> int:
+        n = int(s)
+        if not lo <= n <= hi:
+            raise ValueError(s)
+        return n
+    return parse
+
+
+def _choice(*values: str) -> Callable[[str], str]:
+    def parse(s: str) -> str:
+        if s not in values:
+            raise ValueError(s)
+        return s
+    return parse
+
+
 def _count(s: str) -> int:
     n = int(s)
     if n < 0:
@@ -44,11 +62,11 @@ def _default_cache() -> Path:
 
 
 KNOBS: dict[str, Knob] = {k.name: k for k in (
-    Knob("DSR_DEBUG", _int, 0, "verbosity: 1 summary, 2 timings, 3 fusion decisions, 4 generated source, "
+    Knob("DSR_DEBUG", _ranged(0, 7), 0, "verbosity: 1 summary, 2 timings, 3 fusion decisions, 4 generated source, "
                                "5 IR per pass, 6 rewrite matches, 7 PTX; >=1 also shows tracebacks"),
     Knob("DSR_CACHE_DIR", _path, None, "artifact cache folder (default: $XDG_CACHE_HOME/dsr_compiler)"),
-    Knob("DSR_NO_CACHE", _int, 0, "1 disables the on-disk artifact cache (every compile is cold)"),
-    Knob("DSR_BACKEND", str, "auto", "default runtime backend: auto | cuda | interpret"),
+    Knob("DSR_NO_CACHE", _ranged(0, 1), 0, "1 disables the on-disk artifact cache (every compile is cold)"),
+    Knob("DSR_BACKEND", _choice("auto", "cuda", "interpret"), "auto", "default runtime backend: auto | cuda | interpret"),
     Knob("DSR_MAX_HOST_BYTES", _count, 0, "largest host allocation a workload may plan (weights + example inputs + "
                                         "caches), checked before building; 0: the machine's physical memory"),
     Knob("DSR_COMPILE_TIMEOUT", _count, 600, "seconds one kernel's Triton compile may take (it runs in a reused "
@@ -69,6 +87,13 @@ def get(name: str) -> Any:
         return k.parse(raw)
     except (TypeError, ValueError):
         raise DsrError(f"bad value for {name}: {raw!r}", hint=k.help) from None
+
+
+def check_all() -> None:
+    """Parse every knob that is set, so that a malformed value is reported before any work starts,
+    whichever stage would read it first (DsrError naming the knob)."""
+    for name in KNOBS:
+        get(name)
 
 
 @contextlib.contextmanager

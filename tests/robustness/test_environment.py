@@ -175,3 +175,15 @@ def test_closed_stdout_pipe_is_quiet(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_ir", piped)
     assert cli.main(["ir"]) == 141
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("name,value", [("DSR_DEBUG", "abc"), ("DSR_DEBUG", "-5"), ("DSR_DEBUG", "8"),
+                                        ("DSR_NO_CACHE", "yes"), ("DSR_NO_CACHE", "2"), ("DSR_BACKEND", "tpu")])
+def test_malformed_knob_is_a_clean_error_without_traceback(name, value, capsys, monkeypatch):
+    """A knob value outside its documented range is refused with the knob's help (exit 2), and a bad
+    DSR_DEBUG does not switch tracebacks on while it is being reported."""
+    from dsr_compiler import cli
+    monkeypatch.setenv(name, value)
+    rc = cli.main(["ir", "--module", "mlp", "--no-fp8"])
+    err = capsys.readouterr().err
+    assert rc == 2 and name in err and "Traceback" not in err, err
