@@ -6,7 +6,8 @@ KernelSpec. The fusion pass makes each MoE op its own kernel (family = the op's 
 
     moe_router   one program per 16 tokens: fp32 gate GEMM, scores, group limit, top-k, weights, each
                  a loop over chunks of <= 256 experts through an fp32 workspace [T, E] (+ [T, G])
-    moe_dispatch one program: counts, scan, scatter of slot ids into the BM-padded expert layout
+    moe_dispatch one program: counting sort of the slots into the BM-padded expert layout, counts
+                 and row cursors in an int32 workspace [2, E], every loop over chunks of slots or experts
     moe_gemm     one program per (BM-row block, BN-column tile); mode gate_up (gather + SwiGLU) or
                  down (x routing weight, scatter to y_slots rows); unused blocks skip the K loop
     moe_combine  one program per 1024 outputs: fixed-order fp32 sum over the k slots (+ shared)
@@ -129,6 +130,11 @@ def _lower_router(k: Kernel, index: int) -> KernelSpec:
 
 # ----------------------------------------------------------------------------- dispatch
 
+# Dispatch tiles: a counting sort over chunks of slots and of experts, so, like the router, no
+# register tile spans all experts; the zero/scan passes hold at most _DISPATCH_TILE counts.
+_DISPATCH_TILE = 1024
+
+
 def _lower_dispatch(k: Kernel, index: int) -> KernelSpec:
     n = _the_op(k, (MOE_DISPATCH,))
     vals = k.body.values()
@@ -137,15 +143,23 @@ def _lower_dispatch(k: Kernel, index: int) -> KernelSpec:
     e, bm = n.attr("n_experts"), n.attr("block_m")
     rows_t, blocks_t = n.outputs[0].type, n.outputs[1].type
     pool = ScalarPool()
-    ep = max(16, _next_pow2(e))
+    bs = _attr_int(k, "block_s", 64)          # the [BS, BS] same-expert comparison of a slot chunk
+    steps = e.bit_length()                     # binary search over E expert starts
+    # int32 workspace, this launch only: [counts; starts, then next free rows] per expert
+    ws = ArgSpec("counts_ws", "tensor", value=f"{k.name}.counts", dtype=DType.i32, role="scratch",
+                 shape=("2", str(e)))
+    slots, rows, nb = prod(ids_t.shape), rows_t.shape[0], blocks_t.shape[0]
     params = (
-        ("BLOCK_S", _attr_int(k, "block_s", max(16, 4096 // ep))), ("E", e), ("E_PAD", ep), ("BM", bm),
-        ("NSLOTS", pool.lit(prod(ids_t.shape))), ("R", pool.lit(rows_t.shape[0])), ("NB", pool.lit(blocks_t.shape[0])),
+        ("BLOCK_S", bs), ("BLOCK_E", _attr_int(k, "block_e", min(_DISPATCH_TILE, max(16, _next_pow2(e))))),
+        ("BLOCK_R", _attr_int(k, "block_r", 512)), ("E", e), ("BM", bm), ("STEPS", steps),
+        ("NSLOTS", pool.lit(slots)), ("R", pool.lit(rows)), ("NB", pool.lit(nb)),
         ("IDS", names[("in", n.inputs[0])]), ("ROWS_OUT", _out_ptr(k, n, 0)), ("BLK_OUT", _out_ptr(k, n, 1)),
+        ("WS", ws.name),
     )
-    flops = prod(ids_t.shape) * ep * 6 + rows_t.shape[0] * ep * 3
+    flops = slots * bs * 6 + e * 8 + nb * steps * 3
+    # 8 warps: with 4, the [64, 64] comparison's reductions take 122 registers (40 with 8)
     return _spec(k, index, "moe_dispatch.py.j2", pool, sympy.Integer(1), params,
-                 _attr_int(k, "num_warps", 4), 1, flops)
+                 _attr_int(k, "num_warps", 8), 1, flops, scratch=(ws,))
 
 
 # ----------------------------------------------------------------------------- grouped GEMMs

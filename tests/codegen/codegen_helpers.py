@@ -77,7 +77,8 @@ def run_interpreted(k: Kernel, inputs: list[torch.Tensor], spec: KernelSpec | No
     buffers.update({o: t for o, t in zip(k.body.outputs, outs)})
     for a in spec.tensor_args:   # workspaces hold garbage on purpose: a kernel reads only what it wrote
         if a.role == "scratch":
-            buffers[a.value] = torch.full(tuple(eval_expr(d, env) for d in a.shape), float("nan"), dtype=a.dtype.torch)
+            junk = float("nan") if a.dtype.is_float else 12345   # int workspaces: a count no test reaches
+            buffers[a.value] = torch.full(tuple(eval_expr(d, env) for d in a.shape), junk, dtype=a.dtype.torch)
     grid, args = launch_args(spec, buffers, env)
     fn[grid](*args)
     return outs
