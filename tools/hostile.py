@@ -125,8 +125,9 @@ def cases() -> list[Case]:
     # ---- environment knobs
     for knob, val in (("DSR_DEBUG", "abc"), ("DSR_DEBUG", "-5"), ("DSR_NO_CACHE", "yes"), ("DSR_BACKEND", "tpu"),
                       ("DSR_PTX", "bogus"), ("DSR_CACHE_DIR", "cachefile")):
-        c.append(Case(f"env-{knob}-{val}", mlp, env={knob: val}, files={"cachefile": "x"} if val == "cachefile" else {},
-                      keep=("cachefile",) if val == "cachefile" else ()))
+        cache = val == "cachefile"     # the artifact cache is best effort: a warning, and the compile goes on
+        c.append(Case(f"env-{knob}-{val}", mlp, env={knob: val}, files={"cachefile": "x"} if cache else {},
+                      keep=("cachefile",) if cache else (), expect="ok" if cache else "error"))
     c.append(Case("run-backend-cuda-no-gpu", ["run", "--module", "mlp", "--no-fp8", "--backend", "cuda"]))
     c.append(Case("run-meta-weights", ["run", "--module", "moe", "--model", "deepseek-v3", "--no-fp8"]))
     # ---- IR text: parse must not run code
@@ -152,7 +153,7 @@ def cases() -> list[Case]:
           Case("api-inputs-str", code=_api(lin + "dsr.compile(m, 'x')")),
           Case("api-dynamic-bad-name", code=_api(lin + "dsr.compile(m, (torch.randn(4, 8),), dynamic={'nope': {0: 'T'}})")),
           Case("api-dynamic-bad-dim", code=_api(lin + "dsr.compile(m, (torch.randn(4, 8),), dynamic={'input': {5: 'T'}})")),
-          Case("api-dynamic-bad-sym", code=_api(lin + "dsr.compile(m, (torch.randn(4, 8),), dynamic={'input': {0: '__import__'}})"), expect="ok"),
+          Case("api-dynamic-bad-sym", code=_api(lin + "dsr.compile(m, (torch.randn(4, 8),), dynamic={'input': {0: '__import__'}})")),
           Case("api-fp8-str", code=_api(lin + "dsr.compile(m, (torch.randn(4, 8),), fp8='yes')")),
           Case("api-force-str", code=_api(lin + "dsr.compile(m, (torch.randn(4, 128),), fp8={'force': 'w'})")),
           Case("api-target", code=_api(lin + "dsr.compile(m, (torch.randn(4, 8),), target='sm_100')")),
