@@ -90,7 +90,7 @@ class MoE(nn.Module):
     The eager forward loops over experts: it is the reference, not the fast path.
     """
 
-    dsr_op = "moe"  # traced as one leaf: router, dispatch, grouped GEMMs, combine (frontend/moe.py)
+    dsr_op = "moe"  # traced as one leaf: router, dispatch, grouped GEMMs, combine (frontend/lowerings/moe.py)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
