@@ -9,7 +9,8 @@ target, op or key registered twice is a ValueError at import, so the order carri
     @lowers_module(nn.Linear)              # torch.nn module classes
     @lowers_leaf("moe")                    # module classes with `dsr_op = "moe"` (not traced through)
     @lowers_function("rope")               # torch.fx.wrap'ed functions mapped to op "rope"
-    wrap_function("dsr_compiler.models.layers", "apply_rope", "rope")
+    fn.dsr_op = "rope"                     # a torch.fx.wrap'ed function of the zoo names its op
+    wrap_function("mylib.helpers", "my_rope", "rope")   # or, for a function that cannot carry it
     derive_param("experts.w13", ParamDerivation(...))
 """
 from __future__ import annotations
@@ -94,9 +95,9 @@ def function_op(fn: Any) -> str | None:
 
 
 def wrapped_function_objects() -> list[Callable]:
-    """Registered wrapped functions that are importable now: the tracer auto-wraps them wherever a
-    traced module's globals refer to them (e.g. `from dsr_compiler.models.layers import apply_rope`
-    in user code), not only in the module that called `torch.fx.wrap`."""
+    """WRAPPED_FUNCTIONS entries that are importable now: the tracer auto-wraps them wherever a
+    traced module's globals refer to them, not only in the module that called `torch.fx.wrap`
+    (functions that carry `dsr_op` are found by `tracer`, see `dsr_op_functions`)."""
     import sys
     out = []
     for (mod, name) in WRAPPED_FUNCTIONS:

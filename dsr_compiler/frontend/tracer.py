@@ -33,7 +33,7 @@ Example inputs that are Python scalars/None are baked in (specialized).
 Leaf modules and functions keep DeepSeek building blocks first-class: a module class with a
 `dsr_op` class attribute is not traced through but lowered by `LEAF_LOWERINGS[dsr_op]`; a function
 wrapped with `torch.fx.wrap` lowers by `FUNCTION_LOWERINGS[op]` when it carries `fn.dsr_op = op`
-or is listed in `WRAPPED_FUNCTIONS` (`apply_rope` of the zoo -> `rope`).
+(`apply_rope` of the zoo has `dsr_op = "rope"`) or is listed in `WRAPPED_FUNCTIONS`.
 
 Conventions (documented choices):
 - `x ** 2` / `x.pow(2)` becomes `pow(x, const 2.0)` (not `mul(x, x)`); `torch.square(x)` is `mul(x, x)`.
@@ -73,7 +73,7 @@ from .context import ConcreteValueNeeded, TensorRef, TraceContext, param_index, 
 from .origins import ROOT_ATTR, is_user_file, short_path
 from .registry import DERIVED_PARAMS, wrapped_function_objects
 
-__all__ = ["param_tensors", "trace"]
+__all__ = ["dsr_op_functions", "param_tensors", "trace"]
 
 
 # ----------------------------------------------------------------------------- the tracer
@@ -94,9 +94,28 @@ class _DsrProxy(fx.Proxy):
         return self.tracer.cx.length(self.node)  # type: ignore[attr-defined]
 
 
+def dsr_op_functions(module: nn.Module) -> list[Callable]:
+    """Functions with a `dsr_op` attribute in the globals of `module`'s (and its submodules') forward:
+    FX auto-wraps them wherever those globals refer to them (e.g. `from dsr_compiler.models.layers
+    import apply_rope` in user code), not only in the module that called `torch.fx.wrap`. FX looks
+    for auto-wrapped functions in exactly these globals."""
+    found: dict[int, Callable] = {}
+    seen: set[int] = set()                  # each module file's globals once (256 experts share one)
+    for m in module.modules():
+        g = getattr(getattr(m, "forward", None), "__globals__", None)
+        if not isinstance(g, dict) or id(g) in seen:
+            continue
+        seen.add(id(g))
+        for v in g.values():
+            if isinstance(v, types.FunctionType) and isinstance(v.__dict__.get("dsr_op"), str):
+                found.setdefault(id(v), v)
+    return list(found.values())
+
+
 class _DsrTracer(fx.Tracer):
     def __init__(self, cx: TraceContext) -> None:
-        super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(wrapped_function_objects()))
+        wrapped = tuple(wrapped_function_objects()) + tuple(dsr_op_functions(cx.root))
+        super().__init__(autowrap_modules=(math,), autowrap_functions=wrapped)
         self.cx = cx
         self.record_stack_traces = True
         self.proxy_buffer_attributes = True

@@ -2,7 +2,7 @@
 
 Where it sits: one of `frontend/lowerings/` (listed in its `__init__`), registering into `frontend/registry.py`.
 
-- The zoo's `per_token_logps` (wrapped with `torch.fx.wrap`, listed in WRAPPED_FUNCTIONS) becomes
+- The zoo's `per_token_logps` (wrapped with `torch.fx.wrap`, `dsr_op = "token_logprobs"`) becomes
   one `token_logprobs` node (ir/ops_loss.py) with two results: the per-token log-probs, and the
   per-token logsumexp that the backward reuses.
 - `torch.gather` / `Tensor.gather` along the last dim become `gather`.
@@ -25,10 +25,8 @@ import torch.nn.functional as F
 from dsr_compiler.ir.types import DType
 
 from ..context import TensorRef, TraceContext, bound_args, canon
-from ..registry import lowers, lowers_function, wrap_function
+from ..registry import lowers, lowers_function
 from .arith import ne
-
-wrap_function("dsr_compiler.models.grpo", "per_token_logps", "token_logprobs")
 
 
 def _temperature(cx: TraceContext, v: Any, what: str) -> float:

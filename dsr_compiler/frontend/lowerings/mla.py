@@ -33,11 +33,7 @@ from dsr_compiler.ir.ops_mla import INT_DTYPES
 from dsr_compiler.ir.types import DType, to_expr
 
 from ..context import TensorRef, TraceContext, canon
-from ..registry import lowers, lowers_function, wrap_function
-
-wrap_function("dsr_compiler.models.layers", "rope_cos_sin", "rope_table")
-wrap_function("dsr_compiler.models.deepseek", "mla_attention", "mla_attention")
-wrap_function("dsr_compiler.models.deepseek", "mla_attention_absorbed", "mla_attention_absorbed")
+from ..registry import lowers, lowers_function
 
 
 # ----------------------------------------------------------------------------- torch.arange

@@ -1,5 +1,5 @@
 """Frontend lowerings: GEMMs, embedding, attention, norms, torch.nn leaf modules, and the zoo's
-`rms_norm` leaf and wrapped `apply_rope`.
+`rms_norm` leaf and wrapped `apply_rope` (`dsr_op = "rope"`).
 
 Where it sits: one of `frontend/lowerings/` (listed in its `__init__`); registers into
 `frontend/registry.py` with `@lowers`, `@lowers_module`, `@lowers_leaf` and `@lowers_function`.
@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..context import TensorRef, TraceContext, bound_args, canon, module_attr, same
-from ..registry import lowers, lowers_function, lowers_leaf, lowers_module, wrap_function
+from ..registry import lowers, lowers_function, lowers_leaf, lowers_module
 from .arith import f_dropout, f_gelu
 from .reduce import softmax_like
 
@@ -171,9 +171,6 @@ def _leaf_rms_norm(cx: TraceContext, module: nn.Module, args: tuple, kwargs: dic
         weight = None
     return _rms_norm(cx, x, None if weight is None else cx.param(weight), getattr(module, "eps", None), None,
                      type(module).__name__)
-
-wrap_function("dsr_compiler.models.layers", "apply_rope", "rope")
-
 
 @lowers_function("rope")
 def _function_rope(cx: TraceContext, fn: Callable, args: tuple, kwargs: dict) -> TensorRef:
