@@ -211,7 +211,7 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
     compiled module also computes the gradients: `loss, grads = cm(*inputs)` (dsr_compiler/grads.py).
     `example_inputs` is a tuple of forward's arguments (a bare tensor is one), `kwargs` more of them by
     name; the compiled module is called with the same arguments (dsr_compiler/signature.py)."""
-    from dsr_compiler.frontend.trace import param_tensors
+    from dsr_compiler.frontend import param_tensors
     from dsr_compiler.runtime.device import BACKENDS
     knobs.check_all()
     backend = backend or knobs.get("DSR_BACKEND")

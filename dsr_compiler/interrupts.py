@@ -7,7 +7,7 @@ behind. The trace then either finishes as if nothing happened or fails later wit
 "AttributeError: partially initialized module 'torch._dynamo'...", which used to be reported as
 the user's forward() failing. `watch_interrupts()` notes every SIGINT that arrives inside it (then
 raises KeyboardInterrupt as usual) and, on leaving, turns whatever happened after a noted SIGINT
-(an error or a normal return) into KeyboardInterrupt. Used by frontend.trace and the CLI.
+(an error or a normal return) into KeyboardInterrupt. Used by frontend.tracer and the CLI.
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ CHECKPOINT_SCALES = "weight_scale_inv"
 
 
 def _module_tensors(module: nn.Module, names: Sequence[str], graph: Graph) -> list[torch.Tensor]:
-    from dsr_compiler.frontend.trace import param_tensors
+    from dsr_compiler.frontend import param_tensors
     return param_tensors(module, graph.replace(params=tuple(names))) if names else []
 
 

@@ -1,7 +1,7 @@
 """MoE ops of the op table: router, dispatch, grouped GEMMs, combine (DESIGN.md §4 "MoE").
 
 Where it sits: registered into the one op table (`ir/ops.py` imports this module last). The
-frontend's MoE leaf lowering (`dsr_compiler/frontend/moe.py`) emits these five ops for the
+frontend's MoE leaf lowering (`dsr_compiler/frontend/lowerings/moe.py`) emits these five ops for the
 zoo's `MoE`; `codegen/moe.py` lowers each to one kernel family. No op loops over experts in the
 IR, and no shape depends on routing: every size is a sympy expression of the token count `T`.
 

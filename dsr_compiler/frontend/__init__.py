@@ -1,6 +1,10 @@
-"""dsr_compiler.frontend: PyTorch modules into the typed IR (see `trace.trace`)."""
-from .trace import (FUNCTION_LOWERINGS, LEAF_LOWERINGS, WRAPPED_FUNCTIONS, TensorRef, TraceContext,
-                    param_tensors, trace)
+"""dsr_compiler.frontend: PyTorch modules into the typed IR (see `tracer.trace`; the files are
+mapped in docs/architecture.md)."""
+from .context import TensorRef, TraceContext
+from .registry import (DERIVED_PARAMS, FUNCTION_LOWERINGS, LEAF_LOWERINGS, WRAPPED_FUNCTIONS, ParamDerivation,
+                       lowers, lowers_function, lowers_leaf, lowers_module)
+from .tracer import param_tensors, trace
 
-__all__ = ["FUNCTION_LOWERINGS", "LEAF_LOWERINGS", "WRAPPED_FUNCTIONS", "TensorRef", "TraceContext",
+__all__ = ["DERIVED_PARAMS", "FUNCTION_LOWERINGS", "LEAF_LOWERINGS", "WRAPPED_FUNCTIONS", "ParamDerivation",
+           "TensorRef", "TraceContext", "lowers", "lowers_function", "lowers_leaf", "lowers_module",
            "param_tensors", "trace"]

@@ -90,7 +90,7 @@ class MoE(nn.Module):
     The eager forward loops over experts: it is the reference, not the fast path.
     """
 
-    dsr_op = "moe"  # traced as one leaf: router, dispatch, grouped GEMMs, combine (frontend/moe.py)
+    dsr_op = "moe"  # traced as one leaf: router, dispatch, grouped GEMMs, combine (frontend/lowerings/moe.py)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -241,6 +241,9 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor
     return torch.einsum("bsht,bthd->bshd", probs, v.float()).to(out_dtype)
 
 
+mla_attention.dsr_op = "mla_attention"  # type: ignore[attr-defined]  # the IR op it maps to
+
+
 @torch.fx.wrap
 def mla_attention_absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
                            wkv_b: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float,
@@ -262,6 +265,9 @@ def mla_attention_absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: tor
     probs = scores.softmax(dim=-1)
     o = torch.einsum("bshc,hdc->bshd", torch.einsum("bsht,btc->bshc", probs, latent.float()), w_uv)
     return o.to(out_dtype)
+
+
+mla_attention_absorbed.dsr_op = "mla_attention_absorbed"  # type: ignore[attr-defined]
 
 
 def _check_x(x: torch.Tensor, hidden: int, where: str) -> None:

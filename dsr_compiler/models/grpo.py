@@ -159,6 +159,7 @@ def per_token_logps(hidden: torch.Tensor, lm_head_weight: torch.Tensor, completi
 
 # one call_function node under FX (the frontend maps it to the chunked-vocabulary kernel)
 torch.fx.wrap("per_token_logps")
+per_token_logps.dsr_op = "token_logprobs"  # type: ignore[attr-defined]
 
 
 # ---- the loss -----------------------------------------------------------------------------------

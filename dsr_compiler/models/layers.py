@@ -6,7 +6,8 @@ with no data-dependent control flow, and the numerics follow the FP8 contract of
 (RMSNorm in fp32 including the weight multiply, one cast at the end; RoPE in fp32).
 
 ``apply_rope`` and ``rope_cos_sin`` are ``torch.fx.wrap``-ed: a trace keeps each as ONE
-``call_function`` node, which the frontend maps to one IR op instead of a dozen view/stack ops.
+``call_function`` node, which the frontend maps to the IR op named by its ``dsr_op`` attribute
+(instead of a dozen view/stack ops).
 A module in another file that calls them by bare name must repeat ``torch.fx.wrap("apply_rope")``
 at its own top level (FX patches per module globals); ``deepseek.py`` does.
 """
@@ -127,6 +128,9 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
     return cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
 
 
+rope_cos_sin.dsr_op = "rope_table"  # type: ignore[attr-defined]  # the IR op the frontend maps it to
+
+
 def precompute_rope(cfg_or_dim: ModelConfig | int, theta: float | None = None, seqlen: int | None = None,
                     rope_scaling: RopeScaling | None = None, *,
                     positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,3 +173,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """
     xf = x.float()
     return (xf * cos.float() + rotate_pairs(xf) * sin.float()).to(x.dtype)
+
+
+apply_rope.dsr_op = "rope"  # type: ignore[attr-defined]  # the IR op the frontend maps it to

@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dsr_compiler as dsr
 from dsr_compiler.api import KernelArtifact
 from dsr_compiler.errors import TraceError
-from dsr_compiler.frontend.trace import param_tensors
+from dsr_compiler.frontend import param_tensors
 from dsr_compiler.models import MLP, ModelConfig, MoE
 from tests.tolerances import assert_close
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from dsr_compiler.ir import parse, run_graph, sym, verify
 from dsr_compiler.ir.errors import TraceError
-from dsr_compiler.frontend.trace import param_tensors, trace
+from dsr_compiler.frontend import param_tensors, trace
 
 TOKENS = (1, 5, 17)
 

@@ -296,7 +296,7 @@ def test_parse_error_is_picklable():
 def test_zoo_ir_roundtrips_verified_after_every_pass(module, phase, fp8):
     """Every dim and attribute the printer emits for real models (ceiling(T/128), 8*T+16128, Min(16,4*T),
     kernel families, FP8 policies) reads back exactly through the expression grammar, and verifies."""
-    from dsr_compiler.frontend.trace import trace
+    from dsr_compiler.frontend import trace
     from dsr_compiler.ir.passes import Fp8Policy
     from dsr_compiler.ir.passes.manager import PassContext
     from dsr_compiler.models import ModelConfig

@@ -1,8 +1,8 @@
 """Frontend lowerings for losses: `per_token_logps` (wrapped), `gather`, `F.cross_entropy`, `detach`.
 
-Where it sits: imported at the end of `frontend/trace.py`, registering into its tables.
+Where it sits: one of `frontend/lowerings/` (listed in its `__init__`), registering into `frontend/registry.py`.
 
-- The zoo's `per_token_logps` (wrapped with `torch.fx.wrap`, listed in WRAPPED_FUNCTIONS) becomes
+- The zoo's `per_token_logps` (wrapped with `torch.fx.wrap`, `dsr_op = "token_logprobs"`) becomes
   one `token_logprobs` node (ir/ops_loss.py) with two results: the per-token log-probs, and the
   per-token logsumexp that the backward reuses.
 - `torch.gather` / `Tensor.gather` along the last dim become `gather`.
@@ -24,19 +24,22 @@ import torch.nn.functional as F
 
 from dsr_compiler.ir.types import DType
 
-from .trace import FUNCTION_LOWERINGS, TensorRef, TraceContext, _bound_args, _canon, _lowers, _ne
+from ..context import TensorRef, TraceContext, bound_args, canon
+from ..registry import lowers, lowers_function
+from .arith import ne
 
 
 def _temperature(cx: TraceContext, v: Any, what: str) -> float:
-    v = _canon(v)
+    v = canon(v)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) or float(v) <= 0:
         raise cx.fail(f"{what}: temperature must be a Python number > 0, got {v!r}",
                       hint="the temperature is baked into the kernel; pass a float, not a tensor")
     return float(v)
 
 
+@lowers_function("token_logprobs")
 def _function_token_logprobs(cx: TraceContext, fn: Callable, args: tuple, kwargs: dict) -> TensorRef:
-    name, vals = _bound_args(cx, fn, args, kwargs, "per_token_logps")
+    name, vals = bound_args(cx, fn, args, kwargs, "per_token_logps")
     if len(vals) != 4:
         raise cx.fail(f"{name}: token_logprobs takes (hidden, lm_head_weight, ids, temperature), got {len(vals)} arguments")
     hidden, weight, ids = (cx.tensor(v, f"{name}: {n}") for v, n in zip(vals[:3], ("hidden", "lm_head_weight", "ids")))
@@ -47,10 +50,7 @@ def _function_token_logprobs(cx: TraceContext, fn: Callable, args: tuple, kwargs
     return logp
 
 
-FUNCTION_LOWERINGS["token_logprobs"] = _function_token_logprobs
-
-
-@_lowers(torch.gather, "gather")
+@lowers(torch.gather, "gather")
 def _gather(cx: TraceContext, input: Any, dim: Any, index: Any, *, sparse_grad: bool = False) -> TensorRef:
     x = cx.tensor(input, "gather")
     idx = cx.tensor(index, "gather: index")
@@ -61,7 +61,7 @@ def _gather(cx: TraceContext, input: Any, dim: Any, index: Any, *, sparse_grad: 
     return cx.emit("gather", [x, idx], {"dim": -1})
 
 
-@_lowers(F.cross_entropy)
+@lowers(F.cross_entropy)
 def _f_cross_entropy(cx: TraceContext, input: Any, target: Any, weight: Any = None, size_average: Any = None,
                      ignore_index: Any = -100, reduce: Any = None, reduction: str = "mean",
                      label_smoothing: float = 0.0) -> TensorRef:
@@ -84,7 +84,7 @@ def _f_cross_entropy(cx: TraceContext, input: Any, target: Any, weight: Any = No
                       hint="class probabilities (float targets) are not supported")
     ign = cx.static_int(ignore_index, f"{what}: ignore_index")
     n = x.type.shape[0]
-    valid = _ne(cx, y, ign)                                  # y != ignore_index
+    valid = ne(cx, y, ign)                                  # y != ignore_index
     safe = cx.emit("where", [valid, y, cx.const(0, y.type.dtype)])
     lsm = cx.emit("log_softmax", [x], {"dim": -1})
     picked = cx.reshape(cx.emit("gather", [lsm, cx.reshape(safe, (n, 1))], {"dim": -1}), (n,))
@@ -101,6 +101,6 @@ def _f_cross_entropy(cx: TraceContext, input: Any, target: Any, weight: Any = No
     return cx.emit("div", [total, count])
 
 
-@_lowers(torch.detach, "detach")
+@lowers(torch.detach, "detach")
 def _detach(cx: TraceContext, input: Any) -> TensorRef:
     return cx.emit("stop_gradient", [cx.tensor(input, "detach")])

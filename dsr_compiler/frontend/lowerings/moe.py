@@ -1,6 +1,6 @@
 """Frontend: the zoo's routed MoE (`models.deepseek.MoE`, `dsr_op = "moe"`) as five IR ops.
 
-Where it sits: imported by `frontend/trace.py`, registers the leaf lowering `LEAF_LOWERINGS["moe"]`
+Where it sits: one of `frontend/lowerings/` (listed in its `__init__`), registers the leaf lowering `moe`
 and two derived parameters. The lowering never loops over experts: it emits
 
     moe_router -> moe_dispatch -> moe_gemm_gate_up -> moe_gemm_down -> moe_combine
@@ -27,14 +27,8 @@ from torch import nn
 
 from dsr_compiler.ir.types import DType, to_expr
 
-from .trace import (
-    DERIVED_PARAMS,
-    LEAF_LOWERINGS,
-    ParamDerivation,
-    TensorRef,
-    TraceContext,
-    module_attr,
-)
+from ..context import TensorRef, TraceContext, module_attr
+from ..registry import ParamDerivation, derive_param, lowers_leaf
 
 #: rows per grouped-GEMM block (= the padding unit of the dispatch layout), by activation dtype:
 #: bf16/f16 use 64-row wgmma tiles; fp32 (exact FMA dots) 16, the smallest tl.dot M.
@@ -95,9 +89,9 @@ def _w2_type(owner: nn.Module) -> tuple[torch.dtype, tuple[int, ...]]:
     return ws[0][0].dtype, (len(ws),) + tuple(ws[0][0].shape)
 
 
-DERIVED_PARAMS["experts.w13"] = ParamDerivation(
-    _w13, _w13_type, "[E, 2I, H] = stack over e of cat(experts.{e}.w1.weight, experts.{e}.w3.weight)")
-DERIVED_PARAMS["experts.w2"] = ParamDerivation(_w2, _w2_type, "[E, H, I] = stack over e of experts.{e}.w2.weight")
+derive_param("experts.w13", ParamDerivation(
+    _w13, _w13_type, "[E, 2I, H] = stack over e of cat(experts.{e}.w1.weight, experts.{e}.w3.weight)"))
+derive_param("experts.w2", ParamDerivation(_w2, _w2_type, "[E, H, I] = stack over e of experts.{e}.w2.weight"))
 
 
 def _linear(cx: TraceContext, x: TensorRef, lin: nn.Module, origin: str) -> TensorRef:
@@ -122,6 +116,7 @@ def _shared_expert(cx: TraceContext, x: TensorRef, shared: nn.Module, path: str)
     return _linear(cx, act, module_attr(shared, "w2"), f"{where}.w2")
 
 
+@lowers_leaf("moe")
 def _leaf_moe(cx: TraceContext, module: nn.Module, args: tuple, kwargs: dict) -> TensorRef:
     name = type(module).__name__
     if len(args) + len(kwargs) != 1:
@@ -177,6 +172,3 @@ def _leaf_moe(cx: TraceContext, module: nn.Module, args: tuple, kwargs: dict) ->
         combine_in.append(_shared_expert(cx, flat, shared, path))
     (y,) = cx.emit_multi("moe_combine", combine_in, {"topk": k, "dtype": x.type.dtype})
     return cx.reshape(y, x.type.shape)
-
-
-LEAF_LOWERINGS["moe"] = _leaf_moe

@@ -1,6 +1,6 @@
 """Frontend: what DeepSeek's Multi-head Latent Attention (`models.deepseek.MLA`) needs to trace.
 
-Where it sits: imported by `frontend/trace.py`; registers lowerings for
+Where it sits: one of `frontend/lowerings/` (listed in its `__init__`); registers lowerings for
 
     torch.arange(n) [+ start]              -> iota (n may be symbolic) [+ add]
     Tensor.index_copy / torch.index_copy   -> index_copy (the decode's KV-cache write, a copy in SSA)
@@ -32,24 +32,14 @@ import torch
 from dsr_compiler.ir.ops_mla import INT_DTYPES
 from dsr_compiler.ir.types import DType, to_expr
 
-from .trace import (
-    FUNCTION_LOWERINGS,
-    WRAPPED_FUNCTIONS,
-    TensorRef,
-    TraceContext,
-    _canon,
-    _lowers,
-)
-
-WRAPPED_FUNCTIONS[("dsr_compiler.models.layers", "rope_cos_sin")] = "rope_table"
-WRAPPED_FUNCTIONS[("dsr_compiler.models.deepseek", "mla_attention")] = "mla_attention"
-WRAPPED_FUNCTIONS[("dsr_compiler.models.deepseek", "mla_attention_absorbed")] = "mla_attention_absorbed"
+from ..context import TensorRef, TraceContext, canon
+from ..registry import lowers, lowers_function
 
 
 # ----------------------------------------------------------------------------- torch.arange
 
 def _arange_bound(cx: TraceContext, v: Any, what: str) -> int | sympy.Expr:
-    v = _canon(v)
+    v = canon(v)
     if isinstance(v, float):
         if not v.is_integer():
             raise cx.fail(f"torch.arange: float {what} {v!r} is not supported",
@@ -58,7 +48,7 @@ def _arange_bound(cx: TraceContext, v: Any, what: str) -> int | sympy.Expr:
     return cx.size_value(v, f"torch.arange: {what}")
 
 
-@_lowers(torch.arange)
+@lowers(torch.arange)
 def _arange(cx: TraceContext, start: Any, end: Any = None, step: Any = 1, *, dtype: Any = None, layout: Any = None,
             device: Any = None, pin_memory: Any = False, requires_grad: Any = False) -> TensorRef:
     if requires_grad:
@@ -78,7 +68,7 @@ def _arange(cx: TraceContext, start: Any, end: Any = None, step: Any = 1, *, dty
     n = sympy.ceiling((to_expr(hi) - lo) / st)
     if n.is_Integer and int(n) < 1:
         raise cx.fail(f"torch.arange({lo}, {hi}, {st}) is empty", hint="the IR has no empty tensors")
-    out = cx.emit("iota", [], {"n": _canon(sympy.simplify(n)), "dtype": DType.i64})
+    out = cx.emit("iota", [], {"n": canon(sympy.simplify(n)), "dtype": DType.i64})
     if st != 1:
         out = cx.binary("mul", out, st)
     if lo != 0:
@@ -90,7 +80,7 @@ def _arange(cx: TraceContext, start: Any, end: Any = None, step: Any = 1, *, dty
 
 # ----------------------------------------------------------------------------- index_copy
 
-@_lowers("index_copy", torch.index_copy)
+@lowers("index_copy", torch.index_copy)
 def _index_copy(cx: TraceContext, input: Any, dim: Any, index: Any, source: Any) -> TensorRef:
     x = cx.tensor(input, "index_copy")
     idx = cx.tensor(index, "index_copy: index")
@@ -113,6 +103,7 @@ def _bind(cx: TraceContext, fn: Callable, args: tuple, kwargs: dict) -> dict[str
     return dict(bound.arguments)
 
 
+@lowers_function("rope_table")
 def _function_rope_table(cx: TraceContext, fn: Callable, args: tuple, kwargs: dict) -> tuple[TensorRef, TensorRef]:
     a = _bind(cx, fn, args, kwargs)
     name = getattr(fn, "__name__", "rope_cos_sin")
@@ -157,6 +148,7 @@ def _emit_mla_attention(cx: TraceContext, what: str, q_nope: TensorRef, q_pe: Te
     return cx.emit("mla_attention", [q_nope, q_pe, k_nope, k_pe, v, q_pos, k_pos], {"scale": s, "dtype": dt})
 
 
+@lowers_function("mla_attention")
 def _function_mla_attention(cx: TraceContext, fn: Callable, args: tuple, kwargs: dict) -> TensorRef:
     a = _bind(cx, fn, args, kwargs)
     what = getattr(fn, "__name__", "mla_attention")
@@ -165,6 +157,7 @@ def _function_mla_attention(cx: TraceContext, fn: Callable, args: tuple, kwargs:
     return _emit_mla_attention(cx, what, *t, a.get("scale"), a.get("out_dtype"))
 
 
+@lowers_function("mla_attention_absorbed")
 def _function_mla_attention_absorbed(cx: TraceContext, fn: Callable, args: tuple, kwargs: dict) -> TensorRef:
     """The absorbed core as the expanded form it equals: kv = wkv_b(latent) per head, then attention."""
     a = _bind(cx, fn, args, kwargs)
@@ -184,8 +177,3 @@ def _function_mla_attention_absorbed(cx: TraceContext, fn: Callable, args: tuple
     v = cx.emit("slice", [kvb], {"dim": 3, "start": int(nope), "end": None, "step": 1})
     return _emit_mla_attention(cx, what, q_nope, q_pe, k_nope, k_pe, v, q_pos, k_pos, a.get("scale"),
                                a.get("out_dtype"))
-
-
-FUNCTION_LOWERINGS["rope_table"] = _function_rope_table
-FUNCTION_LOWERINGS["mla_attention"] = _function_mla_attention
-FUNCTION_LOWERINGS["mla_attention_absorbed"] = _function_mla_attention_absorbed

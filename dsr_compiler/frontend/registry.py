@@ -1,0 +1,158 @@
+"""Frontend: the lowering tables and the decorators that fill them.
+
+Where it sits: below `context` (which dispatches through these tables) and the lowerings (which
+register into them); it imports neither, so the lowerings modules import it without a cycle.
+`frontend/lowerings/__init__.py` imports every lowering module once, in one listed order; a
+target, op or key registered twice is a ValueError at import, so the order carries no meaning.
+
+    @lowers(torch.add, "add")              # torch functions (objects) and Tensor methods (strings)
+    @lowers_module(nn.Linear)              # torch.nn module classes
+    @lowers_leaf("moe")                    # module classes with `dsr_op = "moe"` (not traced through)
+    @lowers_function("rope")               # torch.fx.wrap'ed functions mapped to op "rope"
+    fn.dsr_op = "rope"                     # a torch.fx.wrap'ed function of the zoo names its op
+    wrap_function("mylib.helpers", "my_rope", "rope")   # or, for a function that cannot carry it
+    derive_param("experts.w13", ParamDerivation(...))
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .origins import fn_name
+
+# the first argument is the `context.TraceContext` (not imported here: context imports this module)
+LeafLowering = Callable[[Any, nn.Module, tuple, dict], Any]
+FunctionLowering = Callable[[Any, Callable, tuple, dict], Any]
+
+#: dsr_op of a leaf module class -> lowering(cx, module, args, kwargs) -> TensorRef
+LEAF_LOWERINGS: dict[str, LeafLowering] = {}
+#: op of a torch.fx.wrap'ed function -> lowering(cx, fn, args, kwargs) -> TensorRef
+FUNCTION_LOWERINGS: dict[str, FunctionLowering] = {}
+#: (defining module, function name) -> op, for wrapped functions without a `dsr_op` attribute
+WRAPPED_FUNCTIONS: dict[tuple[str, str], str] = {}
+
+
+@dataclass(frozen=True)
+class ParamDerivation:
+    """A graph param computed at compile time from the tensors of the module that owns it (e.g. the
+    routed experts' weights stacked into one `[E, 2I, H]` tensor). The graph input is named
+    `<owner path>.<key>` and flagged as a param; `param_tensors` calls `compute(owner)`, tracing
+    only `type_of(owner)` (no data is read, so meta-device modules trace). `doc` says which of the
+    owner's tensors it is made of (the lowering also names them in the using node's origin)."""
+
+    compute: Callable[[nn.Module], torch.Tensor]
+    type_of: Callable[[nn.Module], tuple[torch.dtype, tuple[int, ...]]]
+    doc: str = ""
+
+
+#: key (name relative to the owning module, e.g. "experts.w13") -> how to compute the param
+DERIVED_PARAMS: dict[str, ParamDerivation] = {}
+
+
+def _register(table: dict, key: Any, value: Any, what: str) -> None:
+    if key in table:
+        raise ValueError(f"frontend: {what} {key!r} registered twice")
+    table[key] = value
+
+
+def lowers_leaf(op: str) -> Callable[[LeafLowering], LeafLowering]:
+    """Register the leaf lowering of module classes with `dsr_op = op` (once per op)."""
+    def deco(fn: LeafLowering) -> LeafLowering:
+        _register(LEAF_LOWERINGS, op, fn, "leaf lowering")
+        return fn
+    return deco
+
+
+def lowers_function(op: str) -> Callable[[FunctionLowering], FunctionLowering]:
+    """Register the lowering of wrapped functions that map to `op` (once per op)."""
+    def deco(fn: FunctionLowering) -> FunctionLowering:
+        _register(FUNCTION_LOWERINGS, op, fn, "function lowering")
+        return fn
+    return deco
+
+
+def wrap_function(module: str, name: str, op: str) -> None:
+    """Map the wrapped function `module.name` (which has no `dsr_op` attribute) to `op`."""
+    _register(WRAPPED_FUNCTIONS, (module, name), op, "wrapped function")
+
+
+def derive_param(key: str, how: ParamDerivation) -> None:
+    """Register a derived param (see ParamDerivation) under `key` (once per key)."""
+    _register(DERIVED_PARAMS, key, how, "derived parameter")
+
+
+def function_op(fn: Any) -> str | None:
+    """The op a wrapped function maps to: its `dsr_op` attribute, else its WRAPPED_FUNCTIONS entry."""
+    op = getattr(fn, "dsr_op", None)
+    if isinstance(op, str):
+        return op
+    key = (getattr(fn, "__module__", None), getattr(fn, "__name__", None))
+    return WRAPPED_FUNCTIONS.get(key)  # type: ignore[arg-type]
+
+
+def wrapped_function_objects() -> list[Callable]:
+    """WRAPPED_FUNCTIONS entries that are importable now: the tracer auto-wraps them wherever a
+    traced module's globals refer to them, not only in the module that called `torch.fx.wrap`
+    (functions that carry `dsr_op` are found by `tracer`, see `dsr_op_functions`)."""
+    import sys
+    out = []
+    for (mod, name) in WRAPPED_FUNCTIONS:
+        fn = getattr(sys.modules.get(mod), name, None)
+        if callable(fn):
+            out.append(fn)
+    return out
+
+
+@dataclass(frozen=True)
+class Handler:
+    """A registered torch-level lowering and its signature (arguments are bound to it)."""
+
+    fn: Callable
+    sig: inspect.Signature
+
+
+#: call_function target -> handler
+FUNCTION_HANDLERS: dict[Any, Handler] = {}
+#: call_method name -> handler
+METHOD_HANDLERS: dict[str, Handler] = {}
+#: torch.nn leaf module class -> handler(cx, module, ...)
+MODULE_HANDLERS: dict[type, Handler] = {}
+
+
+def lowers(*targets: Any) -> Callable[[Callable], Callable]:
+    """Register a handler for functions (objects) and Tensor methods (strings). The handler's own
+    Python signature is the torch signature: arguments bind to it, unknown keywords are errors."""
+    def deco(fn: Callable) -> Callable:
+        h = Handler(fn, inspect.signature(fn))
+        for t in targets:
+            table: dict = METHOD_HANDLERS if isinstance(t, str) else FUNCTION_HANDLERS
+            if t in table:
+                raise ValueError(f"frontend: {fn_name(t)} registered twice")
+            table[t] = h
+        return fn
+    return deco
+
+
+def lowers_module(*classes: type) -> Callable[[Callable], Callable]:
+    """Register a handler(cx, module, *args) for torch.nn module classes (and their subclasses)."""
+    def deco(fn: Callable) -> Callable:
+        for c in classes:
+            if c in MODULE_HANDLERS:
+                raise ValueError(f"frontend: module {c.__name__} registered twice")
+            MODULE_HANDLERS[c] = Handler(fn, inspect.signature(fn))
+        return fn
+    return deco
+
+
+def supported_hint() -> str:
+    """The hint of an "unsupported op" error: every registered function and Tensor method."""
+    fns = sorted({fn_name(f) for f in FUNCTION_HANDLERS if not isinstance(f, str)})
+    meths = sorted(METHOD_HANDLERS)
+    return ("supported ops: " + ", ".join(fns) + "; Tensor methods: " + ", ".join("." + m for m in meths)
+            + "; or wrap a helper with torch.fx.wrap and register its lowering in FUNCTION_LOWERINGS")
+
+

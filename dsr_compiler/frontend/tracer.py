@@ -1,0 +1,423 @@
+"""Frontend: a PyTorch `nn.Module` becomes a typed IR graph (the first arrow of the pipeline).
+
+    g = trace(module, (x,), dynamic={"x": {0: "T"}})     # -> ir.Graph, verified
+
+Where it sits: the entry of `dsr_compiler.frontend` (re-exported by its `__init__`). This module
+holds the FX tracer and `trace()`/`param_tensors()`; `context.TraceContext` lowers each FX node
+through the tables of `registry`, which the modules of `lowerings/` fill when this module
+imports that package; `origins` names source locations. docs/architecture.md has the map.
+
+Why `torch.fx` symbolic tracing (a custom `torch.fx.Tracer`) and not `torch.export`:
+- FX keeps the torch-level calls the model author wrote (F.linear, F.silu, softmax,
+  scaled_dot_product_attention, Tensor methods); they map one-to-one onto our op table.
+  `torch.export` decomposes them into ATen ops that we would have to pattern-match back.
+- The `Tracer` hooks used here (is_leaf_module, create_node, proxy, to_bool, iter, create_arg)
+  are backward-compatible FX API, stable across torch 2.11-2.13.
+- Shapes never come from torch: every output type is computed by our own sympy type rules
+  (`OPS[op].infer`), so a dynamic dim stays the symbol `T` by construction. `torch.export`
+  would specialize on the example sizes (0/1 especially) and attach guards.
+
+How it works. The tracer lowers each FX node to IR the moment FX creates it (`create_node`), so
+Python that inspects trace-time values just works: `x.size(-1)`, `x.shape[0]`, `B, T, _ = x.shape`,
+`x.dim()`, `math.sqrt(head_dim)`, `assert x.size(-1) == self.dim` and `if x.size(-1) % 2:` are
+evaluated to ints or sympy expressions (never IR nodes). Control flow on a dynamic size is
+decided when the type rules' assumptions decide it (`T >= 1` is true) and is a TraceError
+otherwise; control flow on tensor values is always a TraceError.
+
+Inputs: the forward's positional parameters that receive tensors (named after the parameters),
+then every parameter and buffer the graph uses, named by qualified name and flagged as params, in
+order of first use. A leaf lowering may also add *derived* params (`DERIVED_PARAMS`, e.g. the MoE's
+stacked expert weights `ffn.experts.w13`), which `param_tensors` computes from the owner's tensors.
+Example inputs that are Python scalars/None are baked in (specialized).
+
+Leaf modules and functions keep DeepSeek building blocks first-class: a module class with a
+`dsr_op` class attribute is not traced through but lowered by `LEAF_LOWERINGS[dsr_op]`; a function
+wrapped with `torch.fx.wrap` lowers by `FUNCTION_LOWERINGS[op]` when it carries `fn.dsr_op = op`
+(`apply_rope` of the zoo has `dsr_op = "rope"`) or is listed in `WRAPPED_FUNCTIONS`.
+
+Conventions (documented choices):
+- `x ** 2` / `x.pow(2)` becomes `pow(x, const 2.0)` (not `mul(x, x)`); `torch.square(x)` is `mul(x, x)`.
+- Python float scalars become f32 consts; Python ints next to a float tensor become float consts,
+  next to an int tensor consts of that tensor's dtype (0-d consts never promote a tensor's dtype).
+- No-op casts, `contiguous`, `clone`, identity reshapes/permutes emit nothing; `detach` emits
+  `stop_gradient` (an identity in value that the `differentiate` pass gives no derivative).
+- Multi-dim and all-dim reductions are chains of single-dim reductions (all-dim: reshape to 1-D).
+- `squeeze` never removes a symbolic dim (its rank would depend on the runtime size): TraceError.
+- Slices need static bounds (`x[:, :64]` on a dynamic dim is fine; `x[:, :T]` on a static dim
+  or `x[:, -1]` on a dynamic dim is not): the IR's `slice` takes int attributes.
+"""
+from __future__ import annotations
+
+import builtins
+import contextlib
+import inspect
+import keyword
+import math
+import sys
+import traceback
+import types
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from dsr_compiler.interrupts import watch_interrupts
+from dsr_compiler.ir.errors import DsrError, TraceError
+from dsr_compiler.ir.graph import Graph, Node, Value
+from dsr_compiler.ir.types import DType, TensorType, sym
+from dsr_compiler.ir.verifier import verify
+
+from . import lowerings  # noqa: F401  (fills the registry's tables: every supported op)
+from .context import ConcreteValueNeeded, TensorRef, TraceContext, param_index, sanitize
+from .origins import ROOT_ATTR, is_user_file, short_path
+from .registry import DERIVED_PARAMS, wrapped_function_objects
+
+__all__ = ["dsr_op_functions", "param_tensors", "trace"]
+
+
+# ----------------------------------------------------------------------------- the tracer
+
+class _DsrProxy(fx.Proxy):
+    """FX proxy whose trace-time value is known: sizes become Python numbers where static."""
+
+    def __index__(self) -> int:
+        return self.tracer.cx.concrete_int(self.node)  # type: ignore[attr-defined]
+
+    def __int__(self) -> int:
+        return self.tracer.cx.concrete_int(self.node)  # type: ignore[attr-defined]
+
+    def __float__(self) -> float:
+        return self.tracer.cx.concrete_float(self.node)  # type: ignore[attr-defined]
+
+    def __len__(self) -> int:
+        return self.tracer.cx.length(self.node)  # type: ignore[attr-defined]
+
+
+def dsr_op_functions(module: nn.Module) -> list[Callable]:
+    """Functions with a `dsr_op` attribute in the globals of `module`'s (and its submodules') forward:
+    FX auto-wraps them wherever those globals refer to them (e.g. `from dsr_compiler.models.layers
+    import apply_rope` in user code), not only in the module that called `torch.fx.wrap`. FX looks
+    for auto-wrapped functions in exactly these globals."""
+    found: dict[int, Callable] = {}
+    seen: set[int] = set()                  # each module file's globals once (256 experts share one)
+    for m in module.modules():
+        g = getattr(getattr(m, "forward", None), "__globals__", None)
+        if not isinstance(g, dict) or id(g) in seen:
+            continue
+        seen.add(id(g))
+        for v in g.values():
+            if isinstance(v, types.FunctionType) and isinstance(v.__dict__.get("dsr_op"), str):
+                found.setdefault(id(v), v)
+    return list(found.values())
+
+
+class _DsrTracer(fx.Tracer):
+    def __init__(self, cx: TraceContext) -> None:
+        wrapped = tuple(wrapped_function_objects()) + tuple(dsr_op_functions(cx.root))
+        super().__init__(autowrap_modules=(math,), autowrap_functions=wrapped)
+        self.cx = cx
+        self.record_stack_traces = True
+        self.proxy_buffer_attributes = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if getattr(type(m), "dsr_op", None) is not None:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def create_node(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
+                    type_expr: Any | None = None) -> fx.Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        self.cx.lower(node)
+        return node
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _DsrProxy(node, self)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return self.cx.to_bool(obj.node)
+
+    def iter(self, obj: fx.Proxy) -> Iterator:
+        return iter([obj[i] for i in range(self.cx.length(obj.node))])
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, torch.Tensor) and id(a) not in self.cx.param_index:
+            raise TraceError(f"trace: a tensor constant {tuple(a.shape)} {a.dtype} is used in forward()",
+                             self.cx.where_now(self.module_stack, traceback.extract_stack()),
+                             "register module state with `self.register_buffer(name, tensor)`; tensors "
+                             "created inside forward from Python numbers (torch.ones(4), torch.arange(8), ...) are "
+                             "not supported; sizes of traced tensors are (torch.arange(x.size(1)))")
+        return super().create_arg(a)
+
+
+# ----------------------------------------------------------------------------- public API
+
+def trace(module: nn.Module, example_inputs: tuple, dynamic: dict[str, dict[int, str]] | None = None,
+          name: str | None = None, notes: list[str] | None = None) -> Graph:
+    """Trace `module` on `example_inputs` into a verified IR graph.
+
+    `dynamic={"x": {0: "T"}}` makes dim 0 of input `x` the symbol `T` (shared by every input dim
+    marked `T`; their example sizes must agree). Inputs are the forward's tensor arguments followed
+    by the used parameters and buffers (`graph.params`, see `param_tensors`). Raises TraceError.
+    Trace notes (e.g. a `print()` in forward, which runs only now) are appended to `notes`.
+    """
+    if not isinstance(module, nn.Module):
+        raise TraceError(f"trace: expected an nn.Module, got {type(module).__name__}")
+    cls = type(module).__name__
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise TraceError(f"trace: example_inputs must be a tuple, got {type(example_inputs).__name__}",
+                         f"top-level module ({cls})", "pass e.g. (x,)")
+    example_inputs = tuple(example_inputs)
+    arg_names, call_exprs, consts, tensor_inputs = _bind_example_inputs(module, example_inputs)
+    in_types = _input_types(tensor_inputs, dynamic or {}, cls)
+
+    root = _make_root(module, [n for n, _ in tensor_inputs], call_exprs, consts)
+    cx = TraceContext(root, module)
+    for n, t in in_types.items():
+        cx.inputs[n] = TensorRef(n, t)
+        cx.names.add(n)
+    tracer = _DsrTracer(cx)
+    found: list[str] = []
+    try:
+        # a Ctrl-C swallowed inside torch is KeyboardInterrupt, not a TraceError
+        with watch_interrupts(), _trace_time_prints(found):
+            tracer.trace(root)
+    except DsrError:
+        raise
+    except ConcreteValueNeeded as e:
+        raise TraceError(e.what, e.where, e.hint) from None
+    except Exception as e:
+        where = cx.where_now(tracer.module_stack, traceback.extract_tb(e.__traceback__))
+        what = f"trace: forward() raised {type(e).__name__} under symbolic tracing: {e}"
+        hint = ("torch.fx runs forward() on proxies: code that needs concrete tensor values cannot be traced; "
+                "see the module docstring of dsr_compiler.frontend.tracer for what is supported")
+        if cx.last_concrete_error is not None:     # torch's arg parser probed a proxy and hid why
+            c = cx.last_concrete_error
+            what += f" (earlier: {c.what.removeprefix('trace: ')}, at {c.where})"
+            hint = c.hint
+        if isinstance(e, TypeError) and "item assignment" in str(e):
+            what = "trace: in-place op operator.setitem (x[...] = y) is not supported"
+            hint = "build the tensor with torch.cat / torch.where instead of assigning into it"
+        raise TraceError(what, where, hint) from e
+    if cx.outputs is None:
+        raise TraceError("trace: forward produced no output", f"top-level module ({cls})")
+    g = verify(_build_graph(cx, sanitize(name or cls)))
+    _report_notes(found, notes)
+    return g
+
+
+@contextlib.contextmanager
+def _trace_time_prints(found: list[str]) -> Iterator[None]:
+    """Record every `print()` that forward runs while FX traces it: the compiled module never runs
+    Python, so the print happens once now and never again. builtins.print is patched for the
+    duration of the trace only (process-wide: another thread printing meanwhile is recorded too,
+    a harmless note) and restored in `finally`."""
+    real = builtins.print
+
+    def print_at_trace_time(*args: Any, **kwargs: Any) -> None:
+        f = sys._getframe(1)
+        if is_user_file(f.f_code.co_filename):
+            note = (f"print() at {short_path(f.f_code.co_filename)}:{f.f_lineno} ran at trace time only; "
+                    "the compiled module does not print")
+            if note not in found:
+                found.append(note)
+        real(*args, **kwargs)
+    builtins.print = print_at_trace_time
+    try:
+        yield
+    finally:
+        builtins.print = real
+
+
+def _report_notes(found: list[str], notes: list[str] | None) -> None:
+    from dsr_compiler import knobs
+    if notes is not None:
+        notes.extend(found)
+    if found and knobs.get("DSR_DEBUG") >= 1:
+        for n in found:
+            sys.stderr.write(f"[dsr] trace note: {n}\n")
+
+
+def param_tensors(module: nn.Module, graph: Graph) -> list[torch.Tensor]:
+    """The module's tensors for `graph.params`, in graph order (what the runtime binds); derived
+    params (`DERIVED_PARAMS`) are computed from their owner submodule's tensors here."""
+    by_name = {name: t for name, t in param_index(module).values()}
+    found = {p: by_name[p] if p in by_name else _derived_tensor(module, p) for p in graph.params}
+    missing = [p for p, t in found.items() if t is None]
+    if missing:
+        raise TraceError(f"trace: graph {graph.name} needs parameters the module does not have: {missing}",
+                         hint="trace and run with the same module")
+    return [found[p] for p in graph.params]
+
+
+def _derived_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    """`<owner path>.<key>` -> DERIVED_PARAMS[key].compute(owner), or None if `name` is not one."""
+    for key, how in DERIVED_PARAMS.items():
+        if name != key and not name.endswith("." + key):
+            continue
+        path = name[: len(name) - len(key)].rstrip(".")
+        try:
+            owner = module.get_submodule(path) if path else module
+        except AttributeError:
+            continue
+        try:
+            with torch.no_grad():
+                return how.compute(owner).detach()
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TraceError(f"trace: cannot compute derived parameter `{name}` ({how.doc}): {e}",
+                             hint="trace and run with the same module") from None
+    return None
+
+
+# ----------------------------------------------------------------------------- trace() helpers
+
+def _bind_example_inputs(module: nn.Module, ex: tuple
+                         ) -> tuple[list[str], list[str], list[Any], list[tuple[str, torch.Tensor]]]:
+    cls = type(module).__name__
+    where = f"top-level module ({cls}), {cls}.forward"
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError) as e:
+        raise TraceError(f"trace: cannot read the signature of {cls}.forward: {e}", where) from None
+    params = list(sig.parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in positional]
+    if len(ex) > len(positional):
+        raise TraceError(f"trace: {cls}.forward takes {len(positional)} positional input(s) ({', '.join(names)}), "
+                         f"got {len(ex)} example inputs", where,
+                         "pass one example input per forward argument (*args is not supported)")
+    missing = [p.name for p in positional[len(ex):] if p.default is p.empty]
+    missing += [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.default is p.empty]
+    if missing:
+        raise TraceError(f"trace: {cls}.forward needs input(s) {', '.join(missing)} but got {len(ex)} example "
+                         f"input(s) for ({', '.join(names)})", where,
+                         "pass one example input per forward argument without a default")
+    call_exprs: list[str] = []
+    consts: list[Any] = []
+    tensors: list[tuple[str, torch.Tensor]] = []
+    for p, v in zip(positional, ex):
+        if isinstance(v, torch.Tensor):
+            tensors.append((p.name, v))
+            call_exprs.append(p.name)
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            call_exprs.append(f"self._dsr_consts[{len(consts)}]")
+            consts.append(v)
+        else:
+            raise TraceError(f"trace: example input `{p.name}` is a {type(v).__name__}", where,
+                             "example inputs are tensors, or Python scalars/None (which are baked in)")
+    return names, call_exprs, consts, tensors
+
+
+def _input_types(tensors: list[tuple[str, torch.Tensor]], dynamic: dict, cls: str) -> dict[str, TensorType]:
+    where = f"top-level module ({cls}), example inputs"
+    if not isinstance(dynamic, dict):
+        raise TraceError(f"trace: dynamic must be a dict like {{'x': {{0: 'T'}}}}, got {dynamic!r}", where)
+    by_name = dict(tensors)
+    unknown = [k for k in dynamic if k not in by_name]
+    if unknown:
+        raise TraceError(f"trace: dynamic names unknown input(s) {unknown}", where,
+                         f"tensor inputs are: {', '.join(by_name) or 'none'}")
+    seen: dict[str, tuple[int, str]] = {}
+    out: dict[str, TensorType] = {}
+    for n, t in tensors:
+        try:
+            dt = DType.from_torch(t.dtype)
+        except TraceError as e:
+            raise TraceError(f"trace: input `{n}` has unsupported dtype {t.dtype}", where, e.hint) from None
+        shape: list[Any] = [int(s) for s in t.shape]
+        spec = dynamic.get(n, {})
+        if not isinstance(spec, dict):
+            raise TraceError(f"trace: dynamic[{n!r}] must map dim -> symbol name, got {spec!r}", where)
+        for d, sname in spec.items():
+            if isinstance(d, bool) or not isinstance(d, int) or not -t.dim() <= d < t.dim():
+                raise TraceError(f"trace: dynamic[{n!r}] names dim {d!r}, but `{n}` has rank {t.dim()}", where)
+            try:
+                s = sym(sname)
+            except (ValueError, TypeError):
+                raise TraceError(f"trace: bad dimension symbol {sname!r} for input `{n}`", where,
+                                 "symbols are identifiers such as T or S") from None
+            size = int(t.shape[d])
+            if size < 1:
+                raise TraceError(f"trace: dim {d} of `{n}` is marked {sname} but has size {size}", where,
+                                 "dynamic dims must have size >= 1 in the example")
+            if sname in seen and seen[sname][0] != size:
+                raise TraceError(f"trace: symbol {sname} is {seen[sname][0]} in {seen[sname][1]} but {size} in "
+                                 f"`{n}` dim {d}", where, "dims that share a symbol must agree in the example inputs")
+            seen.setdefault(sname, (size, f"`{n}` dim {d}"))
+            shape[d % t.dim()] = s
+        out[n] = TensorType(dt, tuple(shape))
+    return out
+
+
+def _make_root(module: nn.Module, tensor_names: list[str], call_exprs: list[str], consts: list[Any]) -> nn.Module:
+    """A wrapper whose forward takes exactly the tensor inputs and calls the user's module.
+
+    Tracing through it makes the user's module a submodule, so a root that is itself a leaf
+    (e.g. an RMSNorm with `dsr_op`, or nn.Linear) lowers to its op, and scalar example inputs and
+    omitted defaults are bound by plain Python instead of FX's `concrete_args` (which adds guards).
+    No source is generated: `call_exprs` lists, per positional parameter, either a tensor input's
+    name or the next baked-in constant, and the wrapper's parameter names come from
+    `_named_signature`."""
+    plan: list[tuple[bool, int]] = []          # (is_tensor, index into the tensor args / consts)
+    n_const = 0
+    for e in call_exprs:
+        if e in tensor_names:
+            plan.append((True, tensor_names.index(e)))
+        else:
+            plan.append((False, n_const))
+            n_const += 1
+
+    def forward(self: nn.Module, *tensors: Any) -> Any:
+        args = [tensors[i] if is_tensor else self._dsr_consts[i] for is_tensor, i in plan]
+        return getattr(self, ROOT_ATTR)(*args)
+    forward.__wrapped__ = _named_signature(tensor_names)   # type: ignore[attr-defined]
+    cls = type("DsrTraceRoot", (nn.Module,), {"forward": forward})
+    root = cls()
+    root.add_module(ROOT_ATTR, module)
+    root._dsr_consts = list(consts)
+    return root
+
+
+def _signature_template(self):  # noqa: ANN001, ANN202 -- only its code object is used
+    return None
+
+
+def _named_signature(names: list[str]) -> Callable[..., None]:
+    """A never-called function whose parameters are `(self, *names)`.
+
+    torch.fx names the graph's placeholders after the root forward's code object
+    (`inspect.unwrap(forward).__code__.co_varnames`), so the wrapper's `__wrapped__` points here. Only
+    the names of a fixed code object change (`CodeType.replace`, as torch.fx does itself); its
+    bytecode stays `return None`, and nothing is compiled from text."""
+    for n in names:
+        if not n.isidentifier() or keyword.iskeyword(n):
+            raise TraceError(f"trace: input name {n!r} is not a Python identifier")
+    varnames = ("self", *names)
+    code = _signature_template.__code__.replace(co_argcount=len(varnames), co_nlocals=len(varnames),
+                                                co_varnames=varnames, co_name="forward", co_qualname="forward")
+    return types.FunctionType(code, {}, "forward")
+
+
+def _build_graph(cx: TraceContext, name: str) -> Graph:
+    assert cx.outputs is not None
+    live = set(cx.outputs)
+    keep: list[Node] = []
+    for n in reversed(cx.nodes):                      # dead code (unused helpers, asserts) goes
+        if any(o.name in live for o in n.outputs):
+            keep.append(n)
+            live.update(n.inputs)
+    keep.reverse()
+    used: list[str] = []
+    for n in keep:
+        for i in n.inputs:
+            if i in cx.params and i not in used:
+                used.append(i)
+    for o in cx.outputs:
+        if o in cx.params and o not in used:
+            used.append(o)
+    inputs = [Value(r.name, r.type) for r in cx.inputs.values()] + [Value(p, cx.params[p].type) for p in used]
+    return Graph(name, tuple(inputs), tuple(keep), tuple(cx.outputs), tuple(used))
+
+

@@ -1,0 +1,76 @@
+"""Frontend registry: every lowering module is listed once, and registering a target, op or key a
+second time is an error at import (so the order of `lowerings.MODULES` carries no meaning)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dsr_compiler.frontend import lowerings, registry
+
+
+def test_every_lowering_module_is_listed_once():
+    files = {p.stem for p in Path(lowerings.__file__).parent.glob("*.py") if p.stem != "__init__"}
+    names = [m.__name__.rsplit(".", 1)[-1] for m in lowerings.MODULES]
+    assert sorted(names) == sorted(files) and len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("register", [
+    lambda: registry.lowers(torch.add)(lambda cx, input, other: None),
+    lambda: registry.lowers("view")(lambda cx, input, *shape: None),
+    lambda: registry.lowers_module(nn.Linear)(lambda cx, m, input: None),
+    lambda: registry.lowers_leaf("moe")(lambda cx, m, args, kwargs: None),
+    lambda: registry.lowers_function("rope")(lambda cx, fn, args, kwargs: None),
+    lambda: registry.derive_param("experts.w13", registry.DERIVED_PARAMS["experts.w13"]),
+], ids=["function", "method", "module", "leaf", "wrapped", "derived"])
+def test_registering_twice_is_an_error(register):
+    tables = (registry.FUNCTION_HANDLERS, registry.METHOD_HANDLERS, registry.MODULE_HANDLERS,
+              registry.LEAF_LOWERINGS, registry.FUNCTION_LOWERINGS, registry.WRAPPED_FUNCTIONS,
+              registry.DERIVED_PARAMS)
+    before = [dict(t) for t in tables]
+    with pytest.raises(ValueError, match="registered twice"):
+        register()
+    assert [dict(t) for t in tables] == before          # nothing replaced
+
+
+def test_wrapping_a_function_name_twice_is_an_error():
+    key = ("tests.unit.nowhere", "helper")
+    registry.wrap_function(*key, "rope")
+    try:
+        with pytest.raises(ValueError, match="registered twice"):
+            registry.wrap_function(*key, "rope")
+        assert registry.WRAPPED_FUNCTIONS[key] == "rope"
+    finally:
+        del registry.WRAPPED_FUNCTIONS[key]
+
+
+def test_zoo_functions_carry_their_op():
+    """The zoo's wrapped functions name their IR op (`fn.dsr_op`); none is matched by a string path."""
+    from dsr_compiler.models import deepseek, grpo, layers
+    zoo = {layers.apply_rope: "rope", layers.rope_cos_sin: "rope_table", deepseek.mla_attention: "mla_attention",
+           deepseek.mla_attention_absorbed: "mla_attention_absorbed", grpo.per_token_logps: "token_logprobs"}
+    for fn, op in zoo.items():
+        assert fn.dsr_op == op and registry.function_op(fn) == op and op in registry.FUNCTION_LOWERINGS
+    assert not [k for k in registry.WRAPPED_FUNCTIONS if k[0].startswith("dsr_compiler.")]
+
+
+def test_a_zoo_function_imported_by_name_stays_one_node():
+    """User code that imports `apply_rope` by name (without repeating torch.fx.wrap) still gets one
+    `rope` op: the tracer finds functions carrying `dsr_op` in the traced forwards' globals."""
+    from dsr_compiler.frontend import trace
+    from dsr_compiler.frontend.tracer import dsr_op_functions
+    from dsr_compiler.models import layers
+
+    class UsesRope(nn.Module):
+        def forward(self, x, cos, sin):
+            return apply_rope(x, cos, sin) * 2.0
+
+    x, cos, sin = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8)
+    assert layers.apply_rope in dsr_op_functions(UsesRope())
+    g = trace(UsesRope(), (x, cos, sin))
+    assert [n.op for n in g.nodes] == ["rope", "const", "mul"]      # traced through: slices, cat, ...
+
+
+from dsr_compiler.models.layers import apply_rope  # noqa: E402  (by name, as user code would)
