@@ -174,7 +174,7 @@ def _lower_gemm(k: Kernel, index: int) -> KernelSpec:
     bm = n.attr("block_m")
     if bm < 16 or bm & (bm - 1):
         raise _fail(k, f"block_m={bm} must be a power of two >= 16 (a tl.dot tile)", n,
-                    "the frontend picks block_m (frontend/moe.py BLOCK_M)")
+                    "the frontend picks block_m (frontend/lowerings/moe.py BLOCK_M)")
     e = _static_dim(k, n, w_t.shape[0], "the expert count")
     kd = _static_dim(k, n, a_t.shape[1], "the reduction dim")
     width = _static_dim(k, n, w_t.shape[1], "the weight rows")
