@@ -204,16 +204,11 @@ class TraceContext:
         return v
 
     def emit(self, op: str, inputs: Sequence[TensorRef], attrs: dict[str, Any] | None = None) -> TensorRef:
-        """Append one IR node; its type comes from the op table's type rule."""
-        attrs = {k: canon_attr(v) for k, v in (attrs or {}).items()}
-        try:
-            outs = OPS[op].infer([t.type for t in inputs], attrs)
-        except TypeRuleError as e:
-            raise self.fail(f"op `{op}` rejects its inputs: {e}",
-                            hint="inputs: " + ", ".join(f"%{t.name} : {t.type}" for t in inputs)) from None
-        name = self._tmp_name()
-        self.nodes.append(Node((Value(name, outs[0]),), op, tuple(t.name for t in inputs), attrs, self._origin))
-        return TensorRef(name, outs[0])
+        """Append one single-output IR node; its type comes from the op table's type rule."""
+        outs = self.emit_multi(op, inputs, attrs)
+        if len(outs) != 1:
+            raise self.fail(f"op `{op}` has {len(outs)} outputs where one was expected")
+        return outs[0]
 
     def emit_multi(self, op: str, inputs: Sequence[TensorRef], attrs: dict[str, Any] | None = None,
                    origin: str | None = None) -> tuple[TensorRef, ...]:
