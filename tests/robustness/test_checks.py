@@ -1,0 +1,46 @@
+"""Checks that can fail: the tolerance table rejects a wrong answer at every output magnitude, and the
+compiled bf16 GRPO head with its hidden-state gradient halved fails the check that its test uses."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsr_compiler as dsr
+from dsr_compiler.grads import eager_loss_and_grads
+from dsr_compiler.models.grpo import GRPOLoss
+from dsr_compiler.tolerance import compare
+from tests.models.test_grpo_compiled import WRT, make_inputs
+
+
+MAGNITUDES = [(d, m) for d in (torch.float32, torch.bfloat16, torch.float16) for m in (1e-6, 1e-3, 0.03, 1.0, 1e3)
+              if m * 1e-2 > torch.finfo(d).tiny]      # normal numbers only: f16 below ~1e-2 is partly subnormal
+
+
+@pytest.mark.parametrize(("dtype", "magnitude"), MAGNITUDES)
+def test_a_halved_or_dropped_output_fails_at_every_magnitude(dtype, magnitude):
+    g = torch.Generator().manual_seed(0)
+    want = (torch.randn(64, 48, generator=g) * magnitude).to(dtype)
+    assert compare(want.clone(), want)["ok"]
+    assert not compare(want * 0.5, want)["ok"], "halved output passed"
+    assert not compare(torch.zeros_like(want), want)["ok"], "all-zero output passed"
+    assert not compare(want * 1.25, want)["ok"], "output scaled by 1.25 passed"
+
+
+def test_an_all_zero_output_passes_only_zero():
+    want = torch.zeros(8, 8)
+    assert compare(torch.zeros(8, 8), want)["ok"]
+    assert not compare(torch.full((8, 8), 1e-3), want)["ok"]
+
+
+def test_bf16_grpo_head_fails_with_dh_halved():
+    """The bf16 GRPO head (tests/models/test_grpo_compiled.py::test_grpo_bf16_head): its gradients are
+    below 1 in magnitude, so an absolute floor of 1 let a halved d hidden pass."""
+    m = GRPOLoss("dapo", beta=0.04, epsilon=0.2, epsilon_high=0.28, temperature=0.9)
+    inputs = make_inputs(2, 2, 5, 32, 70, 1, temperature=0.9, dtype=torch.bfloat16)
+    cm = dsr.compile(m, inputs, grad_wrt=WRT, backend="interpret", fp8=False)
+    _loss, grads = cm(*inputs)
+    _ref_loss, ref = eager_loss_and_grads(m, inputs, WRT)
+    assert float(ref["hidden"].abs().max()) < 1.0            # the regime the old floor hid
+    for n in WRT:
+        assert compare(grads[n], ref[n], torch.bfloat16)["ok"], n
+        assert not compare(grads[n] * 0.5, ref[n], torch.bfloat16)["ok"], f"d{n} halved passed"
