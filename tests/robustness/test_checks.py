@@ -2,6 +2,8 @@
 compiled bf16 GRPO head with its hidden-state gradient halved fails the check that its test uses."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -44,3 +46,28 @@ def test_bf16_grpo_head_fails_with_dh_halved():
     for n in WRT:
         assert compare(grads[n], ref[n], torch.bfloat16)["ok"], n
         assert not compare(grads[n] * 0.5, ref[n], torch.bfloat16)["ok"], f"d{n} halved passed"
+
+
+def _trace_without_norms(monkeypatch):
+    """A trace bug: RMSNorm lowered as the identity. The compiled plan and anything that runs the
+    traced graph share it; eager PyTorch does not."""
+    trace = importlib.import_module("dsr_compiler.frontend.trace")
+    monkeypatch.setitem(trace.LEAF_LOWERINGS, "rms_norm", lambda cx, m, args, kwargs: cx.tensor(args[0], "RMSNorm"))
+
+
+def test_fp8_check_of_a_routed_decoder_catches_a_trace_bug(monkeypatch, capsys):
+    """`dsrc run --check` on the default module (a decoder layer, FP8, whose MoE router reads
+    FP8-perturbed values, so only "fp8_sim" is enforced): its reference must not share the trace."""
+    from dsr_compiler import cli
+    _trace_without_norms(monkeypatch)
+    rc = cli.main(["run", "--backend", "interpret", "--check", "--seq", "4"])
+    out = capsys.readouterr().out
+    assert "a MoE router reads FP8-perturbed values" in out      # the routed case: "fp8" is reported only
+    assert rc == 1, out
+
+
+def test_fp8_check_of_the_default_decoder_passes(capsys):
+    from dsr_compiler import cli
+    assert cli.main(["run", "--backend", "interpret", "--check", "--seq", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "running the FP8 recipe (models/fp8_ref.py)" in out and "check passed" in out
