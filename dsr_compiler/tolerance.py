@@ -80,9 +80,14 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | N
 #   Not covered: a top-k MoE router whose INPUT carries FP8 error (a decoder layer's MoE after FP8
 #   attention). A token near a routing tie may pick another expert, a discrete change of up to the
 #   output's scale; such outputs are checked tightly against "fp8_sim" (below) and their distance
-#   to unquantized eager is reported, not bounded (dsrc run --check says so).
-# "fp8_sim" (the same module vs eager running the same quantization in torch: the reference
-#   interpreter on the graph after quantize_fp8, or a hand-written simulation). Left over: fp32
+#   to unquantized eager is reported, not bounded (dsrc run --check says so). This stays true with
+#   the eager FP8 reference: the unquantized module's router reads unperturbed values and the
+#   compiled one reads FP8 values, whatever "fp8_sim" compares against. "fp8_sim" itself has no such
+#   hole: the eager FP8 module's router reads the same quantized-path values as the compiled router
+#   (to fp32 summation order), so both pick the same experts.
+# "fp8_sim" (the same module vs eager running the same recipe: the zoo's modules with their eligible
+#   linears replaced by FP8Linear in plain torch, dsr_compiler/models/fp8_ref.py, which shares neither
+#   the trace nor the op table with the compiled path; or a hand-written simulation). Left over: fp32
 #   summation order inside a 128-wide block (~1e-6 relative), a GEMM result landing on the other
 #   side of a bf16 rounding boundary (2^-8 relative), and, rarely, an activation code re-rounding
 #   one e4m3 ulp (2^-3 of that element, diluted by the K-long dot that reads it); bf16 models also

@@ -71,3 +71,37 @@ def test_fp8_check_of_the_default_decoder_passes(capsys):
     assert cli.main(["run", "--backend", "interpret", "--check", "--seq", "4"]) == 0
     out = capsys.readouterr().out
     assert "running the FP8 recipe (models/fp8_ref.py)" in out and "check passed" in out
+
+
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+def test_fp8_linear_agrees_with_the_op_tables_recipe(scale_fmt):
+    """Two independent writings of the recipe (plain torch in models/fp8_ref.py, the op table's
+    references) give the same bits, including ue8m0 scales and a partial weight block (N=200)."""
+    from dsr_compiler.ir.ops_fp8 import gemm_fp8_ref, quant_fp8_ref, quant_weight_ref
+    from dsr_compiler.models.fp8_ref import FP8Linear
+    g = torch.Generator().manual_seed(1)
+    lin = torch.nn.Linear(256, 200, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(200, 256, generator=g) / 16)
+    x = torch.randn(5, 256, generator=g) * torch.logspace(-3, 1, 256)      # tiles of very different ranges
+    xq, xs = quant_fp8_ref(x, 128, scale_fmt)
+    wq, ws = quant_weight_ref(lin.weight.detach(), 128, scale_fmt)
+    want = gemm_fp8_ref(xq, xs, wq, ws, 128).float()
+    got = FP8Linear(lin, 128, scale_fmt)(x)
+    assert torch.equal(got, want)
+
+
+def test_fp8_reference_quantizes_what_the_pass_quantizes():
+    from dsr_compiler.ir.passes import PIPELINE, Fp8Policy, PassContext, run_passes
+    from dsr_compiler.models import ModelConfig
+    from dsr_compiler.models.fp8_ref import quantized_paths
+    from dsr_compiler.workloads import build
+    wl = build(ModelConfig.named("deepseek-v3-tiny"), "decoder", 1, 4, "f32", 0, phase="prefill")
+    for pol in (Fp8Policy(), Fp8Policy(attn=False), Fp8Policy(experts=False, shared_experts=False)):
+        g = dsr.trace(wl.module, wl.example_inputs, dynamic=wl.dynamic)
+        q = run_passes(g, [p for p in PIPELINE if p[0] != "fuse"], PassContext(options={"fp8": pol})) [-1].graph
+        compiled = {n.origin.replace("{0..15}.w1+w3", "0.w1").replace("{0..15}.w2", "0.w2")
+                    for n in q.nodes if n.op in ("gemm_fp8", "moe_gemm_gate_up_fp8", "moe_gemm_down_fp8")}
+        mine = {p for p in quantized_paths(wl.module, pol) if ".experts." not in p or ".experts.0." in p}
+        mine = {p for p in mine if not p.endswith("experts.0.w3")}
+        assert compiled == mine, (pol, compiled ^ mine)
