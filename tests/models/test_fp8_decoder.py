@@ -1,7 +1,8 @@
 """The FP8 recipe on a whole decoder layer (MLA + MoE, deepseek-v3-tiny, prefill, interpreter):
 every quantized GEMM stage of the layer, vs the eager layer running the FP8 recipe in plain torch
-(models/fp8_ref.py, "fp8_sim" with the layer's stage count), and vs unquantized eager on the attention half (the MoE router then reads
-FP8-perturbed values, so end to end that distance is reported, not bounded; dsr_compiler/tolerance.py)."""
+(models/fp8_ref.py, "fp8_sim" with the layer's stage count), and vs unquantized eager on the
+attention half (the MoE router then reads FP8-perturbed values, so end to end that distance is
+reported, not bounded; dsr_compiler/tolerance.py)."""
 from __future__ import annotations
 
 import torch

@@ -1,8 +1,8 @@
 """The FP8 recipe end to end on a zoo module (RMSNorm + SwiGLU MLP + residual, deepseek-v3-tiny widths):
-compiled with fp8=True and run by the interpreter backend, checked loosely against eager in the
-module's own dtype (tolerance "fp8") and tightly against eager running the same quantization (a
-hand-written simulation and models/fp8_ref.py; tolerance "fp8_sim"; both derived in dsr_compiler/tolerance.py). Also: the report, FP8 checkpoints
-taken as-is (keep_fp8), the DSR_PTX knob, and the CLI default (--fp8)."""
+compiled with fp8=True and run by the interpreter backend, checked loosely against eager in the module's
+own dtype (tolerance "fp8") and tightly against eager running the same quantization (a hand-written
+simulation and models/fp8_ref.py; tolerance "fp8_sim"; both derived in dsr_compiler/tolerance.py). Also:
+the report, FP8 checkpoints taken as-is (keep_fp8), the DSR_PTX knob, and the CLI default (--fp8)."""
 from __future__ import annotations
 
 import json
