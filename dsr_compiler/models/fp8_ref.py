@@ -34,18 +34,19 @@ the quantized path's own.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from dsr_compiler.ir.passes.quantize_fp8 import HIGH_PRECISION, Fp8Policy, classify
 
-from .deepseek import MLA, MoE
+from .deepseek import MLA, Gate, MoE
 
 E4M3_MAX = 448.0
 AMAX_FLOOR = 1e-4
 
-__all__ = ["FP8Linear", "fp8_reference", "quantized_paths"]
+__all__ = ["FP8Linear", "fp8_reference", "pinned_routing", "quantized_paths"]
 
 
 def _scales(amax: torch.Tensor, scale_fmt: str | None) -> torch.Tensor:
@@ -173,3 +174,48 @@ def fp8_reference(module: nn.Module, policy: Fp8Policy | dict | bool | None = Tr
             if full in paths and isinstance(child, nn.Linear):
                 setattr(m, name, FP8Linear(child, pol.block, pol.scale_fmt))
     return ref.eval()
+
+
+# ----------------------------------------------------------------------------- routing pinned to the FP8 path
+
+class _PinnedGate(Gate):
+    """A Gate that scores as the zoo's Gate but takes its expert choice from `pinned` (the FP8 path's
+    choice for the same tokens). The scoring lines are Gate.forward's own, minus the selection."""
+
+    pinned: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pinned is None or self.pinned.shape[0] != x.shape[0]:
+            raise RuntimeError("pinned_routing: run the FP8 reference on the same inputs first")
+        cfg = self.cfg
+        logits = nn.functional.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        weights = scores.gather(-1, self.pinned)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * cfg.routed_scaling_factor, self.pinned
+
+
+def pinned_routing(module: nn.Module, fp8_ref: nn.Module) -> tuple[nn.Module, Callable[[], None]]:
+    """(a deep copy of the unquantized `module` whose MoE gates take the experts that `fp8_ref`'s gates
+    chose, a function that removes the recording hooks). Run `fp8_ref(*x)` then `copy(*x)`.
+
+    Why: a top-k router reading FP8-perturbed values may pick another expert for a token near a tie,
+    a discrete change the "fp8" tolerance cannot bound (dsr_compiler/tolerance.py). With the choice
+    pinned, what is left between the FP8 path and unquantized eager is the continuous FP8 error the
+    "fp8" tolerance is derived for, so that comparison can be enforced for routed modules too."""
+    pinned = copy.deepcopy(module)
+    gates = {p: m for p, m in pinned.named_modules() if isinstance(m, Gate)}
+    hooks = []
+    for path, m in fp8_ref.named_modules():
+        if isinstance(m, Gate) and path in gates:
+            gates[path].__class__ = _PinnedGate
+
+            def record(_mod, _inp, out, target=gates[path]) -> None:
+                target.pinned = out[1]
+            hooks.append(m.register_forward_hook(record))
+
+    def remove() -> None:
+        for h in hooks:
+            h.remove()
+    return pinned.eval(), remove

@@ -10,7 +10,7 @@ from dsr_compiler.ir.passes.quantize_fp8 import fp8_stages
 
 import dsr_compiler as dsr
 from dsr_compiler.models import ModelConfig
-from dsr_compiler.models.fp8_ref import fp8_reference
+from dsr_compiler.models.fp8_ref import fp8_reference, pinned_routing
 from dsr_compiler.tolerance import compare_fp8
 from dsr_compiler.workloads import build
 
@@ -26,10 +26,14 @@ def test_fp8_decoder_layer_prefill():
     x = wl.example_inputs
     with torch.no_grad():
         y = cm(*x)
-        sim = fp8_reference(wl.module)(*x)         # eager zoo modules, FP8 linears in plain torch
+        ref = fp8_reference(wl.module)             # eager zoo modules, FP8 linears in plain torch
+        pinned, unhook = pinned_routing(wl.module, ref)
+        sim, pin = ref(*x), pinned(*x)             # unquantized, routers pinned to the FP8 path's experts
+        unhook()
         eager = wl.module(*x)
     tight = compare_fp8(y, sim, "fp8_sim", stages)
     assert tight["ok"], tight
+    assert compare_fp8(y, pin, "fp8", stages)["ok"]
     loose = compare_fp8(y, eager, "fp8", stages)
     assert loose["calc_diff"] < 0.05, loose    # reported bound-free (routing); a wrong kernel gives ~1
 

@@ -81,6 +81,31 @@ def test_fp8_check_of_the_default_decoder_passes(capsys):
     assert cli.main(["run", "--backend", "interpret", "--check", "--seq", "4"]) == 0
     out = capsys.readouterr().out
     assert "running the FP8 recipe (models/fp8_ref.py)" in out and "check passed" in out
+    assert "no quantization, experts pinned to the FP8 path's choice" in out     # enforced, routed or not
+
+
+def test_pinned_routing_makes_the_unquantized_fp8_check_enforceable():
+    """A routed decoder layer in prefill (32 tokens): with each eager router choosing for itself, some
+    tokens pick other experts and the "fp8" bound fails; with the experts pinned to the FP8 path's
+    choice the remaining difference is FP8 noise, inside the bound, while a halved output still fails."""
+    from dsr_compiler.ir.passes.quantize_fp8 import fp8_stages
+    from dsr_compiler.models import ModelConfig
+    from dsr_compiler.models.fp8_ref import fp8_reference, pinned_routing
+    from dsr_compiler.tolerance import compare_fp8
+    from dsr_compiler.workloads import build
+    wl = build(ModelConfig.named("deepseek-v3-tiny"), "decoder", 1, 32, "f32", 0, phase="prefill")
+    cm = dsr.compile(wl.module, wl.example_inputs, fp8=True, backend="interpret", dynamic=wl.dynamic, name="decoder")
+    stages, routed = fp8_stages(cm.graph)
+    assert routed
+    x = wl.make_inputs(32, 5)
+    sim = fp8_reference(wl.module)
+    pinned, unhook = pinned_routing(wl.module, sim)
+    with torch.no_grad():
+        y, _, want, own = cm(*x), sim(*x), pinned(*x), wl.module(*x)
+    unhook()
+    assert not compare_fp8(y, own, "fp8", stages)["ok"]          # routing flips: why it was not enforced
+    assert compare_fp8(y, want, "fp8", stages)["ok"]
+    assert not compare_fp8(y * 0.5, want, "fp8", stages)["ok"]
 
 
 @pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
