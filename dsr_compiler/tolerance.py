@@ -18,6 +18,10 @@ Why these numbers:
   max|expected| for elements near zero (where a relative bound means nothing: a sum whose
   summands are of the output's scale lands near zero with an absolute error of their ulps).
 - f16: 10 mantissa bits, eps 2^-10 ~ 1e-3: a few ulps, 5e-3.
+- mixed precision: an output computed through a lower-precision intermediate (a bf16 value widened
+  to f32 and added to an f32 input) carries that intermediate's rounding, which eager applies and a
+  fused kernel (fp32 inside) does not: it is compared at the loosest tolerance among the float dtypes
+  that feed it (`loosest_dtype`), e.g. bf16's 3e-2 for that f32 output.
 - FLOOR (all-zero or subnormal outputs): with max|expected| = 0 the scaled atol is 0, and an
   exactly-zero output must then be matched by zeros. The only legitimate difference is subnormal
   noise: GPU kernels flush subnormals to zero where eager keeps them (and the reverse), so values
@@ -36,6 +40,14 @@ TOLERANCES: dict[torch.dtype, dict[str, float]] = {
 def floor(dtype: torch.dtype) -> float:
     """The absolute floor of atol: subnormal noise (see the module docstring)."""
     return float(torch.finfo(dtype).tiny)
+
+
+def loosest_dtype(dtypes) -> torch.dtype:
+    """The float dtype with the loosest tolerance among `dtypes` (those the table knows)."""
+    known = [d for d in dtypes if d in TOLERANCES]
+    if not known:
+        raise ValueError("loosest_dtype: no float dtype of the tolerance table given")
+    return max(known, key=lambda d: (TOLERANCES[d]["atol"], TOLERANCES[d]["rtol"]))
 
 
 def tol(dtype: torch.dtype, scale: float = 1.0) -> dict[str, float]:
