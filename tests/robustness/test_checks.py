@@ -24,7 +24,7 @@ from strategies import examples, graphs_with_inputs
 import dsr_compiler as dsr
 from dsr_compiler.codegen import lower_kernel, render
 from dsr_compiler.grads import eager_loss_and_grads
-from dsr_compiler.ir import run_graph
+from dsr_compiler.ir import Graph, run_graph
 from dsr_compiler.ir.errors import CodegenError
 from dsr_compiler.ir.passes import PIPELINE, PassContext, run_passes
 from dsr_compiler.models.grpo import GRPOLoss
@@ -174,6 +174,34 @@ def _cone_dtypes(g, out: str) -> set[torch.dtype]:
     return {vals[v].type.dtype.torch for v in seen if vals[v].type.dtype.is_float}
 
 
+COMPARISONS = ("lt", "le", "gt", "ge", "eq")
+
+
+def _near_tie(g, args, out: str) -> bool:
+    """Whether `out` depends on a float comparison whose operands are, somewhere, different but equal
+    within the tolerance of their dtype: a discontinuous function of values that legitimately differ by rounding
+    (a fused tanh differs from torch's by ~1 ulp; `x < tanh(x)` then flips for tiny x)."""
+    producers = g.producers()
+    cone, todo = set(), [out]
+    while todo:
+        v = todo.pop()
+        if v not in cone:
+            cone.add(v)
+            todo.extend(producers[v].inputs if v in producers else ())
+    nodes = [producers[v] for v in cone if v in producers and producers[v].op in COMPARISONS]
+    if not nodes:
+        return False
+    every = Graph(g.name, g.inputs, g.nodes, tuple(g.values()), g.params)
+    env = dict(zip(every.outputs, run_graph(every, args)))
+    for n in nodes:
+        a, b = (env[i].double() for i in n.inputs[:2])
+        t = compare(a, b, loosest_dtype(_cone_dtypes(g, n.inputs[0]) | _cone_dtypes(g, n.inputs[1])))
+        gap = (a - b).abs()
+        if bool(((gap > 0) & (gap <= t["atol"] + t["rtol"] * b.abs())).any()):   # equal operands cannot flip
+            return True
+    return False
+
+
 @settings(max_examples=examples(12, fuzz=10_000))
 @given(gi=graphs_with_inputs())
 def test_random_graphs_compile_and_match_the_reference(gi):
@@ -195,7 +223,10 @@ def test_random_graphs_compile_and_match_the_reference(gi):
     for name, a, e in zip(g.outputs, got, want):
         assert a.dtype == e.dtype and a.shape == e.shape, name
         if e.dtype.is_floating_point:
-            r = compare(a, e, loosest_dtype(_cone_dtypes(g, name)))     # mixed precision: tolerance.py
-            assert r["ok"], (name, r)
+            ok = compare(a, e, loosest_dtype(_cone_dtypes(g, name)))["ok"]     # mixed precision: tolerance.py
         else:
-            assert torch.equal(a, e), name
+            ok = torch.equal(a, e)
+        if not ok and _near_tie(g, args, name):
+            event("differs after a float comparison at a near tie (within tolerance): accepted")
+            continue
+        assert ok, (name, compare(a.float(), e.float()) if e.dtype.is_floating_point else "integer/bool outputs differ")
