@@ -21,8 +21,11 @@ demo: setup
 test: setup
 	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q tests
 
+# Every property test at the fuzz profile's budget (tests/strategies.py `examples`), including the
+# compiled-module tests and 10,000 random graphs through passes + codegen + interpreter
+# (tests/robustness/test_checks.py); hours on a CPU. Statistics print the examples each test ran.
 fuzz: setup
-	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q --hypothesis-show-statistics tests
 
 clean:
 	rm -rf out .dsr_cache

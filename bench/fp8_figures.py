@@ -1,8 +1,9 @@
 """FP8 recipe figures, all measured or modeled in one run on this machine (no GPU needed):
 
 1. errors: the FP8 MLP block (deepseek-v3-tiny widths, interpreter) vs eager without quantization
-   and vs eager running the same quantization; gemm_fp8 vs an fp32 GEMM of the dequantized operands
-   (DeepGEMM's calc_diff), each next to its bound from dsr_compiler/tolerance.py;
+   and vs eager running the same recipe (models/fp8_ref.py); the compiled gemm_fp8 kernel (run alone
+   on the interpreter) vs an fp32 GEMM of the dequantized operands (DeepGEMM's calc_diff), each next
+   to its bound from dsr_compiler/tolerance.py; every error figure is of compiled kernels' output;
 2. modeled DRAM bytes of the compiled plan with --fp8 vs --no-fp8 (bf16 activations and weights)
    for the full-width DeepSeek-V3 decoder layer (last layer: MLA + MoE), decode and prefill;
 3. ptxas registers / spills / shared memory of every direct-PTX kernel next to its Triton twin.
@@ -15,19 +16,53 @@ import argparse
 import time
 
 import torch
-from dsr_compiler.ir import run_graph
+from dsr_compiler.ir import Graph
 from dsr_compiler.ir.ops_fp8 import (
     calc_diff,
     dequant_fp8_ref,
     dequant_weight_ref,
     quant_fp8_ref,
-    quant_weight_ref,
 )
+from dsr_compiler.runtime.launch import build_plan
+from torch import nn
 
 import dsr_compiler as dsr
 from dsr_compiler.models import ModelConfig
+from dsr_compiler.models.fp8_ref import fp8_reference
 from dsr_compiler.tolerance import FP8_TOLERANCES, compare_fp8
 from dsr_compiler.workloads import build
+
+
+class _Projection(nn.Module):
+    """One linear layer: compiled with fp8=True it is a quant_fp8 kernel and a gemm_fp8 kernel."""
+
+    def __init__(self, k: int, n: int, g: torch.Generator) -> None:
+        super().__init__()
+        self.proj = nn.Linear(k, n, bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.randn(n, k, generator=g) / k ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def compiled_gemm_fp8(m: int, k: int, n: int, g: torch.Generator) -> tuple[float, float]:
+    """The compiled gemm_fp8 kernel (interpreter), run alone on activation codes and the weight codes
+    its plan derived: (calc_diff vs an fp32 GEMM of the same dequantized operands, vs unquantized)."""
+    mod = _Projection(k, n, g)
+    x = torch.randn(m, k, generator=g)
+    cm = dsr.compile(mod, (x,), fp8=True, backend="interpret", name="proj")
+    call = next(nd for nd in cm.graph.nodes if nd.op == "call" and "gemm_fp8" in nd.attr("kernel"))
+    kernel = next(kk for kk in cm.graph.kernels if kk.name == call.attr("kernel"))
+    vals = cm.graph.values()
+    sub = Graph("gemm_fp8_only", tuple(vals[i] for i in call.inputs), (call,), tuple(o.name for o in call.outputs),
+                (), (kernel,))
+    xq, xs = quant_fp8_ref(x)
+    params = dict(zip(cm.graph.params, cm.params))
+    wq, ws = (params[i] for i in call.inputs[2:4])
+    (y,) = build_plan(sub, [a for a in cm.kernels if a.spec.name == kernel.name], "interpret").run([xq, xs, wq, ws])
+    deq = dequant_fp8_ref(xq, xs) @ dequant_weight_ref(wq, ws).T
+    return calc_diff(y.float(), deq), calc_diff(y.float(), x @ mod.proj.weight.detach().T)
 
 
 def errors() -> None:
@@ -38,8 +73,7 @@ def errors() -> None:
         x = wl.make_inputs(64, 7)[0]
         with torch.no_grad():
             y, eager = cm(x), wl.module(x)
-            pre = next(r.graph for r in cm.passes if r.name == "quantize_fp8")
-            (sim,) = run_graph(pre, [x] + cm.params)
+            sim = fp8_reference(wl.module)(x)       # the eager module running the recipe (models/fp8_ref.py)
         for what, ref, kind in (("eager, no quantization", eager, "fp8"), ("eager, same quantization", sim, "fp8_sim")):
             r = compare_fp8(y, ref, kind)
             t = FP8_TOLERANCES[kind]
@@ -48,14 +82,10 @@ def errors() -> None:
                   f"(bound {t['atol_frac']:.3g})")
     g = torch.Generator().manual_seed(0)
     for m, k, n in ((64, 7168, 2048), (16, 2048, 7168)):
-        x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / k ** 0.5
-        xq, xs = quant_fp8_ref(x)
-        wq, ws = quant_weight_ref(w)
-        from dsr_compiler.ir.ops_fp8 import gemm_fp8_ref
-        y = gemm_fp8_ref(xq, xs, wq, ws).float()
-        print(f"  gemm_fp8 {m}x{k}x{n}: calc_diff vs fp32 GEMM of dequantized operands "
-              f"{calc_diff(y, dequant_fp8_ref(xq, xs) @ dequant_weight_ref(wq, ws).T):.2e} (bound 1e-3), "
-              f"vs unquantized {calc_diff(y, x @ w.T):.2e}")
+        t = time.perf_counter()
+        deq, unq = compiled_gemm_fp8(m, k, n, g)
+        print(f"  compiled gemm_fp8 kernel {m}x{k}x{n} (interpreter): calc_diff vs fp32 GEMM of the dequantized "
+              f"operands {deq:.2e} (bound 1e-3), vs unquantized {unq:.2e} [{time.perf_counter() - t:.0f} s]")
 
 
 def dram(quick: bool) -> None:

@@ -556,3 +556,28 @@ def assert_same_outputs(before: Graph, after: Graph, args: list[torch.Tensor], a
     for w, g_ in zip(want, got):
         assert w.dtype == g_.dtype and w.shape == g_.shape
         torch.testing.assert_close(g_, w, atol=atol, rtol=rtol, equal_nan=True)
+
+
+# ----------------------------------------------------------------------------- example budgets
+
+# A test that compiles a module per example costs seconds per example, so under the bounded
+# profiles (ci: `make test`, dev) it runs fewer examples than the profile's max_examples; under
+# any other profile (fuzz: `make fuzz`) every test runs the profile's full budget. Tests never
+# hard-code max_examples: they ask `examples(n)` for their bounded-profile count.
+BOUNDED_PROFILES = ("ci", "dev")
+
+
+def active_profile() -> str:
+    """The hypothesis profile tests/conftest.py loaded (HYPOTHESIS_PROFILE, default dev)."""
+    import os
+    return os.environ.get("HYPOTHESIS_PROFILE", "dev")
+
+
+def examples(bounded: int, fuzz: int = 0) -> int:
+    """max_examples for a test: `bounded` under ci/dev; otherwise the active profile's budget, or
+    `fuzz` when the test asks for more (the random-graph compile test: 10,000)."""
+    from hypothesis import settings
+    profile_budget = settings().max_examples
+    if active_profile() in BOUNDED_PROFILES:
+        return min(bounded, profile_budget)
+    return max(bounded, profile_budget, fuzz)

@@ -29,6 +29,7 @@ from dsr_compiler.ir.ops_moe import moe_blocks, moe_rows
 from dsr_compiler.ir.types import sym
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import examples  # noqa: E402  per-test budget from the active profile
 
 from tests.codegen.codegen_helpers import run_interpreted
 from tests.tolerances import assert_close
@@ -83,7 +84,7 @@ def router_cases(draw):
     return e, bias, attrs, draw(st.integers(1, 40)), draw(st.integers(0, 2**16))
 
 
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(case=router_cases(), dtype=st.sampled_from([f32, bf16]))
 def test_router_matches_reference(case, dtype):
     e, bias, attrs, tokens, seed = case
@@ -135,7 +136,7 @@ def test_router_ties_go_to_lower_index():
 
 # ----------------------------------------------------------------------------- dispatch
 
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(e=st.sampled_from([1, 3, 16, 40]), topk=st.integers(1, 4), bm=st.sampled_from([16, 32]),
        tokens=st.integers(1, 70), skew=st.booleans(), seed=st.integers(0, 2**16))
 def test_dispatch_layout(e, topk, bm, tokens, skew, seed):
@@ -172,7 +173,7 @@ def _layout(tokens: int, topk: int, e: int, bm: int, seed: int):
     return OPS["moe_dispatch"].reference(ids, n_experts=e, block_m=bm)
 
 
-@settings(max_examples=6)
+@settings(max_examples=examples(6))
 @given(dtype=st.sampled_from([f32, bf16]), e=st.sampled_from([2, 8]), topk=st.integers(1, 2),
        tokens=st.integers(1, 24), seed=st.integers(0, 2**16))
 def test_grouped_gemms_and_combine(dtype, e, topk, tokens, seed):

@@ -28,6 +28,7 @@ from dsr_compiler.ir.errors import CodegenError
 from dsr_compiler.ir.interp import bind_symbols
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import examples  # noqa: E402  per-test budget from the active profile
 
 from tests.tolerances import assert_close
 
@@ -101,7 +102,7 @@ def check(k: Kernel, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     return got
 
 
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(nt=st.integers(1, 40), h=st.sampled_from([16, 20, 48]), v=st.sampled_from([16, 17, 50, 97]),
        block_v=st.sampled_from([16, 32]), temperature=st.sampled_from([1.0, 0.7, 1.3]), seed=st.integers(0, 99))
 def test_logprobs_and_grads_match_reference(nt, h, v, block_v, temperature, seed):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import examples  # noqa: E402  per-test budget from the active profile
 from torch import nn
 
 import dsr_compiler as dsr
@@ -39,7 +40,7 @@ def _mlp_block(hidden: int, inter: int, dtype: torch.dtype, seed: int) -> MLPBlo
     return _init(MLPBlock(cfg), seed).to(dtype).eval()
 
 
-@settings(max_examples=6)
+@settings(max_examples=examples(6))
 @given(hidden=st.sampled_from([32, 64, 96, 256]), inter=st.sampled_from([32, 48, 128]),
        dtype=st.sampled_from(["f32", "bf16"]), tokens=st.lists(st.integers(1, 40), min_size=2, max_size=3),
        seed=st.integers(0, 2**16))
@@ -56,7 +57,7 @@ def test_mlp_block_matches_eager(hidden, inter, dtype, tokens, seed):
         assert_close(cm(x), ref)
 
 
-@settings(max_examples=4)
+@settings(max_examples=examples(4))
 @given(heads=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([16, 32]), dtype=st.sampled_from(["f32", "bf16"]),
        seqs=st.lists(st.integers(1, 24), min_size=2, max_size=3), seed=st.integers(0, 2**16))
 def test_dense_attention_block_matches_eager(heads, head_dim, dtype, seqs, seed):

@@ -1,15 +1,16 @@
 """The FP8 recipe on a whole decoder layer (MLA + MoE, deepseek-v3-tiny, prefill, interpreter):
-every quantized GEMM stage of the layer, vs eager running the same quantization ("fp8_sim" with the
-layer's stage count), and vs unquantized eager on the attention half (the MoE router then reads
-FP8-perturbed values, so end to end that distance is reported, not bounded; dsr_compiler/tolerance.py)."""
+every quantized GEMM stage of the layer, vs the eager layer running the FP8 recipe in plain torch
+(models/fp8_ref.py, "fp8_sim" with the layer's stage count), and vs unquantized eager on the
+attention half (the MoE router then reads FP8-perturbed values, so end to end that distance is
+reported, not bounded; dsr_compiler/tolerance.py)."""
 from __future__ import annotations
 
 import torch
-from dsr_compiler.ir import run_graph
 from dsr_compiler.ir.passes.quantize_fp8 import fp8_stages
 
 import dsr_compiler as dsr
 from dsr_compiler.models import ModelConfig
+from dsr_compiler.models.fp8_ref import fp8_reference, pinned_routing
 from dsr_compiler.tolerance import compare_fp8
 from dsr_compiler.workloads import build
 
@@ -25,11 +26,14 @@ def test_fp8_decoder_layer_prefill():
     x = wl.example_inputs
     with torch.no_grad():
         y = cm(*x)
-        pre = next(r.graph for r in cm.passes if r.name == "quantize_fp8")
-        (sim,) = run_graph(pre, list(x) + cm.params)
+        ref = fp8_reference(wl.module)             # eager zoo modules, FP8 linears in plain torch
+        pinned, unhook = pinned_routing(wl.module, ref)
+        sim, pin = ref(*x), pinned(*x)             # unquantized, routers pinned to the FP8 path's experts
+        unhook()
         eager = wl.module(*x)
     tight = compare_fp8(y, sim, "fp8_sim", stages)
     assert tight["ok"], tight
+    assert compare_fp8(y, pin, "fp8", stages)["ok"]
     loose = compare_fp8(y, eager, "fp8", stages)
     assert loose["calc_diff"] < 0.05, loose    # reported bound-free (routing); a wrong kernel gives ~1
 

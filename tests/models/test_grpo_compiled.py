@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import examples  # noqa: E402  per-test budget from the active profile
 
 import dsr_compiler as dsr
 from dsr_compiler.grads import eager_loss_and_grads
@@ -53,7 +54,7 @@ def compile_and_check(m: GRPOLoss, inputs: tuple, dtype=torch.float32) -> tuple:
     return cm, loss, grads
 
 
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(groups=st.integers(1, 2), group=st.sampled_from([1, 2, 3]), length=st.integers(1, 6),
        h=st.sampled_from([16, 24, 40]), v=st.sampled_from([17, 50, 97, 130]), loss_type=st.sampled_from(LOSS_TYPES),
        beta=st.sampled_from([0.0, 0.04]), eps_high=st.sampled_from([0.2, 0.28]), old=st.booleans(),

@@ -14,6 +14,7 @@ from dsr_compiler.ir.passes import PIPELINE, PassContext, run_passes
 from dsr_compiler.runtime.launch import build_plan
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import examples  # noqa: E402  per-test budget from the active profile
 
 import dsr_compiler as dsr
 from dsr_compiler.api import KernelArtifact
@@ -63,7 +64,7 @@ def _x(*shape, seed: int, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=examples(5), deadline=None)
 @given(cfg=mla_configs(), lengths=st.lists(st.integers(2, 9), min_size=1, max_size=1), seed=st.integers(0, 999))
 def test_prefill_matches_eager(cfg, lengths, seed):
     m = _mla(cfg, seed)
@@ -83,7 +84,7 @@ def _decode_args(cfg: ModelConfig, b: int, s_new: int, t: int, start: int, seed:
             _x(b, t, cfg.qk_rope_head_dim, seed=seed + 2, dtype=dtype), torch.tensor(start))
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=examples(5), deadline=None)
 @given(cfg=mla_configs(), t=st.integers(5, 40), s_new=st.sampled_from([1, 2]), data=st.data(), seed=st.integers(0, 999))
 def test_decode_naive_and_absorbed_match_eager(cfg, t, s_new, data, seed):
     step = DecodeStep(_mla(cfg, seed)).eval()

@@ -22,6 +22,7 @@ from dsr_compiler.ir.passes import PIPELINE, PassContext, run_passes
 from dsr_compiler.runtime.launch import build_plan
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import examples  # noqa: E402  per-test budget from the active profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsr_compiler as dsr
@@ -90,7 +91,7 @@ def moe_configs(draw) -> ModelConfig:
         norm_topk_prob=draw(st.booleans()), routed_scaling_factor=draw(st.sampled_from([1.0, 2.5])))
 
 
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(cfg=moe_configs(), dtype=st.sampled_from(["f32", "bf16"]), seed=st.integers(0, 2**16),
        tokens=st.lists(st.integers(1, 40), min_size=1, max_size=2))
 def test_compiled_moe_matches_eager(cfg, dtype, seed, tokens):

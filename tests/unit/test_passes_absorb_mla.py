@@ -21,7 +21,7 @@ from dsr_compiler.ir.passes.absorb_mla import choose_split
 from dsr_compiler.ir.types import DType
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import apply_pass, ir_text
+from strategies import apply_pass, examples, ir_text
 
 from dsr_compiler.tolerance import TOLERANCES
 
@@ -189,7 +189,7 @@ def _naive_graph(b, s, t, h, nope, rope, vd, c, extra_q):
     return bld.build([o])
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=examples(12), deadline=None)
 @given(shape=mla_shapes(), data=st.data())
 def test_absorb_keeps_outputs_on_random_shapes(shape, data):
     g = _naive_graph(**shape)
