@@ -85,8 +85,9 @@ class _Fuser:
             other = self.group_of.get(x)
             if other is not None and other is not own:
                 stack.extend(m for m in other.members if m not in seen and m not in members and m != target)
-            if x > target:
-                continue  # nodes are topologically ordered: beyond target cannot reach it
+            # No pruning of nodes after `target` in graph order: a later node can feed a group one of
+            # whose members comes before `target`, and reaching one member of a kernel reaches them all
+            # (found by the random-graph fuzz: three gemm/reduction kernels in a cycle).
             if target in self.users[x]:
                 return True
             stack.extend(u for u in self.users[x] if u not in members)

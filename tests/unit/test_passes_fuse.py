@@ -216,6 +216,35 @@ def test_cycle_through_another_kernel_is_refused_and_logged():
     assert_same_outputs(g, parse(text), concrete_inputs(g, seed=3))
 
 
+def test_cycle_through_a_kernel_whose_members_straddle_the_candidate_is_refused():
+    # Three kernels would close a loop: the reduction kernel of %sum taking %add.2 would read %neg
+    # (gemm kernel of %linear), which reads %linear.4 (gemm kernel of %linear.4), which reads %sum.
+    # The path leaves the candidate's position in graph order (%linear.4 comes after %add.2) and
+    # comes back through a kernel member before it (%neg): a search that stops at nodes after the
+    # candidate misses it (found by the random-graph fuzz; the fuse pass then failed on its own check).
+    before = """
+        graph g(%x : f32[2], param %w : f32[1,2], param %w.3 : f32[1,2], param %nw : f32[1]) {
+          %linear : f32[1] = linear(%x, %w)
+          %neg : f32[1] = neg(%linear)
+          %neg.1 : f32[2] = neg(%x)
+          %sum : f32[1] = sum(%neg.1, dim=-1, keepdim=True)
+          %add.2 : f32[2] = add(%neg.1, %neg)
+          %linear.4 : f32[1] = linear(%x, %w.3)
+          %neg.5 : f32[1] = neg(%linear.4)
+          %add.8 : f32[1] = add(%linear.4, %sum)
+          %add.11 : f32[1] = add(%linear, %linear.4)
+          %rms_norm : f32[1] = rms_norm(%add.11, %nw, eps=1e-06)
+          return %add.2, %linear, %sum, %rms_norm, %add.8, %neg.5
+        }
+    """
+    text, ctx = fused(before)
+    assert "k4_pointwise_add(%neg.1 : f32[2], %neg : f32[1])" in text      # %add.2 is a kernel of its own
+    assert ("cannot fuse %add.2 = add into reduction kernel of %sum = sum: a value it needs is computed outside "
+            "the kernel from the kernel's own results (would create a cycle)") in ctx.notes
+    g = parse(ir_text(before))
+    assert_same_outputs(g, parse(text), concrete_inputs(g, seed=5))
+
+
 def test_reshape_stays_outside_and_constants_are_copied_in():
     text, ctx = fused("""
         graph misc(%x : f32[T,8], %y : f32[2,T,8]) {
