@@ -70,8 +70,10 @@ def test_bf16_grpo_head_fails_with_dh_halved():
 def _trace_without_norms(monkeypatch):
     """A trace bug: RMSNorm lowered as the identity. The compiled plan and anything that runs the
     traced graph share it; eager PyTorch does not."""
-    trace = importlib.import_module("dsr_compiler.frontend.trace")
-    monkeypatch.setitem(trace.LEAF_LOWERINGS, "rms_norm", lambda cx, m, args, kwargs: cx.tensor(args[0], "RMSNorm"))
+    importlib.import_module("dsr_compiler.frontend")          # registers every lowering
+    registry = importlib.import_module("dsr_compiler.frontend.registry")
+    assert "rms_norm" in registry.LEAF_LOWERINGS
+    monkeypatch.setitem(registry.LEAF_LOWERINGS, "rms_norm", lambda cx, m, args, kwargs: cx.tensor(args[0], "RMSNorm"))
 
 
 def test_fp8_check_of_a_routed_decoder_catches_a_trace_bug(monkeypatch, capsys):
