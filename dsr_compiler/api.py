@@ -249,7 +249,7 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
     kernels = build_kernels(final, target, ptx)
     t_codegen = (time.perf_counter() - t2) * 1e3
     tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]   # None / scalars are baked in
-    env = bind_symbols([v.type for v in g.inputs], tensors + param_tensors(module, g),
+    env = bind_symbols([v.type for v in g.inputs], tensors + param_tensors(module, g, meta=True),
                        where=f"example inputs of {g.name}")
     from dsr_compiler.params import resolve_params
     params, param_origin = resolve_params(module, final, ctx.derived)

@@ -49,8 +49,10 @@ def checkpoint_fp8(module: nn.Module, source: str) -> tuple[torch.Tensor, torch.
     return None
 
 
-def derive_one(module: nn.Module, d: DerivedParam, graph: Graph) -> tuple[tuple[torch.Tensor, ...], str]:
-    """(tensors for d.outputs, where they came from: "checkpoint" or "compile-time")."""
+def derive_one(module: nn.Module, d: DerivedParam, graph: Graph,
+               sources: Sequence[torch.Tensor] | None = None) -> tuple[tuple[torch.Tensor, ...], str]:
+    """(tensors for d.outputs, where they came from: "checkpoint" or "compile-time"); `sources`,
+    when the caller has them already, are the module tensors of `d.sources` in order."""
     if d.rule == "fp8_block_quant" and len(d.sources) == 1:
         kept = checkpoint_fp8(module, d.sources[0])
         if kept is not None:
@@ -63,23 +65,29 @@ def derive_one(module: nn.Module, d: DerivedParam, graph: Graph) -> tuple[tuple[
                                f"derived params {', '.join(d.outputs)}",
                                "DeepSeek checkpoints use 128x128 blocks: compile with the default block=128")
             return (q.contiguous(), s.float().contiguous()), "checkpoint"
-    return evaluate(d, _module_tensors(module, d.sources, graph)), "compile-time"
+    if sources is None:
+        sources = _module_tensors(module, d.sources, graph)
+    return evaluate(d, sources), "compile-time"
 
 
 def resolve_params(module: nn.Module, graph: Graph, derived: Sequence[DerivedParam] = ()
                    ) -> tuple[list[torch.Tensor], dict[str, str]]:
     """(one tensor per graph.params in order, {derived output name: "checkpoint" | "compile-time"})."""
     by_output = {o: d for d in derived for o in d.outputs}
-    plain = [p for p in graph.params if p not in by_output]
-    found = dict(zip(plain, _module_tensors(module, plain, graph)))
-    origin: dict[str, str] = {}
-    done: set[int] = set()
+    used: list[DerivedParam] = []
     for p in graph.params:
         d = by_output.get(p)
-        if d is None or id(d) in done:
-            continue
-        done.add(id(d))
-        tensors, where = derive_one(module, d, graph)
+        if d is not None and all(d is not u for u in used):
+            used.append(d)
+    # every module tensor (plain params and the sources of derivations) is fetched once: a frontend
+    # derived param (e.g. stacked expert weights) that is both a param and a source is computed once
+    wanted = list(dict.fromkeys([p for p in graph.params if p not in by_output]
+                                + [s for d in used for s in d.sources]))
+    module_t = dict(zip(wanted, _module_tensors(module, wanted, graph)))
+    found = {p: module_t[p] for p in graph.params if p not in by_output}
+    origin: dict[str, str] = {}
+    for d in used:
+        tensors, where = derive_one(module, d, graph, [module_t[s] for s in d.sources])
         for o, t in zip(d.outputs, tensors):
             found[o] = t
             origin[o] = where

@@ -240,11 +240,13 @@ def _report_notes(found: list[str], notes: list[str] | None) -> None:
             sys.stderr.write(f"[dsr] trace note: {n}\n")
 
 
-def param_tensors(module: nn.Module, graph: Graph) -> list[torch.Tensor]:
+def param_tensors(module: nn.Module, graph: Graph, meta: bool = False) -> list[torch.Tensor]:
     """The module's tensors for `graph.params`, in graph order (what the runtime binds); derived
-    params (`DERIVED_PARAMS`) are computed from their owner submodule's tensors here."""
+    params (`DERIVED_PARAMS`) are computed from their owner submodule's tensors here. `meta=True`
+    gives derived params as meta tensors of the right dtype and shape (nothing is computed: for
+    binding symbolic sizes)."""
     by_name = {name: t for name, t in param_index(module).values()}
-    found = {p: by_name[p] if p in by_name else _derived_tensor(module, p) for p in graph.params}
+    found = {p: by_name[p] if p in by_name else _derived_tensor(module, p, meta) for p in graph.params}
     missing = [p for p, t in found.items() if t is None]
     if missing:
         raise TraceError(f"trace: graph {graph.name} needs parameters the module does not have: {missing}",
@@ -252,8 +254,9 @@ def param_tensors(module: nn.Module, graph: Graph) -> list[torch.Tensor]:
     return [found[p] for p in graph.params]
 
 
-def _derived_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
-    """`<owner path>.<key>` -> DERIVED_PARAMS[key].compute(owner), or None if `name` is not one."""
+def _derived_tensor(module: nn.Module, name: str, meta: bool = False) -> torch.Tensor | None:
+    """`<owner path>.<key>` -> DERIVED_PARAMS[key].compute(owner) (or, with `meta`, an empty meta
+    tensor of `type_of(owner)`), or None if `name` is not one."""
     for key, how in DERIVED_PARAMS.items():
         if name != key and not name.endswith("." + key):
             continue
@@ -263,6 +266,9 @@ def _derived_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
         except AttributeError:
             continue
         try:
+            if meta:
+                dtype, shape = how.type_of(owner)
+                return torch.empty(shape, dtype=dtype, device="meta")
             with torch.no_grad():
                 return how.compute(owner).detach()
         except (TypeError, ValueError, RuntimeError) as e:

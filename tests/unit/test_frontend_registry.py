@@ -74,3 +74,28 @@ def test_a_zoo_function_imported_by_name_stays_one_node():
 
 
 from dsr_compiler.models.layers import apply_rope  # noqa: E402  (by name, as user code would)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_derived_expert_weights_are_computed_once_per_compile(monkeypatch, fp8):
+    """The stacked expert weights are a param (bf16/f32 path) or the source of the FP8 codes
+    (FP8 path): either way each is computed once; binding symbolic sizes reads only their type."""
+    import dataclasses
+
+    import dsr_compiler as dsr
+    from dsr_compiler.models import ModelConfig
+    from dsr_compiler.workloads import build
+
+    calls: dict[str, int] = {}
+    for key in ("experts.w13", "experts.w2"):
+        how = registry.DERIVED_PARAMS[key]
+
+        def counted(owner, how=how, key=key):
+            calls[key] = calls.get(key, 0) + 1
+            return how.compute(owner)
+        monkeypatch.setitem(registry.DERIVED_PARAMS, key, dataclasses.replace(how, compute=counted))
+    wl = build(ModelConfig.named("deepseek-v3-tiny"), "moe", 1, 4, "f32", 0)
+    cm = dsr.compile(wl.module, wl.example_inputs, fp8=fp8, backend="interpret", name="moe")
+    assert calls == {"experts.w13": 1, "experts.w2": 1}
+    out = cm(*wl.example_inputs)
+    assert out is not None
