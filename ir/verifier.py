@@ -86,7 +86,7 @@ def verify(g: Graph, _kernels: dict | None = None) -> Graph:
 def _verify_node(g: Graph, i: int, n: Node, defined: dict[str, TensorType], kernels: dict) -> None:
     op = OPS.get(n.op)
     if op is None:
-        raise _fail(g, i, f"unknown op {n.op!r}", "ops are declared in ir/ops.py")
+        raise _fail(g, i, f"unknown op {n.op!r}", "ops are declared in ir/ops/")
     for inp in n.inputs:
         if inp not in defined:
             raise _fail(g, i, f"%{inp} is used before it is defined")

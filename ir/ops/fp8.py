@@ -28,7 +28,7 @@ import torch
 from ..types import DType, TensorType, to_expr
 from ._def import GEMM, AttrSpec, OpDef, TypeRuleError, dims_equal, register
 
-QUANT = "quant"          # op kind: fused by ir/passes/fuse_fp8.py into the quant_fp8 / gemm_fp8 families
+QUANT = "quant"          # op kind: fused by ir/passes/fuse/fp8.py into the quant_fp8 / gemm_fp8 families
 E4M3_MAX = 448.0         # largest finite float8_e4m3fn; codes are clamp(v, -448, 448).to(e4m3fn)
 SCALE_FLOOR = 1e-4       # scales are max(amax, SCALE_FLOOR) / E4M3_MAX
 SCALE_FMTS = (None, "ue8m0")
