@@ -230,7 +230,8 @@ def _sum_mean_vjp(b: GradBuilder, n: Node, g: str, zero: str) -> list:
 
 # ----------------------------------------------------------------------------- pointwise
 
-def _unary(name: str, ref: Callable, doc: str, float_only: bool = True, flops: int = 1, vjp: Vjp | None = None) -> None:
+def _unary(name: str, ref: Callable, doc: str, float_only: bool = True, flops: int = 1,
+           vjp: Vjp | None = None) -> None:
     def rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple[TensorType, ...]:
         if float_only and not ts[0].dtype.is_float:
             raise TypeRuleError(f"{name} needs a float input, got {ts[0].dtype.value}")

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from ...graph import Node
 from ...ops import ATTENTION, LAYOUT, OPS, POINTWISE, REDUCTION, SOURCE
-from .fuser import VIEW_OPS, Fuser, same_shape
+from ...types import dims_equal
+from .fuser import VIEW_OPS, Fuser
 
 
 def group_gemm(f: Fuser) -> None:
@@ -46,7 +47,7 @@ def group_reduction(f: Fuser) -> None:
             what = f"reduction kernel of {f.name(i)}"
             f.absorb_prologue(grp, x, xt, what)
             red = n.outputs[0].type
-            f.absorb_epilogue(grp, xt, what, also=None if same_shape(red, xt) else red)
+            f.absorb_epilogue(grp, xt, what, also=None if dims_equal(red.shape, xt.shape) else red)
         else:
             f.ctx.note(f"cannot make a reduction kernel of {f.name(i)}: only last-dim reductions are supported")
 
@@ -83,7 +84,7 @@ def swiglu_partner(f: Fuser, i: int) -> int | None:
             return False
         jn = f.nodes[j]
         return (jn.op == "linear" and len(jn.inputs) == 2 and jn.inputs[0] == n.inputs[0]
-                and same_shape(jn.outputs[0].type, n.outputs[0].type)
+                and dims_equal(jn.outputs[0].type.shape, n.outputs[0].type.shape)
                 and jn.outputs[0].type.dtype == n.outputs[0].type.dtype)
 
     def other_operand(mul: Node, mine: str) -> str:

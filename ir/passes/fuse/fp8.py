@@ -20,7 +20,8 @@ and applies the scales to its fp32 partial sums (the dequant folded into the GEM
 from __future__ import annotations
 
 from ...ops import OPS, POINTWISE
-from .fuser import Fuser, same_shape
+from ...types import dims_equal
+from .fuser import Fuser
 
 _UNARY_CHAIN = ("cast", "silu", "sigmoid", "relu", "gelu", "tanh", "neg")
 
@@ -44,7 +45,8 @@ def _dual_partner(f: Fuser, i: int) -> int | None:
     for j, m in enumerate(f.nodes):
         if j == i or m.op != "gemm_fp8" or j in f.group_of or m.inputs[:2] != n.inputs[:2]:
             continue
-        if m.attrs != n.attrs or not same_shape(m.out.type, n.out.type) or m.out.type.dtype != n.out.type.dtype:
+        if (m.attrs != n.attrs or not dims_equal(m.out.type.shape, n.out.type.shape)
+                or m.out.type.dtype != n.out.type.dtype):
             continue
         reach_j = _forward_unary(f, j)
         for a in reach_i:
@@ -65,7 +67,7 @@ def _quant_epilogue(f: Fuser, grp, out_type, what: str) -> None:
         if n.op != "quant_fp8" or i in f.group_of:
             continue
         xt = f.type_of(n.inputs[0])
-        if not same_shape(xt, out_type):
+        if not dims_equal(xt.shape, out_type.shape):
             f.ctx.note(f"cannot fuse {f.name(i)} into {what}: it quantizes {xt}, not the output tile {out_type}")
             continue
         if f.can_join(grp, i, what):
@@ -103,7 +105,7 @@ def group_quant_fp8(f: Fuser) -> None:
             if j is None or j in f.group_of:
                 continue
             pj = f.nodes[j]
-            if not same_shape(pj.outputs[0].type, row):
+            if not dims_equal(pj.outputs[0].type.shape, row.shape):
                 f.ctx.note(f"cannot fuse {f.name(j)} into {what}: shape {pj.outputs[0].type} differs from the row {row}")
                 continue
             if pj.op == "rms_norm" and not have_norm:

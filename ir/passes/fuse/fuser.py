@@ -20,11 +20,6 @@ VIEW_OPS = tuple(o for o in INDEX_MAP_OPS if o != "reshape")  # index maps a ker
                                                                # (reshape stays a free view between kernels)
 
 
-def same_shape(a: TensorType, b: TensorType) -> bool:
-    """Do two types have equal shapes (dtype aside)?"""
-    return dims_equal(a.shape, b.shape)
-
-
 @dataclass
 class Group:
     """One future kernel: its family, its member nodes (indices into the graph) and its anchor node."""
@@ -116,9 +111,9 @@ class Fuser:
         n = self.nodes[i]
         if self.op_kind(i) not in (POINTWISE, SOURCE):
             return False
-        if also is not None and n.outputs and same_shape(n.outputs[0].type, also):
+        if also is not None and n.outputs and dims_equal(n.outputs[0].type.shape, also.shape):
             return True  # a per-row value in a reduction kernel (e.g. rsqrt(mean + eps))
-        if n.outputs and n.outputs[0].type.rank and not same_shape(n.outputs[0].type, shape_of):
+        if n.outputs and n.outputs[0].type.rank and not dims_equal(n.outputs[0].type.shape, shape_of.shape):
             self.ctx.note(f"cannot fuse {self.name(i)} into {what}: its shape {n.outputs[0].type} differs from "
                           f"the kernel's iteration shape {shape_of}")
             return False
@@ -182,7 +177,7 @@ class Fuser:
                     self.ctx.note(f"cannot fuse {self.name(j)} into {what} as prologue: "
                                   f"{self.nodes[j].op} is not pointwise")
                 continue
-            if not same_shape(self.nodes[j].outputs[0].type, row_type):
+            if not dims_equal(self.nodes[j].outputs[0].type.shape, row_type.shape):
                 self.ctx.note(f"cannot fuse {self.name(j)} into {what} as prologue: shape "
                               f"{self.nodes[j].outputs[0].type} differs from the row {row_type}")
                 continue
