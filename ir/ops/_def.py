@@ -1,11 +1,14 @@
 """The op table's definitions: `OpDef`, `register`, the op kinds, and the helpers the op modules share.
 
-Where it sits: the bottom of `ir/ops/` (it imports only `ir/types.py`); `core.py`, `fp8.py`,
+Where it sits: the bottom of `ir/ops/` (it imports `ir/types.py`, and `ir/graph.py` for type hints); `core.py`, `fp8.py`,
 `moe.py`, `mla.py` and `loss.py` declare ops with `register(OpDef(...))`, and `ir/ops/__init__.py`
 imports them in one listed order. Every fact about an op lives on its one `OpDef`: type rule,
 eager reference, attributes, kind (which fusion families may take it), and the facts passes and
 codegen ask about (`commutative`, `flops`, `index_map`, `last_dim_reduction`, `vjp`). The query
 helpers at the end answer from the table, so no pass keeps its own list of op names.
+
+`dims_equal`, the IR's one "same dims" test, is defined in `ir/types.py` (broadcasting needs it
+below the op table) and re-exported here with the other helpers the op modules use.
 """
 from __future__ import annotations
 
