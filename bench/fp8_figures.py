@@ -17,7 +17,7 @@ import time
 
 import torch
 from dsr_compiler.ir import Graph
-from dsr_compiler.ir.ops_fp8 import (
+from dsr_compiler.ir.ops.fp8 import (
     calc_diff,
     dequant_fp8_ref,
     dequant_weight_ref,

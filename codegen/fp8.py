@@ -46,12 +46,11 @@ import jinja2
 import torch
 
 from dsr_compiler.ir.errors import CodegenError
+from dsr_compiler.ir.ops.fp8 import E4M3_MAX, SCALE_FLOOR
 
 from .compile import _interpret_env
 
 TEMPLATES = Path(__file__).parent / "templates"
-E4M3_MAX = 448.0
-SCALE_FLOOR = 1e-4
 _IN_DTYPES = ("f32", "bf16")
 _TRITON_PTR = {"f32": "*fp32", "bf16": "*bf16", "fp8e4m3": "*fp8e4nv"}
 _TORCH = {"f32": torch.float32, "bf16": torch.bfloat16, "fp8e4m3": torch.float8_e4m3fn}

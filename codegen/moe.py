@@ -21,7 +21,7 @@ from __future__ import annotations
 import sympy
 from dsr_compiler.ir.graph import Kernel, Node
 from dsr_compiler.ir.ops import OPS, SOURCE
-from dsr_compiler.ir.ops_moe import MOE_COMBINE, MOE_DISPATCH, MOE_GEMM, MOE_ROUTER
+from dsr_compiler.ir.ops.moe import MOE_COMBINE, MOE_DISPATCH, MOE_GEMM, MOE_ROUTER
 from dsr_compiler.ir.types import DType, dim_str
 
 from .families import register_family

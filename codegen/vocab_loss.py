@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import sympy
 from dsr_compiler.ir.graph import Kernel, Node
-from dsr_compiler.ir.ops_loss import (
+from dsr_compiler.ir.ops.loss import (
     GATHER,
     VOCAB_GRAD_HIDDEN,
     VOCAB_GRAD_WEIGHT,

@@ -1,7 +1,9 @@
 """Size and attribute expressions of the text IR: a tokenizer and a precedence-climbing parser.
 
-Sits under the IR parser: `types.parse_dim` reads dims (`T*k + 16128`, `ceiling(T/128)`) and
-`parser.parse_attr_value` reads attribute values (`1e-06`, `"reduction"`, `(2, T, 4)`) here.
+Sits under the IR parser and types (it imports only `dtype.py` and `errors.py`): `types.parse_dim`
+reads dims (`T*k + 16128`, `ceiling(T/128)`) and `parser.parse_attr_value` reads attribute values
+(`1e-06`, `"reduction"`, `(2, T, 4)`) here. `sym`, the one symbol of a named dynamic dimension,
+lives here too (types re-exports it), since the grammar decides which names can be symbols.
 Text IR comes from files (dumps, bug reports), so reading it must never run code: the grammar
 below builds sympy objects from tokens (`sympy.Integer`, `sym`, `+`, `sympy.floor`, ...) and never
 hands text to `sympify`/`eval`, which evaluate Python. Everything is bounded: input length,
@@ -31,6 +33,7 @@ from typing import Any, Callable, NoReturn
 
 import sympy
 
+from .dtype import DType
 from .errors import ParseError
 
 MAX_CHARS = 4096          # one dim or one attribute value
@@ -43,7 +46,7 @@ MAX_SYMBOLS = 6           # distinct dim symbols in one expression (graphs use T
 MAX_DEGREE = 6            # polynomial degree (T*S*B is 3): keeps expand/simplify of a dim cheap
 MAX_CALLS = 8             # function calls in one expression (sympy evaluates each; some are slow)
 
-# Names the grammar gives a meaning other than "dim symbol"; `types.sym` refuses them as symbol
+# Names the grammar gives a meaning other than "dim symbol"; `sym` refuses them as symbol
 # names so that every printed expression reads back as itself.
 FUNCTIONS: dict[str, Callable[..., sympy.Expr]] = {
     "ceiling": sympy.ceiling, "ceil": sympy.ceiling, "floor": sympy.floor,
@@ -273,12 +276,10 @@ class _Parser:
             if n in ("inf", "nan"):
                 return float(n)
             if n in _dtype_names():
-                from .types import DType     # types imports this module
                 return DType(n)
         return self.symbol(t)
 
     def symbol(self, t: _Tok) -> sympy.Symbol:
-        from .types import sym           # types imports this module
         if not symbol_name_ok(t.text):
             self.fail(f"{t.text!r} is not a dim symbol (reserved name)", t)
         nxt = self.peek()
@@ -347,7 +348,6 @@ def _bounded(v: sympy.Expr, text: str, depth: int = 3) -> sympy.Expr:
 
 @lru_cache(maxsize=1)
 def _dtype_names() -> frozenset[str]:
-    from .types import DType             # types imports this module
     return frozenset(d.value for d in DType)
 
 
@@ -357,6 +357,18 @@ def symbol_name_ok(name: str) -> bool:
     return (bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)) and not keyword.iskeyword(name)
             and not name.startswith("__") and name not in FUNCTIONS and name not in LITERAL_NAMES
             and name not in _dtype_names())
+
+
+
+@lru_cache(maxsize=None)
+def sym(name: str) -> sympy.Symbol:
+    """The one symbol for a named dynamic dimension (positive integer).
+
+    Names are identifiers that the expression grammar reads back as symbols: not Python keywords,
+    dunders, function names (`floor`, `Max`, ...), literals (`inf`, `None`) or dtypes (`f32`)."""
+    if not isinstance(name, str) or not symbol_name_ok(name):
+        raise ValueError(f"bad dimension symbol name: {name!r}")
+    return sympy.Symbol(name, integer=True, positive=True)
 
 
 def _degree(e: sympy.Expr) -> int:

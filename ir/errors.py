@@ -43,6 +43,11 @@ class VerifyError(DsrError):
     """An IR graph is not well-formed (raised by the verifier)."""
 
 
+class GradError(DsrError):
+    """The loss cannot be differentiated as asked (no rule for an op, not a scalar, bad name);
+    raised by the `differentiate` pass and the ops' derivative rules."""
+
+
 class ParseError(DsrError):
     """Text IR could not be parsed."""
 

@@ -3,15 +3,18 @@
 Passes never mutate a graph; they build a new one (see `GraphBuilder`). Node attributes
 are plain printable values (int, float, str, bool, None, DType, sympy dims, tuples of
 those), canonicalized on construction so that printing and parsing round-trip exactly.
+The text form (`print_graph`, `format_node`, ...) is here too, so `str(graph)` is the IR text;
+ir/printer.py describes the format and re-exports it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
 import sympy
 
-from .types import DType, TensorType
+from .types import DType, TensorType, dim_str
 
 
 def canon_attr(v: Any) -> Any:
@@ -147,7 +150,6 @@ class Graph:
         return Graph(**d)
 
     def __str__(self) -> str:
-        from .printer import print_graph
         return print_graph(self)
 
     def __iter__(self) -> Iterator[Node]:
@@ -169,6 +171,87 @@ class Graph:
                 if inp in prod:
                     g.add_edge(index[id(prod[inp])], i, value=inp)
         return g
+
+
+# ----------------------------------------------------------------------------- text form
+# The printer's core lives with the data it prints, so `str(graph)` needs no upward import;
+# ir/printer.py documents the format, adds the header line and re-exports these.
+
+def float_repr(v: float) -> str:
+    if math.isnan(v):
+        return "nan"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return repr(v)
+
+
+def format_attr(v: Any) -> str:
+    if v is None or isinstance(v, bool):
+        return repr(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return float_repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, DType):
+        return v.value
+    if isinstance(v, sympy.Expr):
+        return dim_str(v)
+    if isinstance(v, tuple):
+        inner = ", ".join(format_attr(x) for x in v)
+        return f"({inner},)" if len(v) == 1 else f"({inner})"
+    raise TypeError(f"cannot print attribute {v!r}")
+
+
+def format_node(n: Node) -> str:
+    lhs = ", ".join(f"%{o.name}" for o in n.outputs)
+    types = ", ".join(str(o.type) for o in n.outputs)
+    args = [f"%{i}" for i in n.inputs]
+    attrs = list(n.attrs)
+    if n.op == "call":
+        kname = dict(attrs)["kernel"]
+        rest = [f"{k}={format_attr(v)}" for k, v in attrs if k != "kernel"]
+        rhs = f"call @{kname}({', '.join(args + rest)})"
+    else:
+        rhs = f"{n.op}({', '.join(args + [f'{k}={format_attr(v)}' for k, v in attrs])})"
+    line = f"{lhs} : {types} = {rhs}" if n.outputs else rhs
+    if n.origin:
+        line += f"  # {n.origin}"
+    return line
+
+
+def _signature(g: Graph) -> str:
+    ps = set(g.params)
+    parts = [("param " if v.name in ps else "") + f"%{v.name} : {v.type}" for v in g.inputs]
+    return ", ".join(parts)
+
+
+def _body(g: Graph, indent: str = "  ") -> list[str]:
+    lines = [indent + format_node(n) for n in g.nodes]
+    lines.append(indent + "return " + ", ".join(f"%{o}" for o in g.outputs))
+    return lines
+
+
+def format_kernel(k: Kernel) -> list[str]:
+    attrs = [f'family={format_attr(k.family)}'] + [f"{a}={format_attr(v)}" for a, v in k.attrs]
+    lines = [f"kernel @{k.name}({_signature(k.body)}) {' '.join(attrs)} {{"]
+    lines += _body(k.body)
+    lines.append("}")
+    return lines
+
+
+def print_graph(g: Graph, header: str | None = None) -> str:
+    lines: list[str] = []
+    if header is not None:
+        lines.append(header)
+    for k in g.kernels:
+        lines += format_kernel(k)
+        lines.append("")
+    lines.append(f"graph {g.name}({_signature(g)}) {{")
+    lines += _body(g)
+    lines.append("}")
+    return "\n".join(lines) + "\n"
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 
 from .errors import DsrError
 from .graph import canon_attr
-from .ops_fp8 import quant_weight_ref
+from .ops.fp8 import quant_weight_ref
 
 
 @dataclass(frozen=True)

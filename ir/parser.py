@@ -13,7 +13,7 @@ from typing import Any
 from .dimexpr import parse_value_text
 from .errors import DsrError, ParseError
 from .graph import Graph, Kernel, Node, Value
-from .types import TensorType, _split_top, parse_type
+from .types import TensorType, split_top, parse_type
 from .verifier import verify as verify_graph
 
 _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.]*"
@@ -94,7 +94,7 @@ def parse_attr_value(text: str) -> Any:
 
 def _parse_signature(text: str, where: str) -> tuple[list[Value], list[str]]:
     inputs, params = [], []
-    for part in _split_top(text) if text.strip() else []:
+    for part in split_top(text) if text.strip() else []:
         is_param = part.startswith("param ")
         if is_param:
             part = part[len("param "):]
@@ -117,7 +117,7 @@ def _parse_node(code: str, origin: str, where: str) -> Node:
         if not colon:
             raise ParseError("statement needs `%out : type = op(...)`", where=where)
         names = [n.strip() for n in names_part.split(",")]
-        types = _split_top(types_part)
+        types = split_top(types_part)
         if len(names) != len(types):
             raise ParseError(f"{len(names)} names but {len(types)} types", where=where)
         for n, t in zip(names, types):
@@ -134,7 +134,7 @@ def _parse_node(code: str, origin: str, where: str) -> Node:
     attrs: list[tuple[str, Any]] = []
     if op == "call":
         attrs.append(("kernel", m.group(2)))
-    for arg in _split_top(m.group(4)) if m.group(4).strip() else []:
+    for arg in split_top(m.group(4)) if m.group(4).strip() else []:
         vm = re.fullmatch(rf"%({_NAME})", arg)
         if vm:
             if attrs and op != "call" or (op == "call" and len(attrs) > 1):
@@ -219,7 +219,7 @@ def _parse_text(text: str) -> Graph:
             sig, attr_text = _split_kernel_head(km.group(2), where)
             ins, ps = _parse_signature(sig, where)
             kattrs: list[tuple[str, Any]] = []
-            for part in _split_top(attr_text.strip(), sep=" ") if attr_text.strip() else []:
+            for part in split_top(attr_text.strip(), sep=" ") if attr_text.strip() else []:
                 k, eq, v = part.partition("=")
                 if not eq or not _ATTR_KEY_RE.fullmatch(k):
                     raise ParseError(f"bad kernel attribute {part!r}", where=where, hint="write `key=value`")

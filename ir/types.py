@@ -1,83 +1,24 @@
-"""IR types: element dtypes and tensor types with symbolic (sympy) dimensions.
+"""IR types: tensor types with symbolic (sympy) dimensions, over the element dtypes of ir/dtype.py.
 
-Sits at the bottom of the IR: everything else (op table, graph, printer, parser,
-verifier, interpreter) describes values with these types. Dynamic sizes are named
-sympy symbols (integer, positive) so shapes print as `f32[T,256]` and parse back.
+Sits near the bottom of the IR (above `dtype.py` and the dim grammar `dimexpr.py`, whose `DType`
+and `sym` it re-exports): everything else (op table, graph, printer, parser, verifier,
+interpreter) describes values with these types. Dynamic sizes are named sympy symbols (integer,
+positive) so shapes print as `f32[T,256]` and parse back.
 """
 from __future__ import annotations
 
-import enum
 import operator
 import re
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import sympy
-import torch
 
-from .dimexpr import parse_expr_text, symbol_name_ok
+from .dimexpr import parse_expr_text, sym
+from .dtype import DType
 
-
-class DType(enum.Enum):
-    """Element types. The value is the IR spelling."""
-
-    f32 = "f32"
-    f16 = "f16"
-    bf16 = "bf16"
-    fp8e4m3 = "fp8e4m3"
-    fp8e5m2 = "fp8e5m2"
-    i32 = "i32"
-    i64 = "i64"
-    bool = "bool"
-
-    def __repr__(self) -> str:
-        return f"DType.{self.name}"
-
-    @property
-    def torch(self) -> torch.dtype:
-        return _TO_TORCH[self]
-
-    @property
-    def is_float(self) -> bool:
-        return self in (DType.f32, DType.f16, DType.bf16, DType.fp8e4m3, DType.fp8e5m2)
-
-    @property
-    def itemsize(self) -> int:
-        return _TO_TORCH[self].itemsize
-
-    @staticmethod
-    def from_torch(dt: torch.dtype) -> "DType":
-        try:
-            return _FROM_TORCH[dt]
-        except KeyError:
-            from .errors import TraceError
-            raise TraceError(f"unsupported dtype: {dt}", hint="use one of " + ", ".join(d.value for d in DType)) from None
-
-    @staticmethod
-    def parse(text: str) -> "DType":
-        return DType(text)
-
-
-_TO_TORCH = {
-    DType.f32: torch.float32, DType.f16: torch.float16, DType.bf16: torch.bfloat16,
-    DType.fp8e4m3: torch.float8_e4m3fn, DType.fp8e5m2: torch.float8_e5m2,
-    DType.i32: torch.int32, DType.i64: torch.int64, DType.bool: torch.bool,
-}
-_FROM_TORCH = {v: k for k, v in _TO_TORCH.items()}
 
 Dim = sympy.Expr
-
-
-@lru_cache(maxsize=None)
-def sym(name: str) -> sympy.Symbol:
-    """The one symbol for a named dynamic dimension (positive integer).
-
-    Names are identifiers that the expression grammar reads back as symbols: not Python keywords,
-    dunders, function names (`floor`, `Max`, ...), literals (`inf`, `None`) or dtypes (`f32`)."""
-    if not isinstance(name, str) or not symbol_name_ok(name):
-        raise ValueError(f"bad dimension symbol name: {name!r}")
-    return sympy.Symbol(name, integer=True, positive=True)
 
 
 def as_dim(d: int | str | sympy.Expr) -> Dim:
@@ -175,12 +116,12 @@ def parse_type(text: str) -> TensorType:
         raise ValueError(f"not a tensor type: {text!r}")
     dt = DType.parse(m.group(1))
     inner = m.group(2).strip()
-    dims = [] if not inner else _split_top(inner)
+    dims = [] if not inner else split_top(inner)
     return TensorType(dt, tuple(parse_dim(d) for d in dims))
 
 
-def _split_top(text: str, sep: str = ",") -> list[str]:
-    """Split on `sep` outside brackets/parentheses/quotes."""
+def split_top(text: str, sep: str = ",") -> list[str]:
+    """Split on `sep` outside brackets/parentheses/quotes (types, signatures and argument lists of the text IR)."""
     out, depth, cur, quote, escaped = [], 0, [], None, False
     for ch in text:
         if quote:
@@ -208,6 +149,37 @@ def _split_top(text: str, sep: str = ",") -> list[str]:
     return out
 
 
+_SIMPLIFY_OPS = 48      # dims of real graphs have a handful of operations
+
+
+def _dim_equal(x: int | Dim, y: int | Dim) -> bool:
+    if x == y:
+        return True
+    d = to_expr(x) - to_expr(y)
+    if d.is_polynomial():
+        return sympy.expand(d) == 0
+    syms = sorted(d.free_symbols, key=str)
+    for k in range(3):
+        v = d.xreplace({s: sympy.Integer(2 + 3 * i + 7 * k) for i, s in enumerate(syms)})
+        if v.is_number and v != 0:
+            return False
+    return sympy.count_ops(d) <= _SIMPLIFY_OPS and sympy.simplify(d) == 0
+
+
+def dims_equal(a: int | Dim | Sequence[int | Dim], b: int | Dim | Sequence[int | Dim]) -> bool:
+    """Are two dims (ints or sympy expressions), or two shapes (sequences of dims), equal for every
+    value of their symbols? The one "same dims" test of the IR (type rules, verifier, passes).
+
+    Structural equality first (parsed IR matches what the type rules build), then a polynomial
+    check. Dims with floor/ceiling/Max/Min/Mod are first evaluated at a few positive integer points
+    (a difference anywhere settles it cheaply); `simplify`, which can take minutes on large
+    expressions from hostile text, only confirms equality of small ones."""
+    seq_a, seq_b = isinstance(a, (tuple, list)), isinstance(b, (tuple, list))
+    if seq_a or seq_b:
+        return seq_a and seq_b and len(a) == len(b) and all(_dim_equal(x, y) for x, y in zip(a, b))
+    return _dim_equal(a, b)
+
+
 def broadcast_shapes(*shapes: tuple[Dim, ...]) -> tuple[Dim, ...]:
     """Numpy broadcasting over symbolic shapes; raises ValueError when sizes disagree."""
     rank = max((len(s) for s in shapes), default=0)
@@ -220,7 +192,7 @@ def broadcast_shapes(*shapes: tuple[Dim, ...]) -> tuple[Dim, ...]:
             continue
         first = non1[0]
         for d in non1[1:]:
-            if sympy.simplify(d - first) != 0:
+            if not dims_equal(d, first):
                 raise ValueError(f"cannot broadcast dims {first} and {d}")
         out.append(first)
     return tuple(out)

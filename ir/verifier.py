@@ -5,14 +5,12 @@ statement inside a window of the printed IR, marked with `>>`.
 """
 from __future__ import annotations
 
-import sympy
-
 from .errors import VerifyError
 
 from .graph import Graph, Node
 from .ops import CALL, OPS, TypeRuleError
 from .printer import format_node
-from .types import TensorType
+from .types import TensorType, dims_equal
 
 # The kernel families that codegen can lower, one per template (codegen/families.py registers
 # each). The list lives here because `ir` never imports `codegen` (imports run one way); instead
@@ -27,29 +25,8 @@ KERNEL_FAMILIES: tuple[str, ...] = (
 )
 
 
-def _same_dim(x: sympy.Expr, y: sympy.Expr) -> bool:
-    """Structural equality first (parsed IR matches what the type rules build), then a polynomial
-    check. Dims with floor/ceiling/Max/Min/Mod are first evaluated at a few positive integer points
-    (a difference anywhere settles it cheaply); `simplify`, which can take minutes on large
-    expressions from hostile text, only confirms equality of small ones."""
-    if x == y:
-        return True
-    d = x - y
-    if d.is_polynomial():
-        return sympy.expand(d) == 0
-    syms = sorted(d.free_symbols, key=str)
-    for k in range(3):
-        v = d.xreplace({s: sympy.Integer(2 + 3 * i + 7 * k) for i, s in enumerate(syms)})
-        if v.is_number and v != 0:
-            return False
-    return sympy.count_ops(d) <= _SIMPLIFY_OPS and sympy.simplify(d) == 0
-
-
-_SIMPLIFY_OPS = 48      # dims of real graphs have a handful of operations
-
-
 def _same_type(a: TensorType, b: TensorType) -> bool:
-    return a.dtype == b.dtype and a.rank == b.rank and all(_same_dim(x, y) for x, y in zip(a.shape, b.shape))
+    return a.dtype == b.dtype and dims_equal(a.shape, b.shape)
 
 
 def ir_window(g: Graph, index: int, radius: int = 3) -> str:
@@ -109,7 +86,7 @@ def verify(g: Graph, _kernels: dict | None = None) -> Graph:
 def _verify_node(g: Graph, i: int, n: Node, defined: dict[str, TensorType], kernels: dict) -> None:
     op = OPS.get(n.op)
     if op is None:
-        raise _fail(g, i, f"unknown op {n.op!r}", "ops are declared in ir/ops.py")
+        raise _fail(g, i, f"unknown op {n.op!r}", "ops are declared in ir/ops/")
     for inp in n.inputs:
         if inp not in defined:
             raise _fail(g, i, f"%{inp} is used before it is defined")

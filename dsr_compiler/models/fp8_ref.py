@@ -39,12 +39,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from dsr_compiler.ir.ops.fp8 import E4M3_MAX
+from dsr_compiler.ir.ops.fp8 import SCALE_FLOOR as AMAX_FLOOR
 from dsr_compiler.ir.passes.quantize_fp8 import HIGH_PRECISION, Fp8Policy, classify
 
 from .deepseek import MLA, Gate, MoE
 
-E4M3_MAX = 448.0
-AMAX_FLOOR = 1e-4
 
 __all__ = ["FP8Linear", "fp8_reference", "pinned_routing", "quantized_paths"]
 

@@ -21,12 +21,13 @@ import torch
 from torch import nn
 
 from dsr_compiler.errors import DsrError
+from dsr_compiler.ir.ops.fp8 import E4M3_MAX as FP8_MAX
+from dsr_compiler.ir.ops.fp8 import SCALE_FLOOR
 
 __all__ = ["load_state_dict_safetensors", "save_safetensors", "hf_to_ours", "ours_to_hf",
            "mtp_hf_to_ours", "mtp_ours_to_hf", "MTP_SHARED_NAMES",
            "quantize_fp8_blocks", "dequantize_fp8_blocks", "FP8_MAX"]
 
-FP8_MAX = 448.0
 _SCALE_SUFFIX = "_scale_inv"
 
 # HF name segment -> our name segment (DeepSeek-V3 reference names).
@@ -103,7 +104,7 @@ def quantize_fp8_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor
     padded = torch.zeros(nb * block, kb * block, dtype=torch.float32)
     padded[:n, :k] = w.float()
     tiles = padded.view(nb, block, kb, block)
-    scale = tiles.abs().amax(dim=(1, 3)).clamp_min(1e-4) / FP8_MAX
+    scale = tiles.abs().amax(dim=(1, 3)).clamp_min(SCALE_FLOOR) / FP8_MAX
     q = (tiles / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q.view(nb * block, kb * block)[:n, :k].contiguous(), scale
 

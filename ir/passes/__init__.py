@@ -6,7 +6,6 @@ from .manager import PassContext, PassRecord, run_passes
 from .vocab_loss import rewrite_vocab_loss
 from .quantize_fp8 import Fp8Policy, quantize_fp8
 from .absorb_mla import absorb_mla
-from . import fuse_fp8  # noqa: F401,E402  (registers the FP8 fusion rules into fuse)
 
 PIPELINE = [
     ("rewrite_vocab_loss", rewrite_vocab_loss),   # log_softmax(LM head)[target] -> token_logprobs

@@ -26,8 +26,8 @@ latent cache is never expanded: per step the kernel reads T*(C+rope) cache value
 computing and reading T*H*(nope+v). Prefill (S == T, causal self-attention) keeps the naive flash
 form, as does any attention whose keys are not a wkv_b expansion; each is noted.
 
-Also here: the fusion GROUP_RULE that lets `mla_attention`/`mla_decode` kernels read the
-slice/permute/expand views of their operands in place (codegen/mla.py lowers them with strides).
+The fusion rule that lets `mla_attention`/`mla_decode` kernels read the slice/permute/expand views
+of their operands in place is `group_mla_operands` in ir/passes/fuse/mla.py.
 """
 from __future__ import annotations
 
@@ -36,9 +36,8 @@ import sympy
 from ..errors import DsrError
 from ..graph import Graph, GraphBuilder, Node, Value
 from ..ops import OPS
-from ..types import TensorType, to_expr
+from ..types import TensorType, dims_equal, to_expr
 from .cleanup import dce
-from .fuse import GROUP_RULES, TAGGERS
 from .manager import PassContext
 
 MODES = ("naive", "absorb")
@@ -57,10 +56,6 @@ def choose_split(t: sympy.Expr) -> int:
     return max(MIN_SPLIT, 1 << max(0, (n - 1).bit_length()))
 
 
-def _same(a: sympy.Expr, b: sympy.Expr) -> bool:
-    return sympy.simplify(to_expr(a) - to_expr(b)) == 0
-
-
 class _Match:
     def __init__(self, att: Node, latent: str, w: str, heads: sympy.Expr, nope: int, vdim: int):
         self.att, self.latent, self.w, self.heads, self.nope, self.vdim = att, latent, w, heads, nope, vdim
@@ -73,7 +68,7 @@ def _slice_of(n: Node | None, dim: int, start: int, end: int | None) -> bool:
     if n.attr("dim") % rank != dim % rank:
         return False
     e = n.attr("end")
-    return e == end or (end is None and (e is None or _same(e, n.out.type.shape[dim] + start)))
+    return e == end or (end is None and (e is None or dims_equal(e, n.out.type.shape[dim] + start)))
 
 
 def _match(n: Node, prod: dict[str, Node], types: dict[str, TensorType]) -> tuple[_Match | None, str]:
@@ -82,7 +77,7 @@ def _match(n: Node, prod: dict[str, Node], types: dict[str, TensorType]) -> tupl
         return None, "prefill (causal self-attention) keeps the naive flash form"
     q_nope, _, k_nope, _, v = n.inputs[:5]
     s, t = types[q_nope].shape[1], types[k_nope].shape[1]
-    if _same(s, t):
+    if dims_equal(s, t):
         return None, "as many queries as keys (prefill) keeps the naive flash form"
     kn, vn = prod.get(k_nope), prod.get(v)
     nope = int(types[k_nope].shape[3])
@@ -98,7 +93,7 @@ def _match(n: Node, prod: dict[str, Node], types: dict[str, TensorType]) -> tupl
     lt, wt, rt = types[latent], types[w], r.out.type
     b, tt, heads, per_head = rt.shape
     vdim = int(types[v].shape[3])
-    if lt.rank != 3 or not (_same(lt.shape[0], b) and _same(lt.shape[1], tt)) or not _same(per_head, nope + vdim):
+    if lt.rank != 3 or not (dims_equal(lt.shape[0], b) and dims_equal(lt.shape[1], tt)) or not dims_equal(per_head, nope + vdim):
         return None, f"the expansion {lt} -> {rt} is not [B, T, kv_lora] -> [B, T, H, nope+v]"
     if types[q_nope].dtype != wt.dtype:
         return None, f"q_nope is {types[q_nope].dtype.value} but wkv_b is {wt.dtype.value}"
@@ -184,19 +179,4 @@ def _rewrite(b: GraphBuilder, m: _Match, prod: dict[str, Node], types: dict[str,
     ctx.note(f"absorb_mla: %{base} = mla_attention over %{m.latent} absorbed (split-KV decode, {split} keys/split)")
 
 
-# ----------------------------------------------------------------------------- fusion of MLA kernels
-
-def group_mla_operands(f) -> None:
-    """Fusion GROUP_RULE: an mla_attention / mla_decode kernel reads the slice/permute/expand views of
-    its operands in place (k_nope and v are two slices of one wkv_b output) instead of copying them."""
-    for i, n in enumerate(f.nodes):
-        if n.op in ("mla_attention", "mla_decode") and i not in f.group_of:
-            f.absorb_operand_views(f.new_group(OPS[n.op].kind, i), i, f"{n.op} kernel of {f.name(i)}")
-
-
-GROUP_RULES.append(group_mla_operands)
-TAGGERS.update({"mla_attention": lambda ops: "flash", "mla_decode": lambda ops: "splitkv",
-                      "mla_combine": lambda ops: "splits", "rope_table": lambda ops: "cos_sin",
-                      "index_copy": lambda ops: "rows"})
-
-__all__ = ["MODES", "absorb_mla", "choose_split", "group_mla_operands"]
+__all__ = ["MODES", "absorb_mla", "choose_split"]

@@ -8,10 +8,11 @@ options it only removes `stop_gradient` nodes (identities in value).
 
 Scope: reverse mode for a graph whose one output is a 0-d float loss, with respect to named float
 inputs (`ctx.options["grad_wrt"]`); the result returns the loss, then one gradient per name (the
-input's dtype and shape). It is a derivative rule table for the ops that losses are written with,
-not general autodiff: a node on a path from a `grad_wrt` input to the loss whose op has no rule is
-a GradError naming it. The rules follow torch's autograd formulas, including its conventions at
-ties, so results match eager `loss.backward()`:
+input's dtype and shape). The derivative rules live on the ops (`OpDef.vjp`, ir/ops/core.py and
+ir/ops/loss.py); this pass walks the graph backwards and calls them. It covers the ops that losses
+are written with, not general autodiff: a node on a path from a `grad_wrt` input to the loss whose
+op has no rule (`vjp is None`) is a GradError naming it. The rules follow torch's autograd
+formulas, including its conventions at ties, so results match eager `loss.backward()`:
 
     add/sub/neg/mul/div, exp, log, sqrt, reciprocal, sigmoid, tanh, pow(x, 0-d const)
     maximum/minimum     ties split the gradient in halves; against a 0-d constant (what clamp,
@@ -28,21 +29,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import sympy
-
-from ..errors import DsrError
+from ..errors import GradError
 from ..graph import Graph, GraphBuilder, Node, Value
-from ..ops import OPS, _same
+from ..ops import OPS, differentiable_ops, dims_equal
 from ..types import DType, TensorType
 from .manager import PassContext
-
-RULES = ("add", "sub", "neg", "mul", "div", "exp", "log", "sqrt", "reciprocal", "sigmoid", "tanh", "pow",
-         "maximum", "minimum", "where", "cast", "sum", "mean", "reshape", "expand", "permute", "stop_gradient",
-         "token_logprobs")
-
-
-class GradError(DsrError):
-    """The loss cannot be differentiated as asked (no rule for an op, not a scalar, bad name)."""
 
 
 def strip_stop_gradient(g: Graph, ctx: PassContext) -> Graph:
@@ -86,7 +77,7 @@ class _Backward:
         self.origin = ""
         self.needed: set[str] = set()
 
-    # --- emission helpers (types from the op table)
+    # --- emission helpers (types from the op table); the ops' derivative rules (`OpDef.vjp`) call them
     def emit(self, op: str, ins: Sequence[str], attrs: dict | None = None, hint: str = "grad") -> str:
         attrs = attrs or {}
         (t,) = OPS[op].infer([self.types[i] for i in ins], attrs)[:1]
@@ -113,10 +104,10 @@ class _Backward:
             grad = self.emit("sum", (grad,), {"dim": 0, "keepdim": False}, hint)
         gt = self.types[grad]
         for d in range(target.rank):
-            if _same(target.shape[d], 1) and not _same(gt.shape[d], 1):
+            if dims_equal(target.shape[d], 1) and not dims_equal(gt.shape[d], 1):
                 grad = self.emit("sum", (grad,), {"dim": d, "keepdim": True}, hint)
         gt = self.types[grad]
-        if not all(_same(a, b) for a, b in zip(gt.shape, target.shape)):
+        if not dims_equal(gt.shape, target.shape):
             raise GradError(f"differentiate: gradient {gt} does not reduce to {target}", where=f"%{grad}")
         if gt.dtype != target.dtype:
             grad = self.emit("cast", (grad,), {"dtype": target.dtype}, hint)
@@ -165,14 +156,15 @@ class _Backward:
             if not any(i in needed for i in n.inputs):
                 continue
             self.origin = n.origin
-            if n.op not in RULES:
+            vjp = OPS[n.op].vjp
+            if vjp is None:
                 raise GradError(f"differentiate: no derivative rule for `{n.op}` (%{outs[0]}), which lies between "
                                 f"the grad_wrt inputs and the loss",
                                 where=f"graph {g.name}, node %{outs[0]} = {n.op}" + (f" ({n.origin})" if n.origin else ""),
-                                hint="rules exist for: " + ", ".join(RULES)
+                                hint="rules exist for: " + ", ".join(differentiable_ops())
                                 + "; log_softmax(h @ W.T) gathered at targets is rewritten to token_logprobs first")
             gs = [self._total(grads, o) for o in outs]
-            for inp, gi in self._rule(n, gs):
+            for inp, gi in vjp(self, n, gs):
                 if inp in needed and gi is not None:
                     grads.setdefault(inp, []).append(gi)
         results = []
@@ -195,137 +187,3 @@ class _Backward:
             acc = self.emit("add", (acc, p), hint=f"{name}.grad")
         grads[name] = [acc]
         return acc
-
-    def _rule(self, n: Node, gs: list[str | None]) -> list[tuple[str, str | None]]:
-        """(input, gradient contribution) pairs; contributions have the input's type."""
-        op, ins = n.op, n.inputs
-        t = self.types
-        hint = f"{ins[0]}.grad" if ins else "grad"
-        if op == "token_logprobs":
-            return self._token_logprobs(n, gs)
-        g = gs[0]
-        if g is None:
-            return []
-
-        def fit(i: int, grad: str) -> tuple[str, str]:
-            return ins[i], self.to_type(grad, t[ins[i]], f"{ins[i]}.grad")
-        out = n.out.name
-        zero = self.const(0.0, t[g].dtype)
-        if op == "add":
-            return [fit(0, g), fit(1, g)]
-        if op == "sub":
-            return [fit(0, g), fit(1, self.emit("neg", (g,), hint=hint))]
-        if op == "neg":
-            return [fit(0, self.emit("neg", (g,), hint=hint))]
-        if op == "mul":
-            a, b = ins
-            return [fit(0, self.emit("mul", (g, b), hint=hint)), fit(1, self.emit("mul", (g, a), hint=hint))]
-        if op == "div":
-            a, b = ins
-            ga = self.emit("div", (g, b), hint=hint)
-            q = self.emit("div", (self.emit("div", (a, b), hint=hint), b), hint=hint)
-            gb = self.emit("neg", (self.emit("mul", (g, q), hint=hint),), hint=hint)
-            return [fit(0, ga), fit(1, gb)]
-        if op == "exp":
-            return [fit(0, self.emit("mul", (g, out), hint=hint))]
-        if op == "log":
-            return [fit(0, self.emit("div", (g, ins[0]), hint=hint))]
-        if op == "sqrt":
-            two = self.const(2.0, t[out].dtype)
-            return [fit(0, self.emit("div", (g, self.emit("mul", (two, out), hint=hint)), hint=hint))]
-        if op == "reciprocal":
-            sq = self.emit("mul", (out, out), hint=hint)
-            return [fit(0, self.emit("neg", (self.emit("mul", (g, sq), hint=hint),), hint=hint))]
-        if op == "sigmoid":
-            one = self.const(1.0, t[out].dtype)
-            d = self.emit("mul", (out, self.emit("sub", (one, out), hint=hint)), hint=hint)
-            return [fit(0, self.emit("mul", (g, d), hint=hint))]
-        if op == "tanh":
-            one = self.const(1.0, t[out].dtype)
-            d = self.emit("sub", (one, self.emit("mul", (out, out), hint=hint)), hint=hint)
-            return [fit(0, self.emit("mul", (g, d), hint=hint))]
-        if op == "pow":
-            c = self.prod.get(ins[1])
-            if c is None or c.op != "const":
-                raise GradError(f"differentiate: pow(%{ins[0]}, %{ins[1]}) needs a constant exponent",
-                                where=f"node %{out} = pow")
-            e = float(c.attr("value"))
-            if e == 0.0:
-                return [fit(0, self.emit("mul", (g, zero), hint=hint))]
-            pw = self.emit("pow", (ins[0], self.const(e - 1.0, t[ins[1]].dtype)), hint=hint)
-            d = self.emit("mul", (self.const(e, t[out].dtype), pw), hint=hint)
-            return [fit(0, self.emit("mul", (g, d), hint=hint))]
-        if op in ("maximum", "minimum"):
-            return self._maxmin(n, g, zero, fit)
-        if op == "where":
-            c, a, b = ins
-            return [(c, None), fit(1, self.emit("where", (c, g, zero), hint=hint)),
-                    fit(2, self.emit("where", (c, zero, g), hint=hint))]
-        if op == "cast":
-            return [(ins[0], self.emit("cast", (g,), {"dtype": t[ins[0]].dtype}, hint))]
-        if op == "reshape":
-            return [(ins[0], self.emit("reshape", (g,), {"shape": t[ins[0]].shape}, hint))]
-        if op == "expand":
-            return [fit(0, g)]
-        if op == "permute":
-            dims = tuple(n.attr("dims"))
-            inv = tuple(dims.index(i) for i in range(len(dims)))
-            return [(ins[0], self.emit("permute", (g,), {"dims": inv}, hint))]
-        if op in ("sum", "mean"):
-            xt = t[ins[0]]
-            d = n.attr("dim") % xt.rank
-            gk = g
-            if not n.attr("keepdim", False):
-                shape = list(xt.shape)
-                shape[d] = sympy.Integer(1)
-                gk = self.emit("reshape", (g,), {"shape": tuple(shape)}, hint)
-            ge = self.emit("expand", (gk,), {"shape": xt.shape}, hint)
-            if op == "mean":
-                size = xt.shape[d]
-                if not size.is_Integer:
-                    raise GradError(f"differentiate: mean over the dynamic dim {size} (%{out}) is not supported",
-                                    where=f"node %{out} = mean", hint="make that dim static, or use sum / count")
-                ge = self.emit("div", (ge, self.const(float(int(size)), t[g].dtype)), hint=hint)
-            return [fit(0, ge)]
-        if op == "stop_gradient":
-            return []
-        raise GradError(f"differentiate: no derivative rule for `{op}`")   # guarded by RULES
-
-    def _maxmin(self, n: Node, g: str, zero: str, fit) -> list[tuple[str, str | None]]:
-        a, b = n.inputs
-        t = self.types
-        hint = f"{a}.grad"
-        is_max = n.op == "maximum"
-        ca, cb = self.prod.get(a), self.prod.get(b)
-        const_a = ca is not None and ca.op == "const" and t[a].rank == 0
-        const_b = cb is not None and cb.op == "const" and t[b].rank == 0
-        if const_b or const_a:
-            # clamp / clamp_min / clamp_max: the gradient passes where the bound is not exceeded (inclusive)
-            x, c, i = (a, b, 0) if const_b else (b, a, 1)
-            keep = self.emit("ge" if is_max else "le", (x, c), hint=hint)
-            return [fit(i, self.emit("where", (keep, g, zero), hint=hint))]
-        half = self.emit("mul", (g, self.const(0.5, t[g].dtype)), hint=hint)
-        eq = self.emit("eq", (a, b), hint=hint)
-        split = self.emit("where", (eq, half, g), hint=hint)
-        lose_a = self.emit("lt" if is_max else "gt", (a, b), hint=hint)
-        lose_b = self.emit("gt" if is_max else "lt", (a, b), hint=hint)
-        return [fit(0, self.emit("where", (lose_a, zero, split), hint=hint)),
-                fit(1, self.emit("where", (lose_b, zero, split), hint=f"{b}.grad"))]
-
-    def _token_logprobs(self, n: Node, gs: list[str | None]) -> list[tuple[str, str | None]]:
-        g_logp, g_lse = gs
-        if g_lse is not None:
-            raise GradError("differentiate: the loss depends on token_logprobs' logsumexp output, which has no rule",
-                            where=f"node %{n.outputs[1].name}")
-        if g_logp is None:
-            return []
-        h, w, ids = n.inputs
-        lse = n.outputs[1].name
-        attrs = {"temperature": n.attr("temperature")}
-        out: list[tuple[str, str | None]] = []
-        if h in self.needed:
-            out.append((h, self.emit("token_logprobs_grad_hidden", (g_logp, h, w, ids, lse), attrs, f"{h}.grad")))
-        if w in self.needed:
-            out.append((w, self.emit("token_logprobs_grad_weight", (g_logp, h, w, ids, lse), attrs, f"{w}.grad")))
-        return out
-

@@ -31,13 +31,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-import sympy
-
 from ..errors import DsrError
 from ..graph import Graph, Node, Value
-from ..ops_fp8 import SCALE_FMTS, n_blocks
+from ..ops.fp8 import SCALE_FMTS, n_blocks
 from ..params import DerivedParam
-from ..types import DType, TensorType
+from ..types import DType, TensorType, dims_equal
 from .manager import PassContext
 
 CLASSES = ("attn", "mlp", "experts", "shared_experts", "other")
@@ -128,10 +126,6 @@ def classify(origin: str) -> str:
     return "other"
 
 
-def _same_dim(a: Any, b: Any) -> bool:
-    return bool(a == b) or sympy.simplify(a - b) == 0
-
-
 def _forced(policy: Fp8Policy, origin: str) -> bool:
     return any(origin == f or origin.startswith(f + ".") for f in policy.force)
 
@@ -176,7 +170,7 @@ def quantize_fp8(g: Graph, ctx: PassContext) -> Graph:
             return quant_of[key]
         src = x
         while (p := producers.get(src)) is not None and p.op == "reshape" \
-                and vals[p.inputs[0]].type.rank >= 1 and _same_dim(vals[p.inputs[0]].type.shape[-1], xt.shape[-1]):
+                and vals[p.inputs[0]].type.rank >= 1 and dims_equal(vals[p.inputs[0]].type.shape[-1], xt.shape[-1]):
             src = p.inputs[0]
         skey = (src, b, policy.scale_fmt)
         if skey not in quant_of:

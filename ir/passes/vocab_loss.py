@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 
 from ..graph import Graph, GraphBuilder, Node, Value
-from ..ops_loss import HEAD_DTYPES, ID_DTYPES
+from ..ops.loss import HEAD_DTYPES, ID_DTYPES
 from ..types import DType, TensorType
 from .cleanup import dce
 from .manager import PassContext

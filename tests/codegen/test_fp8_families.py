@@ -32,7 +32,7 @@ from dsr_compiler.ir import (
     verify,
 )
 from dsr_compiler.ir.ops import OPS
-from dsr_compiler.ir.ops_fp8 import (
+from dsr_compiler.ir.ops.fp8 import (
     calc_diff,
     dequant_fp8_ref,
     dequant_weight_ref,

@@ -25,7 +25,7 @@ from dsr_compiler.ir import (
     verify,
 )
 from dsr_compiler.ir.errors import CodegenError
-from dsr_compiler.ir.ops_moe import moe_blocks, moe_rows
+from dsr_compiler.ir.ops.moe import moe_blocks, moe_rows
 from dsr_compiler.ir.types import sym
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -31,7 +31,7 @@ from dsr_compiler.ir import (  # noqa: E402
 )
 from dsr_compiler.ir.interp import bind_symbols  # noqa: E402
 from dsr_compiler.ir.ops import OPS  # noqa: E402
-from dsr_compiler.ir.ops_fp8 import (  # noqa: E402
+from dsr_compiler.ir.ops.fp8 import (  # noqa: E402
     calc_diff,
     dequant_fp8_ref,
     dequant_weight_ref,

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from dsr_compiler.ir.ops_fp8 import (
+from dsr_compiler.ir.ops.fp8 import (
     dequant_fp8_ref,
     dequant_weight_ref,
     quant_fp8_ref,

@@ -123,7 +123,7 @@ def test_pinned_routing_makes_the_unquantized_fp8_check_enforceable():
 def test_fp8_linear_agrees_with_the_op_tables_recipe(scale_fmt):
     """Two independent writings of the recipe (plain torch in models/fp8_ref.py, the op table's
     references) give the same bits, including ue8m0 scales and a partial weight block (N=200)."""
-    from dsr_compiler.ir.ops_fp8 import gemm_fp8_ref, quant_fp8_ref, quant_weight_ref
+    from dsr_compiler.ir.ops.fp8 import gemm_fp8_ref, quant_fp8_ref, quant_weight_ref
     from dsr_compiler.models.fp8_ref import FP8Linear
     g = torch.Generator().manual_seed(1)
     lin = torch.nn.Linear(256, 200, bias=False)

@@ -185,7 +185,7 @@ def test_verify_error_is_a_picklable_dsr_error():
         verify(parse(NODE_ERRORS["unknown_op"][0]))
     err = ei.value
     assert isinstance(err, DsrError) and err.exit_code == 2
-    assert err.hint == "ops are declared in ir/ops.py"
+    assert err.hint == "ops are declared in ir/ops/"
     again = pickle.loads(pickle.dumps(err))
     assert type(again) is VerifyError and str(again) == str(err)
 

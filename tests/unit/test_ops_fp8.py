@@ -14,7 +14,7 @@ from dsr_compiler.codegen import fp8 as codegen_fp8
 from dsr_compiler.ir import DType, TensorType, parse, print_graph, verify
 from dsr_compiler.ir.errors import VerifyError
 from dsr_compiler.ir.ops import OPS, TypeRuleError
-from dsr_compiler.ir.ops_fp8 import (
+from dsr_compiler.ir.ops.fp8 import (
     calc_diff,
     dequant_fp8_ref,
     dequant_weight_ref,

@@ -94,7 +94,7 @@ def test_numerics_of_the_rewrite_match_a_hand_written_simulation():
     for d in ctx.derived:
         vals.update(zip(d.outputs, evaluate(d, [ws[s] for s in d.sources])))
     (y,) = run_graph(q, [x] + [vals[p] for p in q.params])
-    from dsr_compiler.ir.ops_fp8 import (
+    from dsr_compiler.ir.ops.fp8 import (
         dequant_fp8_ref,
         dequant_weight_ref,
         quant_fp8_ref,

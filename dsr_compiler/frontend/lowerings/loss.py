@@ -3,7 +3,7 @@
 Where it sits: one of `frontend/lowerings/` (listed in its `__init__`), registering into `frontend/registry.py`.
 
 - The zoo's `per_token_logps` (wrapped with `torch.fx.wrap`, `dsr_op = "token_logprobs"`) becomes
-  one `token_logprobs` node (ir/ops_loss.py) with two results: the per-token log-probs, and the
+  one `token_logprobs` node (ir/ops/loss.py) with two results: the per-token log-probs, and the
   per-token logsumexp that the backward reuses.
 - `torch.gather` / `Tensor.gather` along the last dim become `gather`.
 - `F.cross_entropy(logits [N, C], target [N])` is decomposed into ops the rest of the pipeline

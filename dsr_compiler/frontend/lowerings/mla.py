@@ -29,7 +29,7 @@ from typing import Any
 import sympy
 import torch
 
-from dsr_compiler.ir.ops_mla import INT_DTYPES
+from dsr_compiler.ir.ops.mla import INT_DTYPES
 from dsr_compiler.ir.types import DType, to_expr
 
 from ..context import TensorRef, TraceContext, canon

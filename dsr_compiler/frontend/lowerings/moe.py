@@ -5,7 +5,7 @@ and two derived parameters. The lowering never loops over experts: it emits
 
     moe_router -> moe_dispatch -> moe_gemm_gate_up -> moe_gemm_down -> moe_combine
 
-(see `ir/ops_moe.py` for their layout contract) plus the shared expert as ordinary `linear`/`silu`/
+(see `ir/ops/moe.py` for their layout contract) plus the shared expert as ordinary `linear`/`silu`/
 `mul` ops (the gemm family fuses them like any SwiGLU MLP), so the IR's size does not depend on
 the number of experts and every shape is a sympy expression of the token count.
 

@@ -1,7 +1,7 @@
 """Loss ops of the op table: vocabulary-chunked log-probabilities, their gradients, `gather`,
 and `stop_gradient`.
 
-Where it sits: registered into the one op table (`ir/ops.py` imports this module at its end).
+Where it sits: the last module of the op table (`ir/ops/__init__.py` imports it after `mla.py`).
 The frontend lowers the zoo's wrapped `per_token_logps` (and, through the `rewrite_vocab_loss`
 pass, plain `log_softmax(hidden @ W.T / T)` gathered at target ids or `F.cross_entropy`) to
 `token_logprobs`; the `differentiate` pass emits the two gradient ops; codegen lowers each in its
@@ -27,12 +27,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .ops import POINTWISE, AttrSpec, OpDef, TypeRuleError, _norm_dim, _same, register
-from .types import DType, TensorType
+from ..errors import GradError
+from ..types import DType, TensorType
+from ._def import (
+    POINTWISE,
+    AttrSpec,
+    GradBuilder,
+    OpDef,
+    TypeRuleError,
+    dims_equal,
+    norm_dim,
+    register,
+    single_output_vjp,
+)
+
+if TYPE_CHECKING:
+    from ..graph import Node
 
 # Op kinds: each becomes its own kernel (family = kind) in the fusion pass.
 VOCAB_LOGPROBS = "vocab_logprobs"
@@ -81,10 +95,10 @@ def token_logprobs_grad_weight_ref(g, hidden, weight, ids, lse, temperature: flo
 def _check_head(op: str, hidden: TensorType, weight: TensorType, ids: TensorType, a: Mapping[str, Any]) -> None:
     if hidden.rank < 1 or hidden.dtype not in HEAD_DTYPES:
         raise TypeRuleError(f"{op}: hidden must be a float tensor [..., H] (f32/bf16/f16), got {hidden}")
-    if weight.rank != 2 or weight.dtype != hidden.dtype or not _same(weight.shape[1], hidden.shape[-1]):
+    if weight.rank != 2 or weight.dtype != hidden.dtype or not dims_equal(weight.shape[1], hidden.shape[-1]):
         raise TypeRuleError(f"{op}: weight must be {hidden.dtype.value}[V, {hidden.shape[-1]}], got {weight}")
     if ids.dtype not in ID_DTYPES or ids.rank != hidden.rank - 1 or \
-            not all(_same(x, y) for x, y in zip(ids.shape, hidden.shape[:-1])):
+            not dims_equal(ids.shape, hidden.shape[:-1]):
         lead = ",".join(str(d) for d in hidden.shape[:-1])
         raise TypeRuleError(f"{op}: ids must be i32/i64[{lead}] (one id per hidden row), got {ids}")
     t = a["temperature"]
@@ -106,7 +120,7 @@ def _grad_rule(which: str):
         g, hidden, weight, ids, lse = ts
         _check_head(op, hidden, weight, ids, a)
         for nm, t in (("g", g), ("lse", lse)):
-            if t.dtype is not DType.f32 or t.rank != ids.rank or not all(_same(x, y) for x, y in zip(t.shape, ids.shape)):
+            if t.dtype is not DType.f32 or not dims_equal(t.shape, ids.shape):
                 raise TypeRuleError(f"{op}: {nm} must be f32 with the ids' shape {ids}, got {t}")
         return (hidden,) if which == "hidden" else (weight,)
     return rule
@@ -114,11 +128,11 @@ def _grad_rule(which: str):
 
 def _gather_rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple[TensorType, ...]:
     x, index = ts
-    d = _norm_dim(a["dim"], x.rank, "gather")
+    d = norm_dim(a["dim"], x.rank, "gather")
     if x.rank < 1 or d != x.rank - 1:
         raise TypeRuleError(f"gather: only the last dim is supported (dim={a['dim']} of {x})")
     if index.dtype not in ID_DTYPES or index.rank != x.rank or \
-            not all(_same(p, q) for p, q in zip(index.shape[:-1], x.shape[:-1])):
+            not dims_equal(index.shape[:-1], x.shape[:-1]):
         raise TypeRuleError(f"gather: index must be i32/i64 with x's leading dims [{','.join(map(str, x.shape[:-1]))}, K], "
                             f"got {index}")
     return (TensorType(x.dtype, index.shape),)
@@ -128,10 +142,36 @@ def _stop_gradient_rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple
     return (ts[0],)
 
 
+# ----------------------------------------------------------------------------- derivative rules
+
+def _token_logprobs_vjp(b: GradBuilder, n: Node, gs: Sequence[str | None]) -> list[tuple[str, str | None]]:
+    """The two vocabulary-tiled gradient ops, with the saved logsumexp (no rule through the lse output)."""
+    g_logp, g_lse = gs
+    if g_lse is not None:
+        raise GradError("differentiate: the loss depends on token_logprobs' logsumexp output, which has no rule",
+                        where=f"node %{n.outputs[1].name}")
+    if g_logp is None:
+        return []
+    h, w, ids = n.inputs
+    lse = n.outputs[1].name
+    attrs = {"temperature": n.attr("temperature")}
+    out: list[tuple[str, str | None]] = []
+    if h in b.needed:
+        out.append((h, b.emit("token_logprobs_grad_hidden", (g_logp, h, w, ids, lse), attrs, f"{h}.grad")))
+    if w in b.needed:
+        out.append((w, b.emit("token_logprobs_grad_weight", (g_logp, h, w, ids, lse), attrs, f"{w}.grad")))
+    return out
+
+
+@single_output_vjp
+def _stop_gradient_vjp(b: GradBuilder, n: Node, g: str, zero: str) -> list[tuple[str, str | None]]:
+    return []           # Tensor.detach: the derivative is zero
+
+
 _T = {"temperature": AttrSpec((float,), doc="logits are divided by it (sampling temperature, > 0)")}
 
 register(OpDef("token_logprobs", VOCAB_LOGPROBS, (3, 3), _token_logprobs_rule, token_logprobs_ref, attrs=_T,
-               n_outputs=2,
+               n_outputs=2, vjp=_token_logprobs_vjp,
                doc="(log_softmax(hidden @ W.T / T)[id], logsumexp) per row, fp32, vocabulary-tiled online logsumexp"))
 register(OpDef("token_logprobs_grad_hidden", VOCAB_GRAD_HIDDEN, (5, 5), _grad_rule("hidden"),
                token_logprobs_grad_hidden_ref, attrs=_T,
@@ -142,5 +182,5 @@ register(OpDef("token_logprobs_grad_weight", VOCAB_GRAD_WEIGHT, (5, 5), _grad_ru
 register(OpDef("gather", GATHER, (2, 2), _gather_rule,
                lambda x, index, dim: torch.gather(x, dim, index.long()),
                attrs={"dim": AttrSpec((int,))}, doc="torch.gather along the last dim"))
-register(OpDef("stop_gradient", POINTWISE, (1, 1), _stop_gradient_rule, lambda x: x.clone(),
+register(OpDef("stop_gradient", POINTWISE, (1, 1), _stop_gradient_rule, lambda x: x.clone(), vjp=_stop_gradient_vjp,
                doc="x (Tensor.detach): the value passes, the derivative is zero"))

@@ -1,7 +1,8 @@
-"""Fusion rules for the FP8 ops (grouping rules run by `fuse` before its generic ones).
+"""Grouping rules of the FP8 kernel families, and their kernel-name tags.
 
-Where it sits: registered into `ir/passes/fuse.py` (GROUP_RULES, TAGGERS) when the passes package
-is imported. Two kernel families come out of it (lowered by codegen/fp8_gemm.py and fp8_rows.py):
+Where it sits: rules of `ir/passes/fuse/`, listed in `rules.py` (GROUP_RULES, TAGGERS) after the
+MLA operand-view rule and before the core families, so the FP8 ops and their epilogues are claimed
+first. Two kernel families come out of it (lowered by codegen/fp8_gemm.py and fp8_rows.py):
 
   gemm_fp8   one gemm_fp8, or two sharing the quantized activation whose results meet in a `mul`
              (the SwiGLU gate/up pair: A is read once, two fp32 accumulators); the pointwise
@@ -18,13 +19,14 @@ and applies the scales to its fp32 partial sums (the dequant folded into the GEM
 """
 from __future__ import annotations
 
-from ..ops import OPS, POINTWISE
-from .fuse import GROUP_RULES, TAGGERS, _Fuser, _same_shape
+from ...ops import OPS, POINTWISE
+from ...types import dims_equal
+from .fuser import Fuser
 
 _UNARY_CHAIN = ("cast", "silu", "sigmoid", "relu", "gelu", "tanh", "neg")
 
 
-def _forward_unary(f: _Fuser, i: int) -> set[int]:
+def _forward_unary(f: Fuser, i: int) -> set[int]:
     """Nodes reachable from node i through single-input pointwise ops (casts, activations)."""
     out, stack = {i}, [i]
     while stack:
@@ -36,14 +38,15 @@ def _forward_unary(f: _Fuser, i: int) -> set[int]:
     return out
 
 
-def _dual_partner(f: _Fuser, i: int) -> int | None:
+def _dual_partner(f: Fuser, i: int) -> int | None:
     """Another gemm_fp8 on the same quantized activation whose result meets node i's in a `mul`."""
     n = f.nodes[i]
     reach_i = _forward_unary(f, i)
     for j, m in enumerate(f.nodes):
         if j == i or m.op != "gemm_fp8" or j in f.group_of or m.inputs[:2] != n.inputs[:2]:
             continue
-        if m.attrs != n.attrs or not _same_shape(m.out.type, n.out.type) or m.out.type.dtype != n.out.type.dtype:
+        if (m.attrs != n.attrs or not dims_equal(m.out.type.shape, n.out.type.shape)
+                or m.out.type.dtype != n.out.type.dtype):
             continue
         reach_j = _forward_unary(f, j)
         for a in reach_i:
@@ -57,14 +60,14 @@ def _dual_partner(f: _Fuser, i: int) -> int | None:
     return None
 
 
-def _quant_epilogue(f: _Fuser, grp, out_type, what: str) -> None:
+def _quant_epilogue(f: Fuser, grp, out_type, what: str) -> None:
     """Pull one quant_fp8 of a value the GEMM kernel computes (over the output tile) into it."""
     for i in sorted({u for m in grp.members for u in f.users[m]} - set(grp.members)):
         n = f.nodes[i]
         if n.op != "quant_fp8" or i in f.group_of:
             continue
-        xt = f._type(n.inputs[0])
-        if not _same_shape(xt, out_type):
+        xt = f.type_of(n.inputs[0])
+        if not dims_equal(xt.shape, out_type.shape):
             f.ctx.note(f"cannot fuse {f.name(i)} into {what}: it quantizes {xt}, not the output tile {out_type}")
             continue
         if f.can_join(grp, i, what):
@@ -72,7 +75,7 @@ def _quant_epilogue(f: _Fuser, grp, out_type, what: str) -> None:
             return
 
 
-def group_gemm_fp8(f: _Fuser) -> None:
+def group_gemm_fp8(f: Fuser) -> None:
     for i, n in enumerate(f.nodes):
         if n.op != "gemm_fp8" or i in f.group_of:
             continue
@@ -85,14 +88,14 @@ def group_gemm_fp8(f: _Fuser) -> None:
         _quant_epilogue(f, grp, n.out.type, what)
 
 
-def group_quant_fp8(f: _Fuser) -> None:
+def group_quant_fp8(f: Fuser) -> None:
     for i, n in enumerate(f.nodes):
         if i in f.group_of or n.op not in ("quant_fp8", "dequant_fp8"):
             continue
         grp = f.new_group("quant_fp8", i)
         if n.op == "dequant_fp8":
             continue
-        row = f._type(n.inputs[0])
+        row = f.type_of(n.inputs[0])
         what = f"quant_fp8 kernel of {f.name(i)}"
         have_norm = False
         stack = [n.inputs[0]]
@@ -102,7 +105,7 @@ def group_quant_fp8(f: _Fuser) -> None:
             if j is None or j in f.group_of:
                 continue
             pj = f.nodes[j]
-            if not _same_shape(pj.outputs[0].type, row):
+            if not dims_equal(pj.outputs[0].type.shape, row.shape):
                 f.ctx.note(f"cannot fuse {f.name(j)} into {what}: shape {pj.outputs[0].type} differs from the row {row}")
                 continue
             if pj.op == "rms_norm" and not have_norm:
@@ -118,7 +121,7 @@ def group_quant_fp8(f: _Fuser) -> None:
                 f.ctx.note(f"cannot fuse {f.name(j)} into {what} as prologue: {pj.op} is not pointwise")
 
 
-def _tag_gemm(ops: list[str]) -> str:
+def tag_gemm_fp8(ops: list[str]) -> str:
     quant = "_quant" if "quant_fp8" in ops else ""
     if ops.count("gemm_fp8") == 2 and "silu" in ops and "mul" in ops:
         return "swiglu" + quant
@@ -126,12 +129,11 @@ def _tag_gemm(ops: list[str]) -> str:
     return ("_".join(rest[:2]) or "gemm") + quant
 
 
-def _tag_quant(ops: list[str]) -> str:
+def tag_quant_fp8(ops: list[str]) -> str:
     if "dequant_fp8" in ops:
         return "dequant"
     return ("rms_norm" if "rms_norm" in ops else "act") + ("_add" if "add" in ops else "")
 
 
-GROUP_RULES.extend([group_gemm_fp8, group_quant_fp8])
-TAGGERS.update({"gemm_fp8": _tag_gemm, "quant_fp8": _tag_quant,
-                "moe_gemm_fp8": lambda ops: "gate_up_quant" if "moe_gemm_gate_up_fp8" in ops else "down"})
+def tag_moe_gemm_fp8(ops: list[str]) -> str:
+    return "gate_up_quant" if "moe_gemm_gate_up_fp8" in ops else "down"

@@ -1,4 +1,5 @@
-"""Ops for DeepSeek's Multi-head Latent Attention (DESIGN §4 "MLA"), registered in the one op table.
+"""Ops for DeepSeek's Multi-head Latent Attention (DESIGN §4 "MLA"), in the one op table
+(`ir/ops/__init__.py` imports this module after `moe.py`).
 
 Where they come from and go:
   iota            `torch.arange(n)` (frontend); pointwise, so `arange(S) + start_pos` is one small kernel
@@ -20,8 +21,8 @@ from typing import Any
 import sympy
 import torch
 
-from .ops import POINTWISE, AttrSpec, OpDef, TypeRuleError, _same, register
-from .types import DType, TensorType, to_expr
+from ..types import DType, TensorType, to_expr
+from ._def import POINTWISE, AttrSpec, OpDef, TypeRuleError, dims_equal, register
 
 INT_DTYPES = (DType.i32, DType.i64)
 
@@ -29,10 +30,6 @@ INT_DTYPES = (DType.i32, DType.i64)
 def _need(cond: bool, msg: str) -> None:
     if not cond:
         raise TypeRuleError(msg)
-
-
-def _dims_equal(a: Sequence[sympy.Expr], b: Sequence[sympy.Expr]) -> bool:
-    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
 
 
 # ----------------------------------------------------------------------------- iota
@@ -86,7 +83,7 @@ def _index_copy_rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple[Te
     d %= x.rank
     _need(index.dtype in INT_DTYPES and index.rank == 1, f"index_copy: index must be i32/i64 [L], got {index}")
     want = x.shape[:d] + (index.shape[0],) + x.shape[d + 1:]
-    _need(src.dtype == x.dtype and _dims_equal(src.shape, want),
+    _need(src.dtype == x.dtype and dims_equal(src.shape, want),
           f"index_copy: src must be {TensorType(x.dtype, want)} (x {x}, index {index}), got {src}")
     return (x,)
 
@@ -122,9 +119,9 @@ def mla_attention_ref(q_nope, q_pe, k_nope, k_pe, v, q_pos=None, k_pos=None, *, 
 
 
 def _positions_rule(op: str, q_pos: TensorType, k_pos: TensorType, s: sympy.Expr, t: sympy.Expr) -> None:
-    _need(q_pos.dtype in INT_DTYPES and q_pos.rank == 1 and _same(q_pos.shape[0], s),
+    _need(q_pos.dtype in INT_DTYPES and q_pos.rank == 1 and dims_equal(q_pos.shape[0], s),
           f"{op}: q_pos must be i32/i64 [{s}], got {q_pos}")
-    _need(k_pos.dtype in INT_DTYPES and k_pos.rank == 1 and _same(k_pos.shape[0], t),
+    _need(k_pos.dtype in INT_DTYPES and k_pos.rank == 1 and dims_equal(k_pos.shape[0], t),
           f"{op}: k_pos must be i32/i64 [{t}], got {k_pos}")
 
 
@@ -138,10 +135,10 @@ def _mla_attention_rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple
                                               f"(shared by the heads), got {kp}")
     b, s, h, dn = qn.shape
     t = kn.shape[1]
-    _need(_dims_equal(qp.shape[:3], (b, s, h)), f"mla_attention: q_pe {qp} does not match q_nope {qn}")
-    _need(_dims_equal(kn.shape, (b, t, h, dn)), f"mla_attention: k_nope must be [{b}, T, {h}, {dn}], got {kn}")
-    _need(_dims_equal(kp.shape, (b, t, qp.shape[3])), f"mla_attention: k_pe must be [{b}, {t}, {qp.shape[3]}], got {kp}")
-    _need(_dims_equal(v.shape[:3], (b, t, h)), f"mla_attention: v must be [{b}, {t}, {h}, Dv], got {v}")
+    _need(dims_equal(qp.shape[:3], (b, s, h)), f"mla_attention: q_pe {qp} does not match q_nope {qn}")
+    _need(dims_equal(kn.shape, (b, t, h, dn)), f"mla_attention: k_nope must be [{b}, T, {h}, {dn}], got {kn}")
+    _need(dims_equal(kp.shape, (b, t, qp.shape[3])), f"mla_attention: k_pe must be [{b}, {t}, {qp.shape[3]}], got {kp}")
+    _need(dims_equal(v.shape[:3], (b, t, h)), f"mla_attention: v must be [{b}, {t}, {h}, Dv], got {v}")
     if len(ts) == 7:
         _positions_rule("mla_attention", ts[5], ts[6], s, t)
     _need(a["dtype"].is_float, f"mla_attention: dtype must be a float type, got {a['dtype'].value}")
@@ -184,12 +181,12 @@ def _mla_decode_rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple[Te
     ql, qp, kv, pe, q_pos, k_pos = ts
     _need(ql.rank == 4 and ql.dtype.is_float, f"mla_decode: q_lat must be a float [B, S, H, kv_lora], got {ql}")
     b, s, h, c = ql.shape
-    _need(qp.rank == 4 and qp.dtype.is_float and _dims_equal(qp.shape[:3], (b, s, h)),
+    _need(qp.rank == 4 and qp.dtype.is_float and dims_equal(qp.shape[:3], (b, s, h)),
           f"mla_decode: q_pe must be a float [{b}, {s}, {h}, rope], got {qp}")
-    _need(kv.rank == 3 and kv.dtype.is_float and _same(kv.shape[0], b) and _same(kv.shape[2], c),
+    _need(kv.rank == 3 and kv.dtype.is_float and dims_equal(kv.shape[0], b) and dims_equal(kv.shape[2], c),
           f"mla_decode: the latent cache must be a float [{b}, T, {c}], got {kv}")
     t = kv.shape[1]
-    _need(pe.rank == 3 and pe.dtype.is_float and _dims_equal(pe.shape, (b, t, qp.shape[3])),
+    _need(pe.rank == 3 and pe.dtype.is_float and dims_equal(pe.shape, (b, t, qp.shape[3])),
           f"mla_decode: the rope cache must be a float [{b}, {t}, {qp.shape[3]}], got {pe}")
     _positions_rule("mla_decode", q_pos, k_pos, s, t)
     _need(a["split"] >= 1, f"mla_decode: split (keys per split) must be >= 1, got {a['split']}")
@@ -213,7 +210,7 @@ def mla_combine_ref(o_part: torch.Tensor, lse: torch.Tensor, *, dtype: DType) ->
 def _mla_combine_rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple[TensorType, ...]:
     o, lse = ts
     _need(o.rank == 5 and o.dtype is DType.f32, f"mla_combine: o_part must be f32[B, S, H, splits, C], got {o}")
-    _need(lse.dtype is DType.f32 and _dims_equal(lse.shape, o.shape[:4]),
+    _need(lse.dtype is DType.f32 and dims_equal(lse.shape, o.shape[:4]),
           f"mla_combine: lse must be f32[{', '.join(map(str, o.shape[:4]))}], got {lse}")
     _need(a["dtype"].is_float, f"mla_combine: dtype must be a float type, got {a['dtype'].value}")
     return (TensorType(a["dtype"], o.shape[:3] + o.shape[4:]),)

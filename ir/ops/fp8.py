@@ -1,6 +1,7 @@
 """FP8 ops of the op table: `quant_fp8`, `gemm_fp8`, `dequant_fp8` (DeepSeek-V3 block recipe).
 
-Where it sits: registered into the one op table (`ir/ops.py` imports this module at its end).
+Where it sits: in the one op table (`ir/ops/__init__.py` imports it after `core.py`); the FP8
+constants (E4M3_MAX, SCALE_FLOOR) live here once, and codegen and the zoo import them.
 The `quantize_fp8` pass (ir/passes/quantize_fp8.py) rewrites eligible `linear`s into
 `quant_fp8` + `gemm_fp8`; codegen lowers them in the `quant_fp8` and `gemm_fp8` kernel families
 (codegen/fp8_rows.py, codegen/fp8_gemm.py). The eager references below ARE the numeric contract
@@ -24,12 +25,12 @@ from typing import Any, Mapping, Sequence
 import sympy
 import torch
 
-from .ops import GEMM, AttrSpec, OpDef, TypeRuleError, _same, register
-from .types import DType, TensorType, to_expr
+from ..types import DType, TensorType, to_expr
+from ._def import GEMM, AttrSpec, OpDef, TypeRuleError, dims_equal, register
 
-QUANT = "quant"          # op kind: fused by ir/passes/fuse_fp8.py into the quant_fp8 / gemm_fp8 families
-E4M3_MAX = 448.0
-SCALE_FLOOR = 1e-4
+QUANT = "quant"          # op kind: fused by ir/passes/fuse/fp8.py into the quant_fp8 / gemm_fp8 families
+E4M3_MAX = 448.0         # largest finite float8_e4m3fn; codes are clamp(v, -448, 448).to(e4m3fn)
+SCALE_FLOOR = 1e-4       # scales are max(amax, SCALE_FLOOR) / E4M3_MAX
 SCALE_FMTS = (None, "ue8m0")
 GEMM_OUT_DTYPES = (DType.bf16, DType.f32)
 
@@ -148,7 +149,7 @@ def _scales_of(q: TensorType, s: TensorType, block: int, op: str) -> None:
     if q.dtype is not DType.fp8e4m3 or q.rank < 1:
         raise TypeRuleError(f"{op}: codes must be fp8e4m3[..., K], got {q}")
     want = q.shape[:-1] + (n_blocks(q.shape[-1], block),)
-    if s.dtype is not DType.f32 or s.rank != q.rank or not all(_same(x, y) for x, y in zip(s.shape, want)):
+    if s.dtype is not DType.f32 or s.rank != q.rank or not dims_equal(s.shape, want):
         raise TypeRuleError(f"{op}: scales for codes {q} in 1x{block} tiles must be "
                             f"{TensorType(DType.f32, want)}, got {s}")
 
@@ -168,10 +169,10 @@ def _gemm_rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple[TensorTy
     _scales_of(xq, xs, b, "gemm_fp8 (activation)")
     if wq.dtype is not DType.fp8e4m3 or wq.rank != 2:
         raise TypeRuleError(f"gemm_fp8: weight codes must be fp8e4m3[N, K], got {wq}")
-    if not _same(wq.shape[1], xq.shape[-1]):
+    if not dims_equal(wq.shape[1], xq.shape[-1]):
         raise TypeRuleError(f"gemm_fp8: K mismatch: activation {xq} vs weight {wq}")
     want = (n_blocks(wq.shape[0], b), n_blocks(wq.shape[1], b))
-    if ws.dtype is not DType.f32 or ws.rank != 2 or not all(_same(x, y) for x, y in zip(ws.shape, want)):
+    if ws.dtype is not DType.f32 or ws.rank != 2 or not dims_equal(ws.shape, want):
         raise TypeRuleError(f"gemm_fp8: weight scales for {wq} in {b}x{b} blocks must be "
                             f"{TensorType(DType.f32, want)}, got {ws}")
     if a["out_dtype"] not in GEMM_OUT_DTYPES:

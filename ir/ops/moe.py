@@ -1,6 +1,7 @@
 """MoE ops of the op table: router, dispatch, grouped GEMMs, combine (DESIGN.md §4 "MoE").
 
-Where it sits: registered into the one op table (`ir/ops.py` imports this module last). The
+Where it sits: in the one op table (`ir/ops/__init__.py` imports it after `fp8.py`, whose references
+the FP8 grouped GEMMs at the end of this module reuse). The
 frontend's MoE leaf lowering (`dsr_compiler/frontend/lowerings/moe.py`) emits these five ops for the
 zoo's `MoE`; `codegen/moe.py` lowers each to one kernel family. No op loops over experts in the
 IR, and no shape depends on routing: every size is a sympy expression of the token count `T`.
@@ -31,8 +32,9 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from .ops import AttrSpec, OpDef, TypeRuleError, _same, register
-from .types import DType, TensorType, to_expr
+from ..types import DType, TensorType, to_expr
+from ._def import AttrSpec, OpDef, TypeRuleError, dims_equal, register
+from .fp8 import SCALE_FMTS, gemm_fp8_ref, n_blocks, quant_fp8_ref
 
 MOE_ROUTER = "moe_router"
 MOE_DISPATCH = "moe_dispatch"
@@ -71,12 +73,12 @@ def _router_rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple[Tensor
     op = MOE_ROUTER
     if x.rank != 2 or not x.dtype.is_float:
         raise TypeRuleError(f"{op}: x must be a float [T, H] tensor, got {x}")
-    if w.rank != 2 or not w.dtype.is_float or not _same(w.shape[1], x.shape[1]):
+    if w.rank != 2 or not w.dtype.is_float or not dims_equal(w.shape[1], x.shape[1]):
         raise TypeRuleError(f"{op}: gate weight must be float [E, {x.shape[1]}], got {w}")
     e = _static_int(w.shape[0], "the expert count", op)
     if len(ts) == 3:
         b = ts[2]
-        if b.rank != 1 or not b.dtype.is_float or not _same(b.shape[0], e):
+        if b.rank != 1 or not b.dtype.is_float or not dims_equal(b.shape[0], e):
             raise TypeRuleError(f"{op}: bias must be float [{e}], got {b}")
     k, ng, kg = a["topk"], a["n_group"], a["topk_group"]
     if not 1 <= k <= e:
@@ -187,10 +189,10 @@ def _check_layout(op: str, tokens: sympy.Expr, k: int, e: int, bm: int, rows_t: 
     if bm < 1:
         raise TypeRuleError(f"{op}: block_m must be >= 1, got {bm}")
     rows = moe_rows(tokens, k, e, bm)
-    if rows_t.rank != 1 or rows_t.dtype is not DType.i32 or not _same(rows_t.shape[0], rows):
+    if rows_t.rank != 1 or rows_t.dtype is not DType.i32 or not dims_equal(rows_t.shape[0], rows):
         raise TypeRuleError(f"{op}: sorted slots must be i32[{rows}] (T*k + E*(BM-1)), got {rows_t}")
     nb = moe_blocks(rows, bm)
-    if blocks_t.rank != 1 or blocks_t.dtype is not DType.i32 or not _same(blocks_t.shape[0], nb):
+    if blocks_t.rank != 1 or blocks_t.dtype is not DType.i32 or not dims_equal(blocks_t.shape[0], nb):
         raise TypeRuleError(f"{op}: block experts must be i32[{nb}], got {blocks_t}")
     return rows
 
@@ -200,7 +202,7 @@ def _gate_up_rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple[Tenso
     op = "moe_gemm_gate_up"
     if x.rank != 2 or not x.dtype.is_float:
         raise TypeRuleError(f"{op}: x must be a float [T, H] tensor, got {x}")
-    if w13.rank != 3 or w13.dtype != x.dtype or not _same(w13.shape[2], x.shape[1]):
+    if w13.rank != 3 or w13.dtype != x.dtype or not dims_equal(w13.shape[2], x.shape[1]):
         raise TypeRuleError(f"{op}: w13 must be {x.dtype.value}[E, 2I, {x.shape[1]}], got {w13}")
     e = _static_int(w13.shape[0], "E (w13.shape[0])", op)
     two_i = _static_int(w13.shape[1], "2I (w13.shape[1])", op)
@@ -240,14 +242,14 @@ def _down_rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple[TensorTy
     op = "moe_gemm_down"
     if act.rank != 2 or not act.dtype.is_float:
         raise TypeRuleError(f"{op}: act must be a float [R, I] tensor, got {act}")
-    if w2.rank != 3 or w2.dtype != act.dtype or not _same(w2.shape[2], act.shape[1]):
+    if w2.rank != 3 or w2.dtype != act.dtype or not dims_equal(w2.shape[2], act.shape[1]):
         raise TypeRuleError(f"{op}: w2 must be {act.dtype.value}[E, H, {act.shape[1]}], got {w2}")
     if weights.rank != 2 or weights.dtype is not DType.f32:
         raise TypeRuleError(f"{op}: routing weights must be f32[T, k], got {weights}")
     e = _static_int(w2.shape[0], "E (w2.shape[0])", op)
     k = _static_int(weights.shape[1], "k (weights.shape[1])", op)
     rows = _check_layout(op, weights.shape[0], k, e, a["block_m"], rows_t, blocks_t)
-    if not _same(act.shape[0], rows):
+    if not dims_equal(act.shape[0], rows):
         raise TypeRuleError(f"{op}: act must have {rows} rows (the sorted layout), got {act}")
     return (TensorType(DType.f32, (weights.shape[0] * k, w2.shape[1])),)
 
@@ -289,8 +291,8 @@ def _combine_rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple[Tenso
         raise TypeRuleError(f"{op}: output dtype must be float, got {a['dtype'].value}")
     if len(ts) == 2:
         sh = ts[1]
-        if (sh.rank != 2 or not sh.dtype.is_float or not _same(sh.shape[0], tokens)
-                or not _same(sh.shape[1], ys.shape[1])):
+        if (sh.rank != 2 or not sh.dtype.is_float or not dims_equal(sh.shape[0], tokens)
+                or not dims_equal(sh.shape[1], ys.shape[1])):
             raise TypeRuleError(f"{op}: shared-expert output must be float [{tokens}, {ys.shape[1]}], got {sh}")
     return (TensorType(a["dtype"], (tokens, ys.shape[1])),)
 
@@ -311,5 +313,118 @@ register(OpDef(
     doc="y[t] = sum over slots j = 0..k-1 of y_slots[t*k + j] in fp32 and fixed order, + shared[t]; one cast"))
 
 
-__all__ = ["GROUP_SCORES", "MOE_COMBINE", "MOE_DISPATCH", "MOE_GEMM", "MOE_ROUTER", "SCORINGS", "moe_blocks",
-           "moe_rows"]
+# ----------------------------------------------------------------------------- FP8 grouped GEMMs
+# FP8 grouped GEMMs of the routed MoE experts (the DeepSeek-V3 recipe applied to the ops above).
+#
+# `quantize_fp8` rewrites a `moe_gemm_gate_up` + `moe_gemm_down` pair into these two ops when the
+# policy quantizes experts, and codegen/fp8_moe.py lowers each to one kernel of family `moe_gemm_fp8`. Same expert-sorted,
+# block-padded row layout as the ops above (`rows`, `blk`, R = T*k + E*(BM-1)); weights are the
+# stacked expert tensors quantized in 128x128 blocks per expert (`fp8_block_quant` on [E, N, K]):
+#
+#     %a.q, %a.s : fp8e4m3[R,I], f32[R,I/128] = moe_gemm_gate_up_fp8(%x.q, %x.s, %rows, %blk, %w13.q, %w13.s, ...)
+#     %y_slots   : f32[T*k,H]                 = moe_gemm_down_fp8(%a.q, %a.s, %rows, %blk, %w2.q, %w2.s, %w, ...)
+#
+# gate_up: per row r of expert e = blk[r // BM] and token t = rows[r] // k: gate and up are the
+# DeepSeek block-scaled GEMMs of x[t] with w13[e]'s first and second I rows (fp32 accumulation per
+# 128-wide K block, result rounded to bf16 as DESIGN.md section 5 prescribes, then held in
+# `out_dtype`, the experts' eager dtype), h = silu(gate) * up in `out_dtype` arithmetic (as the eager
+# expert computes it), then h is quantized in 1x128 tiles (the quant epilogue: only codes + scales
+# leave the kernel). Pad rows hold h = 0 (codes 0, scale 1e-4/448).
+# down: the block-scaled GEMM of the act codes with w2[e] (bf16 result), times the slot's routing
+# weight in fp32, written to row `slot` of [T*k, H] (pad rows skipped), as moe_gemm_down.
+
+MOE_GEMM_FP8 = "moe_gemm_fp8"
+
+
+def _fp8_scales(op: str, what: str, codes: TensorType, s: TensorType, block: int, weight: bool) -> None:
+    if codes.dtype is not DType.fp8e4m3:
+        raise TypeRuleError(f"{op}: {what} codes must be fp8e4m3, got {codes}")
+    if weight:
+        want = codes.shape[:-2] + (n_blocks(codes.shape[-2], block), n_blocks(codes.shape[-1], block))
+    else:
+        want = codes.shape[:-1] + (n_blocks(codes.shape[-1], block),)
+    if s.dtype is not DType.f32 or not dims_equal(s.shape, want):
+        raise TypeRuleError(f"{op}: {what} scales must be {TensorType(DType.f32, want)}, got {s}")
+
+
+def _gate_up_fp8_rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple[TensorType, ...]:
+    xq, xs, rows_t, blocks_t, wq, ws = ts
+    op, b = "moe_gemm_gate_up_fp8", a["block"]
+    if xq.rank != 2:
+        raise TypeRuleError(f"{op}: x codes must be [T, H], got {xq}")
+    _fp8_scales(op, "activation", xq, xs, b, False)
+    if wq.rank != 3 or not dims_equal(wq.shape[2], xq.shape[1]):
+        raise TypeRuleError(f"{op}: w13 codes must be fp8e4m3[E, 2I, {xq.shape[1]}], got {wq}")
+    _fp8_scales(op, "w13", wq, ws, b, True)
+    e = _static_int(wq.shape[0], "E", op)
+    two_i = _static_int(wq.shape[1], "2I", op)
+    if two_i % (2 * b):
+        raise TypeRuleError(f"{op}: 2I={two_i} must be a multiple of 2*{b} (gate and up blocks must not mix)")
+    if a["out_dtype"] not in (DType.bf16, DType.f32, DType.f16) or a["scale_fmt"] not in SCALE_FMTS:
+        raise TypeRuleError(f"{op}: out_dtype must be a float and scale_fmt None or 'ue8m0'")
+    rows = _check_layout(op, xq.shape[0], a["topk"], e, a["block_m"], rows_t, blocks_t)
+    return (TensorType(DType.fp8e4m3, (rows, two_i // 2)), TensorType(DType.f32, (rows, (two_i // 2) // b)))
+
+
+def gate_up_fp8_ref(xq, xs, rows, blk, w13q, w13s, *, topk: int, block_m: int, block: int = 128,
+                    out_dtype: DType = DType.bf16, scale_fmt: str | None = None):
+    n_rows, inter = rows.shape[0], w13q.shape[1] // 2
+    h = torch.zeros(n_rows, inter, dtype=out_dtype.torch)
+    valid = rows >= 0
+    expert = _row_experts(blk, n_rows, block_m)
+    tok = rows.long().clamp_min(0) // topk
+    ib = inter // block
+    for e in torch.unique(expert[valid]).tolist():
+        sel = valid & (expert == e)
+        t = tok[sel]
+        gate = gemm_fp8_ref(xq[t], xs[t], w13q[e, :inter], w13s[e, :ib], block).to(out_dtype.torch)
+        up = gemm_fp8_ref(xq[t], xs[t], w13q[e, inter:], w13s[e, ib:], block).to(out_dtype.torch)
+        h[sel] = F.silu(gate) * up
+    return quant_fp8_ref(h, block, scale_fmt)
+
+
+def _down_fp8_rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple[TensorType, ...]:
+    aq, as_, rows_t, blocks_t, wq, ws, weights = ts
+    op, b = "moe_gemm_down_fp8", a["block"]
+    if aq.rank != 2:
+        raise TypeRuleError(f"{op}: act codes must be [R, I], got {aq}")
+    _fp8_scales(op, "act", aq, as_, b, False)
+    if wq.rank != 3 or not dims_equal(wq.shape[2], aq.shape[1]):
+        raise TypeRuleError(f"{op}: w2 codes must be fp8e4m3[E, H, {aq.shape[1]}], got {wq}")
+    _fp8_scales(op, "w2", wq, ws, b, True)
+    if weights.rank != 2 or weights.dtype is not DType.f32:
+        raise TypeRuleError(f"{op}: routing weights must be f32[T, k], got {weights}")
+    e = _static_int(wq.shape[0], "E", op)
+    k = _static_int(weights.shape[1], "k", op)
+    rows = _check_layout(op, weights.shape[0], k, e, a["block_m"], rows_t, blocks_t)
+    if not dims_equal(aq.shape[0], rows):
+        raise TypeRuleError(f"{op}: act must have {rows} rows (the sorted layout), got {aq}")
+    return (TensorType(DType.f32, (weights.shape[0] * k, wq.shape[1])),)
+
+
+def down_fp8_ref(aq, as_, rows, blk, w2q, w2s, weights, *, block_m: int, block: int = 128):
+    out = torch.zeros(weights.numel(), w2q.shape[1], dtype=torch.float32)
+    valid = rows >= 0
+    expert = _row_experts(blk, rows.shape[0], block_m)
+    flat_w = weights.reshape(-1)
+    for e in torch.unique(expert[valid]).tolist():
+        sel = valid & (expert == e)
+        slots = rows[sel].long()
+        y = gemm_fp8_ref(aq[sel], as_[sel], w2q[e], w2s[e], block)
+        out[slots] = y.float() * flat_w[slots].unsqueeze(-1)
+    return out
+
+
+_COMMON = {"block_m": AttrSpec((int,)), "block": AttrSpec((int,), required=False, default=128)}
+
+register(OpDef("moe_gemm_gate_up_fp8", MOE_GEMM_FP8, (6, 6), _gate_up_fp8_rule, gate_up_fp8_ref, n_outputs=2,
+               attrs={**_COMMON, "topk": AttrSpec((int,)),
+                      "out_dtype": AttrSpec((DType,), required=False, default=DType.bf16,
+                                            doc="the experts' eager dtype (silu(gate) * up is computed in it)"),
+                      "scale_fmt": AttrSpec((str,), required=False, default=None)},
+               doc="FP8 grouped GEMM gate+up (gathered token rows, SwiGLU) with a 1x128 quant epilogue"))
+register(OpDef("moe_gemm_down_fp8", MOE_GEMM_FP8, (7, 7), _down_fp8_rule, down_fp8_ref, attrs=_COMMON,
+               doc="FP8 grouped GEMM down, x routing weight, scattered to row `slot` of [T*k, H]"))
+
+__all__ = ["GROUP_SCORES", "MOE_COMBINE", "MOE_DISPATCH", "MOE_GEMM", "MOE_GEMM_FP8", "MOE_ROUTER", "SCORINGS",
+           "down_fp8_ref", "gate_up_fp8_ref", "moe_blocks", "moe_rows"]
