@@ -51,6 +51,8 @@ def flash_pairs(sq: sympy.Expr, sk: sympy.Expr, causal: bool) -> sympy.Expr:
 
 
 def lower_attention(k: Kernel, index: int) -> KernelSpec:
+    """A flash-attention kernel: one attention op (and layout ops on its inputs), one program per
+    (batch, query block)."""
     g = k.body
     vals = g.values()
     atts = [n for n in g.nodes if OPS[n.op].kind == ATTENTION]

@@ -36,6 +36,8 @@ from .record import KernelFamily
 
 
 def lower_gemm(k: Kernel, index: int) -> KernelSpec:
+    """A GEMM kernel: output tiles of BLOCK_M x BLOCK_N, the epilogue over each tile (a kernel holding
+    only an embedding lowers as pointwise)."""
     g = k.body
     vals = g.values()
     mms = [n for n in g.nodes if n.op in ("linear", "matmul")]

@@ -32,6 +32,7 @@ from .record import KernelFamily, PtxProgram
 
 
 def lower_pointwise(k: Kernel, index: int, family_label: str = "pointwise") -> KernelSpec:
+    """A pointwise kernel: one flat iteration space over the (common) output shape."""
     g = k.body
     vals = g.values()
     outs = [vals[o] for o in g.outputs]
@@ -79,6 +80,7 @@ def lower_pointwise(k: Kernel, index: int, family_label: str = "pointwise") -> K
 
 
 def pointwise_ptx(spec: KernelSpec) -> PtxCode:
+    """The PTX program of a pointwise spec (templates/pointwise.ptx.j2): one element per thread and step."""
     if spec.param("I64", False) is not True and spec.param("I64", False) is not False:
         raise PtxUnsupported(f"ptx: kernel {spec.name}: unknown index width")
     e, params, pro = ptx_setup(spec, ["offs"])

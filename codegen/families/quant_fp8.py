@@ -41,6 +41,7 @@ from .record import KernelFamily, PtxProgram
 
 
 def lower_quant_rows(k: Kernel, index: int) -> KernelSpec:
+    """A quant_fp8 kernel (prologue, optional rms_norm, epilogue, 1 x block quantization), or a dequant_fp8."""
     g = k.body
     vals = g.values()
     anchors = [n for n in g.nodes if n.op in ("quant_fp8", "dequant_fp8")]
@@ -165,6 +166,8 @@ def _lower_dequant(k: Kernel, index: int, n) -> KernelSpec:
 
 
 def quant_rows_ptx(spec: KernelSpec) -> PtxCode:
+    """The PTX program of a quant_fp8 spec (templates/quant_fp8_rows.ptx.j2): a CTA per row; a lane holds
+    4 elements of a 1x128 tile (cols = kb*128 + lane + 32 j), codes from cvt.rn.satfinite.e4m3x2.f32."""
     block = spec.param("BLOCK")
     if block != 128:
         raise PtxUnsupported(f"ptx: kernel {spec.name}: the PTX quant template takes 1x128 tiles, got {block}",

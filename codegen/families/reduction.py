@@ -37,6 +37,7 @@ LAST_DIM_REDUCTIONS = ("rms_norm", "softmax", "log_softmax", "sum", "mean", "ama
 
 
 def lower_reduction(k: Kernel, index: int) -> KernelSpec:
+    """A reduction kernel: one row per program, the reduced (last) dim walked in BLOCK_N chunks."""
     g = k.body
     reds = [n for n in g.nodes if OPS[n.op].kind == REDUCTION]
     if len(reds) != 1:
@@ -182,6 +183,7 @@ def lower_reduction(k: Kernel, index: int) -> KernelSpec:
 
 
 def reduction_ptx(spec: KernelSpec) -> PtxCode:
+    """The PTX program of a reduction spec (templates/reduction.ptx.j2): a CTA per row, warp shuffles."""
     red = spec.param("RED")
     if red not in ("sum", "sumsq", "max"):
         raise PtxUnsupported(f"ptx: kernel {spec.name}: reduction {red!r} is not in the PTX templates "
