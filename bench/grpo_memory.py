@@ -19,8 +19,8 @@ Two scales, f32 and bf16 heads:
 
 "Extra" memory is what a call allocates beyond its inputs: temporaries plus the returned
 gradients. DRAM traffic: eager counted per ATen op (input + output bytes, views free, as
-`dsrc bench`), compiled from the kernels' modeled bytes in report.json (codegen/vocab_loss.py
-explains the vocabulary kernels' model).
+`dsrc bench`), compiled from the kernels' modeled bytes in report.json
+(codegen/families/vocab_loss.py explains the vocabulary kernels' model).
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Rendering: KernelSpec -> Triton source through one Jinja template per family.
 
-Sits between lowering and compiling. The Jinja environment uses StrictUndefined; the
+Sits between lowering and compiling. A spec's template must be its family's (the records in
+codegen/families/, `TEMPLATE_FAMILY`). The Jinja environment uses StrictUndefined; the
 only context a template sees is the frozen spec (`spec`) plus the pure filters below
 (statement rendering comes from `codegen/exprs.py`, the one expression table). Rendered
 source is parsed with `ast` before anyone uses it; a failure is a CodegenError that shows
@@ -21,29 +22,8 @@ from dsr_compiler.ir.errors import CodegenError
 from dsr_compiler.ir.types import DType
 
 from .exprs import TL_DTYPE, helpers_for, index_expr, render_stmt, store_value
+from .families import TEMPLATE_DIR, TEMPLATE_FAMILY
 from .spec import KernelSpec, Stmt, comment_text
-
-TEMPLATE_DIR = Path(__file__).parent / "templates"
-
-# template file -> family; one template per family, registered once.
-TEMPLATES: dict[str, str] = {}
-
-
-def register_template(filename: str, family: str) -> None:
-    """Register a family's template; a second registration of a file or family is an error."""
-    if filename in TEMPLATES:
-        raise ValueError(f"template {filename} registered twice")
-    if family in TEMPLATES.values():
-        raise ValueError(f"family {family} already has template "
-                         f"{next(f for f, fam in TEMPLATES.items() if fam == family)}")
-    if not (TEMPLATE_DIR / filename).is_file():
-        raise ValueError(f"template {filename} does not exist in {TEMPLATE_DIR}")
-    TEMPLATES[filename] = family
-
-
-for _family in ("pointwise", "reduction", "gemm", "attention"):
-    register_template(f"{_family}.py.j2", _family)
-
 
 # ----------------------------------------------------------------------------- pure filters
 
@@ -88,10 +68,10 @@ _ENV = _environment()
 
 def render(spec: KernelSpec) -> str:
     """Triton source for `spec` (parsed with `ast` before it is returned)."""
-    fam = TEMPLATES.get(spec.template)
+    fam = TEMPLATE_FAMILY.get(spec.template)
     if fam is None:
         raise CodegenError(f"codegen: kernel {spec.name}: no template {spec.template!r}",
-                           hint=f"registered: {', '.join(sorted(TEMPLATES))}")
+                           hint=f"registered: {', '.join(sorted(TEMPLATE_FAMILY))}")
     if fam != spec.family:
         raise CodegenError(f"codegen: kernel {spec.name}: template {spec.template} is for {fam}, "
                            f"the spec's family is {spec.family}")
@@ -101,7 +81,7 @@ def render(spec: KernelSpec) -> str:
     except (jinja2.UndefinedError, KeyError) as e:
         msg = e.message if isinstance(e, jinja2.UndefinedError) else str(e.args[0])
         raise CodegenError(f"codegen: template {spec.template} failed for {spec.name}: {msg}",
-                           hint="the spec lacks a parameter the template needs (see codegen/lower.py)") from None
+                           hint="the spec lacks a parameter the template needs (see codegen/families/)") from None
     try:
         ast.parse(src)
     except SyntaxError as e:
@@ -143,12 +123,13 @@ def _check_identifiers(spec: KernelSpec) -> None:
 @lru_cache(maxsize=None)
 def codegen_fingerprint() -> str:
     """sha256 over codegen's sources and templates. A KernelSpec hash says *what* to generate,
-    this says *how*: an artifact cache keys on both (plus Triton/torch/target versions)."""
+    this says *how*: an artifact cache keys on both (plus Triton/torch/target versions). Every source
+    counts, the family modules under codegen/families/ included."""
     h = hashlib.sha256()
     root = Path(__file__).parent
-    for p in sorted([*root.glob("*.py"), *TEMPLATE_DIR.glob("*.j2")]):
+    for p in sorted([*root.rglob("*.py"), *TEMPLATE_DIR.glob("*.j2")]):
         h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()
 
 
-__all__ = ["FILTERS", "TEMPLATES", "TEMPLATE_DIR", "codegen_fingerprint", "register_template", "render"]
+__all__ = ["FILTERS", "TEMPLATE_DIR", "codegen_fingerprint", "render"]

@@ -1,8 +1,8 @@
 """KernelSpec: the frozen, plain-data description of one generated kernel.
 
-Sits between lowering (`codegen/lower.py`, which builds specs from fused IR kernels) and
-everything after it: the Jinja templates render a spec into Triton source, `compile.py`
-compiles that source, and the runtime launches it. A spec holds only plain values
+Sits between lowering (`codegen/lower.py` and the family lowerings in `codegen/families/`, which
+build specs from fused IR kernels) and everything after it: the Jinja templates render a spec into
+Triton source, `compile.py` compiles that source, and the runtime launches it. A spec holds only plain values
 (str, int, float, bool, None, tuples, IR DTypes), so it prints, hashes and round-trips
 through JSON; its sha256 (`spec.hash()`) keys the artifact cache.
 
@@ -37,9 +37,7 @@ from typing import Any, Callable, Mapping
 import sympy
 from dsr_compiler.ir.errors import CodegenError
 from dsr_compiler.ir.types import DType, parse_dim
-
-# Kernel families; extended by `codegen.register_family` (one template + one lowering each).
-FAMILIES: list[str] = ["pointwise", "reduction", "gemm", "attention"]
+from dsr_compiler.ir.verifier import KERNEL_FAMILIES
 
 # Triton pointer element spellings for each IR dtype (signature of triton.compile).
 TRITON_PTR = {
@@ -127,7 +125,7 @@ class KernelSpec:
     bytes_written: str = "0"
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
+        if self.family not in KERNEL_FAMILIES:   # each has one record in codegen/families/
             raise ValueError(f"KernelSpec {self.name}: unknown family {self.family!r}")
         if not 1 <= len(self.grid) <= 3:
             raise ValueError(f"KernelSpec {self.name}: grid needs 1-3 dims, got {self.grid}")
@@ -332,5 +330,5 @@ def ident(text: str) -> str:
     return s if s and not s[0].isdigit() else "v" + s
 
 
-__all__ = ["ArgSpec", "Block", "FAMILIES", "KernelSpec", "Stmt", "TRITON_PTR", "comment_text", "eval_expr", "expr_fn",
+__all__ = ["ArgSpec", "Block", "KernelSpec", "Stmt", "TRITON_PTR", "comment_text", "eval_expr", "expr_fn",
            "ident", "launch_args", "launch_values"]

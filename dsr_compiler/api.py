@@ -129,6 +129,7 @@ class CompiledModule:
 
     # ------------------------------------------------------------------ reporting
     def report(self) -> dict[str, Any]:
+        from dsr_compiler.codegen.families import family
         env = {sympy.Symbol(k, integer=True, positive=True): v for k, v in self.example_env.items()}
         kernels = []
         for k in self.kernels:
@@ -136,7 +137,7 @@ class CompiledModule:
             br = _eval(s.bytes_read, env)
             bw = _eval(s.bytes_written, env)
             fl = _eval(s.flops, env)
-            peak_key = _peak_key(s)
+            peak_key = "flops_" + family(s.family).peak_of(s)
             roof = max((br + bw) / H200["bytes_per_s"], fl / H200[peak_key]) * 1e6
             p = k.ptx
             kernels.append({
@@ -177,20 +178,9 @@ class CompiledModule:
         return write_dump(self, out_dir)
 
 
-def _ptx_template(family: str) -> str:
-    from dsr_compiler.codegen.ptx import PTX_TEMPLATES
-    return PTX_TEMPLATES[family]
-
-
-def _peak_key(spec: Any) -> str:
-    """Which H200 FLOP ceiling bounds a kernel: fp8 tensor cores for FP8 GEMMs, fp32 CUDA cores when a
-    float operand is f32 (f32 dots run in "ieee" precision), else bf16 tensor cores."""
-    if spec.family in ("gemm_fp8", "moe_gemm_fp8"):
-        return "flops_fp8"
-    from dsr_compiler.ir.types import DType
-    if any(a.kind == "tensor" and a.role == "in" and a.dtype is DType.f32 for a in spec.args):
-        return "flops_f32"
-    return "flops_bf16"
+def _ptx_template(name: str) -> str:
+    from dsr_compiler.codegen.families import family
+    return family(name).ptx.template
 
 
 def _eval(expr: Any, env: dict) -> int | float:

@@ -1,6 +1,6 @@
-"""The gemm_fp8 and quant_fp8 kernel families (codegen/fp8_gemm.py, codegen/fp8_rows.py): run under
-the Triton interpreter against the op table's eager references (ir/ops_fp8.py), compiled for sm_90a,
-and their direct-PTX versions (codegen/ptx.py) assembled by ptxas.
+"""The gemm_fp8 and quant_fp8 kernel families (codegen/families/gemm_fp8.py, .../quant_fp8.py): run
+under the Triton interpreter against the op table's eager references (ir/ops_fp8.py), compiled for
+sm_90a, and their direct-PTX versions (codegen/ptx.py) assembled by ptxas.
 
 Bounds used here:
   * codes and scales of a quantization whose input the kernel loads as is: bit for bit (torch's cast);

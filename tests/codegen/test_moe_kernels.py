@@ -1,4 +1,4 @@
-"""MoE kernel families (codegen/moe.py), one kernel at a time on the Triton interpreter.
+"""MoE kernel families (codegen/families/moe.py), one kernel at a time on the Triton interpreter.
 
 Each kernel's outputs are compared with its op's eager reference (ir/ops_moe.py): integer
 outputs (routing ids, the dispatch layout) exactly, float outputs within the tolerance table.

@@ -8,7 +8,7 @@ import pytest
 from codegen_helpers import KB
 from dsr_compiler.codegen import KernelSpec, eval_expr, launch_values, lower_kernel, render
 from dsr_compiler.codegen.exprs import POINTWISE_EXPRS
-from dsr_compiler.codegen.render import TEMPLATES, register_template
+from dsr_compiler.codegen.families import FAMILIES, TEMPLATE_FAMILY, KernelFamily, PtxProgram, validate
 from dsr_compiler.codegen.spec import Stmt
 from dsr_compiler.ir import OPS, DType, Kernel, sym
 from dsr_compiler.ir.errors import CodegenError
@@ -96,11 +96,38 @@ def test_render_header_is_deterministic():
 def test_registry_rejects_duplicates():
     core = {"pointwise.py.j2": "pointwise", "reduction.py.j2": "reduction", "gemm.py.j2": "gemm",
             "attention.py.j2": "attention"}
-    assert core.items() <= TEMPLATES.items()   # plus the families of codegen extensions (families.EXTENSIONS)
-    with pytest.raises(ValueError, match="registered twice"):
-        register_template("gemm.py.j2", "gemm")
-    with pytest.raises(ValueError, match="already has template"):
-        register_template("macros.j2", "gemm")
+    assert core.items() <= TEMPLATE_FAMILY.items()   # plus the DeepSeek families (codegen/families/)
+    validate(FAMILIES)
+    gemm = next(f for f in FAMILIES if f.name == "gemm")
+    with pytest.raises(CodegenError, match="listed twice"):
+        validate(FAMILIES + (gemm,))
+    other = next(f for f in FAMILIES if f.name == "attention")
+    with pytest.raises(CodegenError, match="belongs to two families"):
+        validate(tuple(f for f in FAMILIES if f.name != "attention")
+                 + (dataclasses.replace(other, template="gemm.py.j2"),))
+    with pytest.raises(CodegenError, match="belongs to two families"):
+        validate(tuple(f for f in FAMILIES if f.name != "attention")
+                 + (dataclasses.replace(other, ptx=PtxProgram("reduction.ptx.j2", lambda spec: None)),))
+    with pytest.raises(CodegenError, match="does not exist"):
+        validate(tuple(f for f in FAMILIES if f.name != "attention")
+                 + (dataclasses.replace(other, template="no_such.py.j2"),))
+    with pytest.raises(CodegenError, match="not in dsr_compiler.ir.verifier.KERNEL_FAMILIES"):
+        validate(FAMILIES + (KernelFamily("conv", lower=gemm.lower, template="conv.py.j2"),))
+    with pytest.raises(CodegenError, match="have no record"):
+        validate(tuple(f for f in FAMILIES if f.name != "attention"))
+    with pytest.raises(CodegenError, match="peak"):
+        KernelFamily("gemm", lower=gemm.lower, template="gemm.py.j2", peak="int8")
+
+
+def test_roofline_peak_comes_from_the_family_record():
+    spec = lower_kernel(mlp_spine(), 1)
+    fams = {f.name: f for f in FAMILIES}
+    assert {n for n, f in fams.items() if f.peak == "fp8"} == {"gemm_fp8", "moe_gemm_fp8"}
+    assert fams["reduction"].peak_of(spec) == "bf16"            # bf16 inputs: 16-bit tensor-core ceiling
+    f32_in = dataclasses.replace(spec, args=tuple(dataclasses.replace(a, dtype=f32) if a.role == "in" else a
+                                                  for a in spec.args))
+    assert fams["reduction"].peak_of(f32_in) == "f32"           # an f32 operand: fp32 CUDA cores
+    assert fams["gemm_fp8"].peak_of(f32_in) == "fp8"            # FP8 GEMMs: always the fp8 ceiling
 
 
 def test_render_errors_are_codegen_errors():

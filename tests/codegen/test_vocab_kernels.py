@@ -1,4 +1,4 @@
-"""Vocabulary-tiled loss kernels (codegen/vocab_loss.py) in the Triton interpreter vs the op table's
+"""Vocabulary-tiled loss kernels (codegen/families/vocab_loss.py) in the Triton interpreter vs the op table's
 eager references (which materialize the logits), and compiled for sm_90a at DeepSeek-V3 shapes."""
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ import torch
 
 import dsr_compiler as dsr
 from dsr_compiler.codegen import lower_kernel, render
-from dsr_compiler.codegen.spec import FAMILIES
+from dsr_compiler.codegen.families import FAMILY_NAMES as FAMILIES
 from dsr_compiler.ir import OPS, DType, Graph, GraphBuilder, Kernel, Node, TensorType, Value, run_graph, verify
 from dsr_compiler.ir.interp import bind_symbols, concrete_attr
 from dsr_compiler.models import ModelConfig

@@ -1,11 +1,12 @@
 """Import graph of the project (tools/imports.py, read with `ast`, nothing imported): what the
 frontend restructuring fixed stays fixed.
 
-Pinned here: no import cycle involving a `dsr_compiler.frontend` or `dsr_compiler.ir` module, and
-no private name (`_foo`) imported across modules into or out of the frontend or within ir/. Known,
-not yet fixed (other steps of the same restructuring, so not pinned): the cycles workloads <->
-workloads_*, api <-> dump (and runtime.cache), and the private imports among codegen modules
-(codegen.lower's helpers).
+Pinned here: no import cycle involving a `dsr_compiler.frontend`, `dsr_compiler.ir` or
+`dsr_compiler.codegen` module, and no private name (`_foo`) imported across modules into or out of
+the frontend, within ir/, or between codegen modules (the lowering helpers are public in
+codegen/lower_common.py; the one exception is codegen/fp8.py, to be removed). Known, not yet fixed
+(other steps of the same restructuring, so not pinned): the cycles workloads <-> workloads_*,
+api <-> dump (and runtime.cache).
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FRONTEND = "dsr_compiler.frontend"
+CODEGEN = "dsr_compiler.codegen"
+# codegen/fp8.py (standalone quant kernels, to be removed) reads the interpreter switch of compile.py.
+KNOWN_CODEGEN_PRIVATE = {("dsr_compiler.codegen.fp8", "dsr_compiler.codegen.compile", "_interpret_env")}
 
 
 def _tool():
@@ -62,6 +66,28 @@ def test_no_import_cycle_involves_ir(report):
 
 def test_no_private_import_within_ir(report):
     bad = [(m, b, n) for m, b, n in report["private"] if _in_ir(m) or _in_ir(b)]
+    assert bad == [], "private cross-module imports: " + ", ".join(f"{m} imports {b}.{n}" for m, b, n in bad)
+
+
+def _in_codegen(mod: str) -> bool:
+    return mod == CODEGEN or mod.startswith(CODEGEN + ".")
+
+
+def test_the_analysis_sees_the_codegen_family_modules(report):
+    mods = _tool().modules()
+    for name in ("families", "families.record", "families.pointwise", "families.moe", "lower", "lower_common",
+                 "lower_body", "ptx", "ptx_emit"):
+        assert f"{CODEGEN}.{name}" in mods
+
+
+def test_no_import_cycle_involves_codegen(report):
+    bad = [c for c in report["cycles"] if any(_in_codegen(m) for m in c)]
+    assert bad == [], "import cycles through codegen: " + "; ".join(" <-> ".join(c) for c in bad)
+
+
+def test_no_private_import_between_codegen_modules(report):
+    bad = [(m, b, n) for m, b, n in report["private"]
+           if (_in_codegen(m) or _in_codegen(b)) and (m, b, n) not in KNOWN_CODEGEN_PRIVATE]
     assert bad == [], "private cross-module imports: " + ", ".join(f"{m} imports {b}.{n}" for m, b, n in bad)
 
 

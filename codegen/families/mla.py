@@ -1,8 +1,8 @@
 """MLA kernel families (DESIGN.md §4 "MLA"): RoPE tables, the KV-cache write, the naive flash
 attention with two dots, and the absorbed split-KV decode with its exact combine.
 
-Where it sits: a codegen extension (listed in `families.EXTENSIONS`); importing registers five
-families, one Jinja template and one lowering ir.Kernel -> KernelSpec each. The fusion pass makes
+Where it sits: five records of codegen/families/ (`*_FAMILY` at the end), one Jinja template and
+one lowering ir.Kernel -> KernelSpec each. The fusion pass makes
 each MLA op its own kernel (family = the op's kind); `mla_attention` and `mla_decode` kernels also
 hold the slice/permute/expand views of their operands (a fusion GROUP_RULE in ir/passes/absorb_mla.py),
 read through strides:
@@ -31,23 +31,20 @@ from dsr_compiler.ir.graph import Kernel, Node
 from dsr_compiler.ir.ops import OPS, SOURCE
 from dsr_compiler.ir.types import DType, dim_str, to_expr
 
-from .families import register_family
-from .lower import (
+from ..lower_common import (
     INDEX_MAP_OPS,
-    _attr_int,
-    _bytes,
-    _fail,
-    _kernel_name,
-    _next_pow2,
-    _static,
     arg_names,
-    flash_pairs,
-    flash_tiles,
+    attr_int,
+    fail,
+    kernel_bytes,
+    kernel_name,
+    next_pow2,
     source_nodes,
+    static_int,
     tensor_args,
 )
-from .spec import ArgSpec, KernelSpec
-from .views import (
+from ..spec import ArgSpec, KernelSpec
+from ..views import (
     Axis,
     IndexBuilder,
     ScalarPool,
@@ -57,6 +54,8 @@ from .views import (
     broadcast_strides,
     prod,
 )
+from .attention import flash_pairs, flash_tiles
+from .record import KernelFamily
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -76,21 +75,21 @@ def _the_op(k: Kernel, op: str, views_ok: bool = False) -> tuple[Node, dict[str,
     if len(main) != 1 or others:
         bad = others[0] if others else (main[1] if len(main) > 1 else None)
         extra = " and index-map layout ops on its inputs" if views_ok else ""
-        raise _fail(k, f"a {k.family} kernel holds exactly one {op}{extra}", bad,
-                    "the fusion pass gives each MLA op its own kernel")
+        raise fail(k, f"a {k.family} kernel holds exactly one {op}{extra}", bad,
+                   "the fusion pass gives each MLA op its own kernel")
     for n in g.nodes:
         if n.op in INDEX_MAP_OPS and views_ok:
             if n.inputs[0] not in views:
-                raise _fail(k, f"{n.op} of %{n.inputs[0]}, a value computed inside the kernel", n)
+                raise fail(k, f"{n.op} of %{n.inputs[0]}, a value computed inside the kernel", n)
             base, v = views[n.inputs[0]]
             try:
                 views[n.out.name] = (base, apply_layout(v, n.op, n.attr_dict, n.out.type.shape))
             except ViewError as e:
-                raise _fail(k, f"{n.op} cannot be an index map: {e}", n) from None
+                raise fail(k, f"{n.op} cannot be an index map: {e}", n) from None
     node = main[0]
     for i in node.inputs:
         if i not in views:
-            raise _fail(k, f"{op} must read kernel inputs (or views of them), %{i} is computed in the kernel", node)
+            raise fail(k, f"{op} must read kernel inputs (or views of them), %{i} is computed in the kernel", node)
     return node, views
 
 
@@ -98,25 +97,25 @@ def _strides(k: Kernel, node: Node, views: dict, name: str, shape: Sequence[symp
     try:
         return broadcast_strides(views[name][1], tuple(shape))
     except ViewError as e:
-        raise _fail(k, f"operand %{name}: {e}", node) from None
+        raise fail(k, f"operand %{name}: {e}", node) from None
 
 
 def _static_dim(k: Kernel, n: Node, d: sympy.Expr, what: str) -> int:
-    v = _static(d)
+    v = static_int(d)
     if v is None:
-        raise _fail(k, f"{what} must be static, got {d}", n)
+        raise fail(k, f"{what} must be static, got {d}", n)
     return v
 
 
 def _pad(n: int) -> int:
-    return max(16, _next_pow2(n))
+    return max(16, next_pow2(n))
 
 
 def _spec(k: Kernel, index: int, template: str, pool: ScalarPool, grid: sympy.Expr, params: tuple, num_warps: int,
           num_stages: int, flops: sympy.Expr, body: tuple = (), checks: tuple[ArgSpec, ...] = ()) -> KernelSpec:
-    rd, wr = _bytes(k.body)
+    rd, wr = kernel_bytes(k.body)
     return KernelSpec(
-        name=_kernel_name(k, index), family=k.family, template=template,
+        name=kernel_name(k, index), family=k.family, template=template,
         args=tuple(tensor_args(k.body)) + checks + tuple(pool.args), grid=(dim_str(sympy.simplify(grid)),),
         num_warps=num_warps, num_stages=num_stages, params=params, body=body, source_nodes=source_nodes(k.body),
         flops=dim_str(sympy.expand(flops)), bytes_read=rd, bytes_written=wr)
@@ -131,7 +130,7 @@ def _out_ptr(k: Kernel, n: Node, j: int) -> str:
 
 # ----------------------------------------------------------------------------- rope_table
 
-def _lower_rope_table(k: Kernel, index: int) -> KernelSpec:
+def lower_rope_table(k: Kernel, index: int) -> KernelSpec:
     n, _ = _the_op(k, "rope_table")
     names = arg_names(k.body)
     vals = k.body.values()
@@ -140,7 +139,7 @@ def _lower_rope_table(k: Kernel, index: int) -> KernelSpec:
     rows = pos_t.numel
     numel = rows * r
     pool = ScalarPool(i64=bool(k.attr("index_i64", False)))
-    block = _attr_int(k, "block", 256)
+    block = attr_int(k, "block", 256)
     params = (("BLOCK", block), ("R", r), ("NUMEL", pool.lit(numel)), ("FACTOR", repr(float(n.attr("attn_factor", 1.0)))),
               ("POS", names[("in", n.inputs[0])]), ("FREQ", names[("in", n.inputs[1])]),
               ("COS", _out_ptr(k, n, 0)), ("SIN", _out_ptr(k, n, 1)))
@@ -149,7 +148,7 @@ def _lower_rope_table(k: Kernel, index: int) -> KernelSpec:
 
 # ----------------------------------------------------------------------------- index_copy
 
-def _lower_index_copy(k: Kernel, index: int) -> KernelSpec:
+def lower_index_copy(k: Kernel, index: int) -> KernelSpec:
     n, _views = _the_op(k, "index_copy")
     names = arg_names(k.body)
     vals = k.body.values()
@@ -158,10 +157,10 @@ def _lower_index_copy(k: Kernel, index: int) -> KernelSpec:
     outer, rows, inner = prod(xt.shape[:d]), xt.shape[d], prod(xt.shape[d + 1:])
     length = it.shape[0]
     pool = ScalarPool(i64=True)
-    static_q, static_l = _static(inner), _static(length)
-    bq = _attr_int(k, "block_q", min(256, _next_pow2(static_q)) if static_q is not None else 256)
-    bj = _attr_int(k, "block_j", min(32, max(2, _next_pow2(static_l))) if static_l is not None else 32)
-    bn = _attr_int(k, "block_n", 32)
+    static_q, static_l = static_int(inner), static_int(length)
+    bq = attr_int(k, "block_q", min(256, next_pow2(static_q)) if static_q is not None else 256)
+    bj = attr_int(k, "block_j", min(32, max(2, next_pow2(static_l))) if static_l is not None else 32)
+    bn = attr_int(k, "block_n", 32)
     params = (("BLOCK_N", bn), ("BLOCK_J", bj), ("BLOCK_Q", bq), ("N", pool.lit(rows)), ("L", pool.lit(length)),
               ("Q", pool.lit(inner)),
               ("X", names[("in", n.inputs[0])]), ("IDX", names[("in", n.inputs[1])]),
@@ -192,16 +191,16 @@ def _positions(k: Kernel, node: Node, views: dict, names: dict, pool: ScalarPool
     return names[("in", views[name][0])], pool.lit(views[name][1].offset), pool.lit(st[0])
 
 
-def _lower_mla_attention(k: Kernel, index: int) -> KernelSpec:
+def lower_mla_attention(k: Kernel, index: int) -> KernelSpec:
     n, views = _the_op(k, "mla_attention", views_ok=True)
     g = k.body
     vals = g.values()
     names = arg_names(g)
     qn, qp, kn, kp, v = (vals[i].type for i in n.inputs[:5])
     if len({qn.dtype, qp.dtype, kn.dtype, kp.dtype, v.dtype}) != 1:
-        raise _fail(k, "q_nope, q_pe, k_nope, k_pe and v need one dtype (the MMA operands)", n)
+        raise fail(k, "q_nope, q_pe, k_nope, k_pe and v need one dtype (the MMA operands)", n)
     if list(g.outputs) != [n.out.name]:
-        raise _fail(k, f"must return only the attention output %{n.out.name}, returns {list(g.outputs)}")
+        raise fail(k, f"must return only the attention output %{n.out.name}, returns {list(g.outputs)}")
     b, sq, h, dn = qn.shape
     sk, dr, dv = kn.shape[1], qp.shape[3], v.shape[3]
     sdn, sdr, sdv = (_static_dim(k, n, x, what) for x, what in ((dn, "the nope head dim"), (dr, "the rope head dim"),
@@ -238,19 +237,19 @@ def _lower_mla_attention(k: Kernel, index: int) -> KernelSpec:
     nb = prod((b, h))
     flops = 2 * nb * flash_pairs(sq, sk, causal) * (sdn + sdr + sdv)
     return _spec(k, index, "mla_attention.py.j2", pool, sympy.ceiling(sq / bm) * nb, params, num_warps,
-                 _attr_int(k, "num_stages", 2), flops, body=(("coords", tuple(ix.coords)),))
+                 attr_int(k, "num_stages", 2), flops, body=(("coords", tuple(ix.coords)),))
 
 
 # ----------------------------------------------------------------------------- mla_decode (absorbed, split-KV)
 
-def _lower_mla_decode(k: Kernel, index: int) -> KernelSpec:
+def lower_mla_decode(k: Kernel, index: int) -> KernelSpec:
     n, views = _the_op(k, "mla_decode", views_ok=True)
     g = k.body
     vals = g.values()
     names = arg_names(g)
     ql, qp, kv, pe = (vals[i].type for i in n.inputs[:4])
     if len({ql.dtype, qp.dtype, kv.dtype, pe.dtype}) != 1:
-        raise _fail(k, "q_lat, q_pe and the two caches need one dtype (the MMA operands)", n)
+        raise fail(k, "q_lat, q_pe and the two caches need one dtype (the MMA operands)", n)
     b, sq, h, c = ql.shape
     t, r = kv.shape[1], pe.shape[2]
     sc = _static_dim(k, n, c, "kv_lora (the latent width)")
@@ -270,9 +269,9 @@ def _lower_mla_decode(k: Kernel, index: int) -> KernelSpec:
     # tile, so a program is a [BLOCK_H, kv_lora] x [kv_lora, BLOCK_N] MMA. ptxas for sm_90a at
     # DeepSeek-V3 (kv_lora 512, rope 64), bf16: 16 x 32 on 8 warps, 72 registers, no spills, 82 KiB
     # smem (4 warps spill); fp32 (exact FMA dots) keeps BLOCK_N at 16.
-    bh = _attr_int(k, "block_h", 16)
-    bn = _attr_int(k, "block_n", 16 if f32 else 32)
-    num_warps = _attr_int(k, "num_warps", 4 if f32 else 8)
+    bh = attr_int(k, "block_h", 16)
+    bn = attr_int(k, "block_n", 16 if f32 else 32)
+    num_warps = attr_int(k, "num_warps", 4 if f32 else 8)
     rows = sq * h
     params = (
         ("BLOCK_H", bh), ("BLOCK_N", bn), ("C", sc), ("R", sr), ("C_PAD", _pad(sc)), ("R_PAD", _pad(sr)),
@@ -285,13 +284,13 @@ def _lower_mla_decode(k: Kernel, index: int) -> KernelSpec:
         ("O", _out_ptr(k, n, 0)), ("LSE", _out_ptr(k, n, 1)),
     )
     if not params[-2][1] or not params[-1][1]:
-        raise _fail(k, "must return both the partial outputs and their log-sum-exp", n)
+        raise fail(k, "must return both the partial outputs and their log-sum-exp", n)
     grid = b * sympy.ceiling(rows / bh) * ns
     flops = 2 * b * rows * t * (2 * sc + sr)
-    return _spec(k, index, "mla_decode.py.j2", pool, grid, params, num_warps, _attr_int(k, "num_stages", 2), flops)
+    return _spec(k, index, "mla_decode.py.j2", pool, grid, params, num_warps, attr_int(k, "num_stages", 2), flops)
 
 
-def _lower_mla_combine(k: Kernel, index: int) -> KernelSpec:
+def lower_mla_combine(k: Kernel, index: int) -> KernelSpec:
     n, _ = _the_op(k, "mla_combine")
     names = arg_names(k.body)
     vals = k.body.values()
@@ -299,23 +298,25 @@ def _lower_mla_combine(k: Kernel, index: int) -> KernelSpec:
     b, sq, h, ns, c = ot.shape
     sc = _static_dim(k, n, c, "kv_lora (the latent width)")
     pool = ScalarPool(i64=True)
-    static_ns = _static(ns)
-    bs = _attr_int(k, "block_s", min(16, max(2, _next_pow2(static_ns))) if static_ns is not None else 16)
+    static_ns = static_int(ns)
+    bs = attr_int(k, "block_s", min(16, max(2, next_pow2(static_ns))) if static_ns is not None else 16)
     rows = b * sq * h
     params = (("BLOCK_S", bs), ("C", sc), ("C_PAD", _pad(sc)), ("NS", pool.lit(ns)), ("LOG2E", repr(LOG2E)),
               ("O_PART", names[("in", n.inputs[0])]), ("LSE", names[("in", n.inputs[1])]), ("OUT", names[("out", 0)]),
               ("OUT_DTYPE", n.out.type.dtype))
-    return _spec(k, index, "mla_combine.py.j2", pool, rows, params, _attr_int(k, "num_warps", 4), 1,
+    return _spec(k, index, "mla_combine.py.j2", pool, rows, params, attr_int(k, "num_warps", 4), 1,
                  rows * ns * (sc * 2 + 2))
 
 
-# ----------------------------------------------------------------------------- registration
+# ----------------------------------------------------------------------------- the family records
 # (which nodes share an MLA kernel is decided in ir/passes/absorb_mla.py, a fusion GROUP_RULE)
 
-register_family("rope_table", "rope_table.py.j2", _lower_rope_table)
-register_family("index_copy", "index_copy.py.j2", _lower_index_copy)
-register_family("mla_attention", "mla_attention.py.j2", _lower_mla_attention)
-register_family("mla_decode", "mla_decode.py.j2", _lower_mla_decode)
-register_family("mla_combine", "mla_combine.py.j2", _lower_mla_combine)
+ROPE_TABLE_FAMILY = KernelFamily("rope_table", lower=lower_rope_table, template="rope_table.py.j2", peak="bf16")
+INDEX_COPY_FAMILY = KernelFamily("index_copy", lower=lower_index_copy, template="index_copy.py.j2", peak="bf16")
+MLA_ATTENTION_FAMILY = KernelFamily("mla_attention", lower=lower_mla_attention, template="mla_attention.py.j2",
+                                    peak="bf16")
+MLA_DECODE_FAMILY = KernelFamily("mla_decode", lower=lower_mla_decode, template="mla_decode.py.j2", peak="bf16")
+MLA_COMBINE_FAMILY = KernelFamily("mla_combine", lower=lower_mla_combine, template="mla_combine.py.j2", peak="bf16")
 
-__all__ = ["LN2", "LOG2E"]
+__all__ = ["INDEX_COPY_FAMILY", "LN2", "LOG2E", "MLA_ATTENTION_FAMILY", "MLA_COMBINE_FAMILY", "MLA_DECODE_FAMILY",
+           "ROPE_TABLE_FAMILY"]

@@ -1,7 +1,7 @@
 """Kernel families of the vocabulary-chunked losses: `vocab_logprobs`, `vocab_grad_hidden`,
 `vocab_grad_weight` (ops in ir/ops_loss.py) and `gather`.
 
-Where it sits: a codegen extension (listed in codegen/families.py EXTENSIONS); each family is one
+Where it sits: four records of codegen/families/ (`*_FAMILY` at the end); each family is one
 template under codegen/templates (vocab_*.py.j2, gather.py.j2, shared macros in vocab_macros.j2)
 plus a lowering below that reads the fused kernel (one op, its inputs) into a KernelSpec.
 
@@ -43,19 +43,10 @@ from dsr_compiler.ir.ops.loss import (
 )
 from dsr_compiler.ir.types import DType, dim_str
 
-from .families import register_family
-from .lower import (
-    _attr_int,
-    _fail,
-    _kernel_name,
-    _next_pow2,
-    _static,
-    arg_names,
-    source_nodes,
-    tensor_args,
-)
-from .spec import ArgSpec, KernelSpec
-from .views import ScalarPool, prod
+from ..lower_common import arg_names, attr_int, fail, kernel_name, next_pow2, source_nodes, static_int, tensor_args
+from ..spec import ArgSpec, KernelSpec
+from ..views import ScalarPool, prod
+from .record import KernelFamily
 
 H200_SMS = 132
 _OPS = {VOCAB_LOGPROBS: "token_logprobs", VOCAB_GRAD_HIDDEN: "token_logprobs_grad_hidden",
@@ -77,23 +68,23 @@ def _the_op(k: Kernel) -> Node:
     want = _OPS[k.family]
     ops = [n for n in k.body.nodes if n.op != "const"]
     if len(ops) != 1 or ops[0].op != want:
-        raise _fail(k, f"a {k.family} kernel holds exactly one {want} op, got {[n.op for n in ops]}",
-                    ops[1] if len(ops) > 1 else None)
+        raise fail(k, f"a {k.family} kernel holds exactly one {want} op, got {[n.op for n in ops]}",
+                   ops[1] if len(ops) > 1 else None)
     n = ops[0]
     inputs = {v.name for v in k.body.inputs}
     for x in n.inputs:
         if x not in inputs:
-            raise _fail(k, f"{want} operand %{x} is computed inside the kernel; operands must be kernel inputs", n)
+            raise fail(k, f"{want} operand %{x} is computed inside the kernel; operands must be kernel inputs", n)
     return n
 
 
 def _fit(size: sympy.Expr, default: int, lo: int = 16) -> int:
     """A power-of-two tile no larger than needed for a static size (>= 16, tl.dot's minimum)."""
-    s = _static(size)
-    return default if s is None else min(default, max(lo, _next_pow2(s)))
+    s = static_int(size)
+    return default if s is None else min(default, max(lo, next_pow2(s)))
 
 
-def _lower_vocab(k: Kernel, index: int) -> KernelSpec:
+def lower_vocab(k: Kernel, index: int) -> KernelSpec:
     n = _the_op(k)
     g = k.body
     vals = g.values()
@@ -109,13 +100,13 @@ def _lower_vocab(k: Kernel, index: int) -> KernelSpec:
     f32 = ht.dtype is DType.f32
     nt_e, v_e, h_e = prod(ht.shape[:-1]), wt.shape[0], wt.shape[1]
     bt0, bv0, bk0, bh0, warps = _TILES[(fam, f32)]
-    bt = _attr_int(k, "block_t", _fit(nt_e, bt0))
-    bv = _attr_int(k, "block_v", _fit(v_e, bv0))
-    bk = _attr_int(k, "block_k", _fit(h_e, bk0))
-    bh = _attr_int(k, "block_h", _fit(h_e, bh0))
+    bt = attr_int(k, "block_t", _fit(nt_e, bt0))
+    bv = attr_int(k, "block_v", _fit(v_e, bv0))
+    bk = attr_int(k, "block_k", _fit(h_e, bk0))
+    bh = attr_int(k, "block_h", _fit(h_e, bh0))
     for nm, b in (("block_t", bt), ("block_v", bv), ("block_k", bk), ("block_h", bh)):
         if b < 16 or b & (b - 1):
-            raise _fail(k, f"{nm}={b} must be a power of two >= 16 (tl.dot's minimum)", n)
+            raise fail(k, f"{nm}={b} must be a power of two >= 16 (tl.dot's minimum)", n)
     temp = float(n.attr("temperature"))
     outs = {o: i for i, o in enumerate(g.outputs)}
     scratch: list[ArgSpec] = []
@@ -133,7 +124,7 @@ def _lower_vocab(k: Kernel, index: int) -> KernelSpec:
     if fam == VOCAB_LOGPROBS:
         lp, ls = n.outputs[0].name, n.outputs[1].name
         if not (lp in outs or ls in outs):
-            raise _fail(k, "returns neither logp nor lse", n)
+            raise fail(k, "returns neither logp nor lse", n)
         params += [("LOGP_OUT", names[("out", outs[lp])] if lp in outs else ""),
                    ("LSE_OUT", names[("out", outs[ls])] if ls in outs else "")]
         grid = n_tok_blocks
@@ -164,7 +155,7 @@ def _lower_vocab(k: Kernel, index: int) -> KernelSpec:
         else:
             # bf16/f16: persistent programs (one per SM) accumulate each block in their own slot of
             # an fp32 workspace (programs x rows x H), then round it once into the gradient
-            programs = sympy.Min(_attr_int(k, "programs", H200_SMS), n_blocks)
+            programs = sympy.Min(attr_int(k, "programs", H200_SMS), n_blocks)
             ws_shape = (programs * rows, h_e)
             ws = ArgSpec("ws_scratch", "tensor", value=f"{k.name}.workspace", dtype=DType.f32, role="scratch",
                          shape=tuple(dim_str(d) for d in ws_shape))
@@ -177,14 +168,14 @@ def _lower_vocab(k: Kernel, index: int) -> KernelSpec:
         rd = rd + rmw / 2
         flops = 2 * logits_flops + 8 * nt_e * v_e
     return KernelSpec(
-        name=_kernel_name(k, index), family=fam, template=template,
+        name=kernel_name(k, index), family=fam, template=template,
         args=tuple(tensor_args(g)) + tuple(scratch) + tuple(pool.args), grid=(dim_str(grid),),
-        num_warps=_attr_int(k, "num_warps", warps), num_stages=_attr_int(k, "num_stages", 2 if fam != VOCAB_LOGPROBS else 3),
+        num_warps=attr_int(k, "num_warps", warps), num_stages=attr_int(k, "num_stages", 2 if fam != VOCAB_LOGPROBS else 3),
         params=tuple(params), body=(), source_nodes=source_nodes(g),
         flops=dim_str(sympy.expand(flops)), bytes_read=dim_str(sympy.expand(rd)), bytes_written=dim_str(sympy.expand(wr)))
 
 
-def _lower_gather(k: Kernel, index: int) -> KernelSpec:
+def lower_gather(k: Kernel, index: int) -> KernelSpec:
     n = _the_op(k)
     g = k.body
     vals = g.values()
@@ -192,23 +183,27 @@ def _lower_gather(k: Kernel, index: int) -> KernelSpec:
     x, idx = n.inputs
     xt, it = vals[x].type, vals[idx].type
     if list(g.outputs) != [n.out.name]:
-        raise _fail(k, f"must return only %{n.out.name}", n)
-    pool = ScalarPool(i64=bool(k.attr("index_i64", False)) or (_static(xt.numel) or 0) >= 2**31)
+        raise fail(k, f"must return only %{n.out.name}", n)
+    pool = ScalarPool(i64=bool(k.attr("index_i64", False)) or (static_int(xt.numel) or 0) >= 2**31)
     numel = it.numel
-    s = _static(numel)
-    block = _attr_int(k, "block", min(1024, max(128, _next_pow2(s))) if s is not None else 1024)
+    s = static_int(numel)
+    block = attr_int(k, "block", min(1024, max(128, next_pow2(s))) if s is not None else 1024)
     oob = 'float("nan")' if xt.dtype.is_float else "0"
     params = (("BLOCK", block), ("NUMEL", pool.lit(numel)), ("K", pool.lit(it.shape[-1])), ("V", pool.lit(xt.shape[-1])),
               ("X", names[("in", x)]), ("INDEX", names[("in", idx)]), ("OUT", names[("out", 0)]), ("OOB", oob))
     rd = numel * (it.dtype.itemsize + xt.dtype.itemsize)
     return KernelSpec(
-        name=_kernel_name(k, index), family=GATHER, template="gather.py.j2",
+        name=kernel_name(k, index), family=GATHER, template="gather.py.j2",
         args=tuple(tensor_args(g)) + tuple(pool.args), grid=(dim_str(sympy.ceiling(numel / block)),),
-        num_warps=_attr_int(k, "num_warps", 4), num_stages=1, params=params, body=(), source_nodes=source_nodes(g),
+        num_warps=attr_int(k, "num_warps", 4), num_stages=1, params=params, body=(), source_nodes=source_nodes(g),
         flops="0", bytes_read=dim_str(sympy.expand(rd)), bytes_written=dim_str(sympy.expand(numel * xt.dtype.itemsize)))
 
 
-register_family(VOCAB_LOGPROBS, "vocab_logprobs.py.j2", _lower_vocab)
-register_family(VOCAB_GRAD_HIDDEN, "vocab_grad_hidden.py.j2", _lower_vocab)
-register_family(VOCAB_GRAD_WEIGHT, "vocab_grad_weight.py.j2", _lower_vocab)
-register_family(GATHER, "gather.py.j2", _lower_gather)
+VOCAB_LOGPROBS_FAMILY = KernelFamily(VOCAB_LOGPROBS, lower=lower_vocab, template="vocab_logprobs.py.j2", peak="bf16")
+VOCAB_GRAD_HIDDEN_FAMILY = KernelFamily(VOCAB_GRAD_HIDDEN, lower=lower_vocab, template="vocab_grad_hidden.py.j2",
+                                        peak="bf16")
+VOCAB_GRAD_WEIGHT_FAMILY = KernelFamily(VOCAB_GRAD_WEIGHT, lower=lower_vocab, template="vocab_grad_weight.py.j2",
+                                        peak="bf16")
+GATHER_FAMILY = KernelFamily(GATHER, lower=lower_gather, template="gather.py.j2", peak="bf16")
+
+__all__ = ["GATHER_FAMILY", "H200_SMS", "VOCAB_GRAD_HIDDEN_FAMILY", "VOCAB_GRAD_WEIGHT_FAMILY", "VOCAB_LOGPROBS_FAMILY"]

@@ -1,10 +1,10 @@
 """Kernel family `moe_gemm_fp8`: FP8 grouped GEMMs of the routed experts (ir/ops_moe_fp8.py).
 
-Where it sits: a codegen extension (families.EXTENSIONS); the fusion pass gives each op its own
-kernel (family = the op's kind). Same program layout as codegen/moe.py's grouped GEMMs (one
+Where it sits: one record of codegen/families/ (`MOE_GEMM_FP8_FAMILY`); the fusion pass gives each op its own
+kernel (family = the op's kind). Same program layout as families/moe.py's grouped GEMMs (one
 program per (BM-row block of the expert-sorted layout, BN-column tile); every row of a block
 belongs to expert blk[b]; unused blocks skip their K loop) with the FP8 numerics of
-codegen/fp8_gemm.py: BLOCK_K is the 128-wide scale block, each K step's fp32 partial product is
+families/gemm_fp8.py: BLOCK_K is the 128-wide scale block, each K step's fp32 partial product is
 scaled by sA[row, kb] * sB[e, n // 128, kb] and added; fp8 dots on the GPU, exact fp32 dots of
 the decoded tiles under the interpreter. gate_up ends with SwiGLU and the 1x128 quant epilogue
 (BLOCK_N = 128, so a program owns whole scale tiles); down multiplies by the routing weight and
@@ -16,29 +16,29 @@ import sympy
 from dsr_compiler.ir.graph import Kernel
 from dsr_compiler.ir.types import DType
 
-from .families import register_family
-from .lower import _attr_int, _fail, arg_names
-from .moe import _out_ptr, _spec, _static_dim, _the_op
-from .spec import KernelSpec
-from .views import ScalarPool
+from ..lower_common import arg_names, attr_int, fail
+from ..spec import KernelSpec
+from ..views import ScalarPool
+from .moe import moe_spec, out_ptr, static_dim, the_moe_op
+from .record import KernelFamily
 
 
 def lower_moe_gemm_fp8(k: Kernel, index: int) -> KernelSpec:
-    n = _the_op(k, ("moe_gemm_gate_up_fp8", "moe_gemm_down_fp8"))
+    n = the_moe_op(k, ("moe_gemm_gate_up_fp8", "moe_gemm_down_fp8"))
     vals = k.body.values()
     names = arg_names(k.body)
     gate_up = n.op == "moe_gemm_gate_up_fp8"
     a_t, _, rows_t, blocks_t, w_t = (vals[i].type for i in n.inputs[:5])
     bm, block = n.attr("block_m"), n.attr("block", 128)
     if bm < 16 or bm & (bm - 1):
-        raise _fail(k, f"block_m={bm} must be a power of two >= 16 (a tl.dot tile)", n)
-    e = _static_dim(k, n, w_t.shape[0], "the expert count")
-    kd = _static_dim(k, n, a_t.shape[1], "the reduction dim")
-    width = _static_dim(k, n, w_t.shape[1], "the weight rows")
+        raise fail(k, f"block_m={bm} must be a power of two >= 16 (a tl.dot tile)", n)
+    e = static_dim(k, n, w_t.shape[0], "the expert count")
+    kd = static_dim(k, n, a_t.shape[1], "the reduction dim")
+    width = static_dim(k, n, w_t.shape[1], "the weight rows")
     nn_ = width // 2 if gate_up else width
     nkb = -(-kd // block)
     pool = ScalarPool()
-    bn = block if gate_up else _attr_int(k, "block_n", 128)
+    bn = block if gate_up else attr_int(k, "block_n", 128)
     rows = rows_t.shape[0]
     round_to = ""
     if gate_up:
@@ -54,10 +54,10 @@ def lower_moe_gemm_fp8(k: Kernel, index: int) -> KernelSpec:
         ("ROWS", names[("in", n.inputs[2])]), ("BLK", names[("in", n.inputs[3])]),
         ("W", names[("in", n.inputs[4])]), ("WS", names[("in", n.inputs[5])]),
         ("WTS", "" if gate_up else names[("in", n.inputs[6])]),
-        ("OUT", _out_ptr(k, n, 0)), ("S_OUT", _out_ptr(k, n, 1) if gate_up else ""), ("NSB", nn_ // block),
+        ("OUT", out_ptr(k, n, 0)), ("S_OUT", out_ptr(k, n, 1) if gate_up else ""), ("NSB", nn_ // block),
     )
-    if not _out_ptr(k, n, 0):
-        raise _fail(k, f"{n.op} must return its output", n)
+    if not out_ptr(k, n, 0):
+        raise fail(k, f"{n.op} must return its output", n)
     slots = rows - e * (bm - 1)                 # T*k: the rows that hold real work
     flops = 2 * slots * width * kd + slots * nn_ * (9 if gate_up else 2)
     layout = 4 * (rows + blocks_t.shape[0])
@@ -68,8 +68,11 @@ def lower_moe_gemm_fp8(k: Kernel, index: int) -> KernelSpec:
     else:
         traffic = (slots * (kd + 4 * nkb + 4) + w_bytes + layout, slots * nn_ * 4)
     grid = blocks_t.shape[0] * ((nn_ + bn - 1) // bn)
-    return _spec(k, index, "moe_gemm_fp8.py.j2", pool, grid, params, _attr_int(k, "num_warps", 8),
-                 _attr_int(k, "num_stages", 3), flops, traffic)
+    return moe_spec(k, index, "moe_gemm_fp8.py.j2", pool, grid, params, attr_int(k, "num_warps", 8),
+                    attr_int(k, "num_stages", 3), flops, traffic)
 
 
-register_family("moe_gemm_fp8", "moe_gemm_fp8.py.j2", lower_moe_gemm_fp8)
+MOE_GEMM_FP8_FAMILY = KernelFamily("moe_gemm_fp8", lower=lower_moe_gemm_fp8, template="moe_gemm_fp8.py.j2",
+                                   peak="fp8")
+
+__all__ = ["MOE_GEMM_FP8_FAMILY", "lower_moe_gemm_fp8"]
