@@ -126,8 +126,8 @@ POINTWISE_EXPRS: dict[str, Expr] = {
     "where": "tl.where({0}, {1}, {2})",
     "cast": _cast,
     "rope": _rope,
-    "iota": lambda s: f"{s.args[0]}.to({TL_DTYPE[s.dtype]})",   # args: the 1-D coordinate (ir/ops_mla.py)
-    "stop_gradient": "{0}",       # identity in value (ir/ops_loss.py); `differentiate` removes it first
+    "iota": lambda s: f"{s.args[0]}.to({TL_DTYPE[s.dtype]})",   # args: the 1-D coordinate (ir/ops/mla.py)
+    "stop_gradient": "{0}",       # identity in value (ir/ops/loss.py); `differentiate` removes it first
 }
 
 # Codegen-internal value ops (reduction finishing steps, conversions).

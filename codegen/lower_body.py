@@ -209,7 +209,7 @@ class Body:
         self.var[n.out.name] = self.define(Stmt(op, out, tuple(args), attrs, dt), vec, want)
 
     def iota(self, n: Node) -> None:
-        """arange(n): the coordinate of the kernel's (1-D) iteration space (ir/ops_mla.py)."""
+        """arange(n): the coordinate of the kernel's (1-D) iteration space (ir/ops/mla.py)."""
         if len(self.shape) != 1 or not same(n.out.type.shape[0], self.shape[0]):
             raise self.fail(n, f"iota {n.out.type} must span the kernel's 1-D iteration shape "
                                f"[{', '.join(map(dim_str, self.shape))}]")

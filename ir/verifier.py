@@ -12,9 +12,9 @@ from .ops import CALL, OPS, TypeRuleError
 from .printer import format_node
 from .types import TensorType, dims_equal
 
-# The kernel families that codegen can lower, one per template (codegen/families.py registers
-# each). The list lives here because `ir` never imports `codegen` (imports run one way); instead
-# codegen's `register_family` refuses a family missing from this tuple, so the two cannot drift,
+# The kernel families that codegen can lower, one per `KernelFamily` record (codegen/families/).
+# The list lives here because `ir` never imports `codegen` (imports run one way); instead codegen's
+# `validate()` refuses its records if their names differ from this tuple, so the two cannot drift,
 # and the verifier can refuse an unknown family in parsed or hand-built IR before any lowering.
 KERNEL_FAMILIES: tuple[str, ...] = (
     "pointwise", "reduction", "gemm", "attention",                       # the fusion pass's core four

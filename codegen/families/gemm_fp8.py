@@ -1,12 +1,12 @@
 """Kernel family `gemm_fp8`: DeepSeek block-scaled FP8 GEMM with a fused epilogue (and quant epilogue).
 
 Where it sits: one record of codegen/families/ (`GEMM_FP8_FAMILY`). Lowers
-the kernels that `ir/passes/fuse_fp8.py` groups: one `gemm_fp8` (or two sharing the quantized
+the kernels that `ir/passes/fuse/fp8.py` groups: one `gemm_fp8` (or two sharing the quantized
 activation: the SwiGLU gate/up pair, two fp32 accumulators, A read once), a pointwise epilogue
 over the output tile, and at most one `quant_fp8` of an epilogue value, which then leaves the
 kernel as fp8 codes + 1x128 scales only (BLOCK_N is the quant block, so a program owns whole tiles).
 
-Numerics (DESIGN.md section 5, reference `ir/ops_fp8.gemm_fp8_ref`): per 128-wide K block the fp8
+Numerics (DESIGN.md section 5, reference `ir/ops/fp8.gemm_fp8_ref`): per 128-wide K block the fp8
 tiles are dotted with fp32 accumulation, multiplied by sA[m, kb] * sB[nb, kb] and added to the fp32
 accumulator; a bf16 GEMM result is rounded to bf16 (RNE) before the epilogue reads it, as eager
 does. The template `gemm_fp8.py.j2` dots fp8 operands on the GPU (`tl.dot` on float8e4nv, wgmma/mma

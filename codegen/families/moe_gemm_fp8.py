@@ -1,4 +1,4 @@
-"""Kernel family `moe_gemm_fp8`: FP8 grouped GEMMs of the routed experts (ir/ops_moe_fp8.py).
+"""Kernel family `moe_gemm_fp8`: FP8 grouped GEMMs of the routed experts (ir/ops/moe.py).
 
 Where it sits: one record of codegen/families/ (`MOE_GEMM_FP8_FAMILY`); the fusion pass gives each op its own
 kernel (family = the op's kind). Same program layout as families/moe.py's grouped GEMMs (one

@@ -1,7 +1,7 @@
 """Kernel family `quant_fp8`: row kernels that write FP8 activations (or read them back).
 
 Where it sits: one record of codegen/families/ (`QUANT_FP8_FAMILY`). Lowers
-the kernels that `ir/passes/fuse_fp8.py` groups around one `quant_fp8`: a pointwise prologue
+the kernels that `ir/passes/fuse/fp8.py` groups around one `quant_fp8`: a pointwise prologue
 (e.g. a residual add), at most one `rms_norm`, pointwise ops after it, then the 1 x block
 quantization, so an RMSNorm output goes to memory only as fp8 codes + scales (plus whatever value
 other kernels read, e.g. the residual sum or the norm output for a high-precision router gate).

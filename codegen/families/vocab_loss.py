@@ -1,5 +1,5 @@
 """Kernel families of the vocabulary-chunked losses: `vocab_logprobs`, `vocab_grad_hidden`,
-`vocab_grad_weight` (ops in ir/ops_loss.py) and `gather`.
+`vocab_grad_weight` (ops in ir/ops/loss.py) and `gather`.
 
 Where it sits: four records of codegen/families/ (`*_FAMILY` at the end); each family is one
 template under codegen/templates (vocab_*.py.j2, gather.py.j2, shared macros in vocab_macros.j2)

@@ -4,7 +4,7 @@ Where it sits: in the one op table (`ir/ops/__init__.py` imports it after `core.
 constants (E4M3_MAX, SCALE_FLOOR) live here once, and codegen and the zoo import them.
 The `quantize_fp8` pass (ir/passes/quantize_fp8.py) rewrites eligible `linear`s into
 `quant_fp8` + `gemm_fp8`; codegen lowers them in the `quant_fp8` and `gemm_fp8` kernel families
-(codegen/fp8_rows.py, codegen/fp8_gemm.py). The eager references below ARE the numeric contract
+(codegen/families/quant_fp8.py, codegen/families/gemm_fp8.py). The eager references below ARE the numeric contract
 of DESIGN.md section 5; compiled kernels are checked against them:
 
     element type   float8_e4m3fn, max +-448; codes are torch's own clamp(v, -448, 448).to(e4m3fn)

@@ -5,7 +5,7 @@ Where it sits: the last module of the op table (`ir/ops/__init__.py` imports it 
 The frontend lowers the zoo's wrapped `per_token_logps` (and, through the `rewrite_vocab_loss`
 pass, plain `log_softmax(hidden @ W.T / T)` gathered at target ids or `F.cross_entropy`) to
 `token_logprobs`; the `differentiate` pass emits the two gradient ops; codegen lowers each in its
-own kernel family (codegen/vocab_loss.py): the vocabulary is tiled with an online logsumexp, so
+own kernel family (codegen/families/vocab_loss.py): the vocabulary is tiled with an online logsumexp, so
 the `[tokens, V]` logits never exist in memory. The eager references below materialize the
 logits: they are the numeric contract the kernels are checked against.
 

@@ -3,7 +3,7 @@
 Where it sits: in the one op table (`ir/ops/__init__.py` imports it after `fp8.py`, whose references
 the FP8 grouped GEMMs at the end of this module reuse). The
 frontend's MoE leaf lowering (`dsr_compiler/frontend/lowerings/moe.py`) emits these five ops for the
-zoo's `MoE`; `codegen/moe.py` lowers each to one kernel family. No op loops over experts in the
+zoo's `MoE`; `codegen/families/moe.py` lowers each to one kernel family. No op loops over experts in the
 IR, and no shape depends on routing: every size is a sympy expression of the token count `T`.
 
     %w, %ids     : f32[T,k], i32[T,k]      = moe_router(%x, %gate_w[, %bias], topk=k, ...)
@@ -317,7 +317,7 @@ register(OpDef(
 # FP8 grouped GEMMs of the routed MoE experts (the DeepSeek-V3 recipe applied to the ops above).
 #
 # `quantize_fp8` rewrites a `moe_gemm_gate_up` + `moe_gemm_down` pair into these two ops when the
-# policy quantizes experts, and codegen/fp8_moe.py lowers each to one kernel of family `moe_gemm_fp8`. Same expert-sorted,
+# policy quantizes experts, and codegen/families/moe_gemm_fp8.py lowers each to one kernel of family `moe_gemm_fp8`. Same expert-sorted,
 # block-padded row layout as the ops above (`rows`, `blk`, R = T*k + E*(BM-1)); weights are the
 # stacked expert tensors quantized in 128x128 blocks per expert (`fp8_block_quant` on [E, N, K]):
 #

@@ -1,5 +1,5 @@
 """The gemm_fp8 and quant_fp8 kernel families (codegen/families/gemm_fp8.py, .../quant_fp8.py): run
-under the Triton interpreter against the op table's eager references (ir/ops_fp8.py), compiled for
+under the Triton interpreter against the op table's eager references (ir/ops/fp8.py), compiled for
 sm_90a, and their direct-PTX versions (codegen/ptx.py) assembled by ptxas.
 
 Bounds used here:

@@ -1,6 +1,6 @@
 """MoE kernel families (codegen/families/moe.py), one kernel at a time on the Triton interpreter.
 
-Each kernel's outputs are compared with its op's eager reference (ir/ops_moe.py): integer
+Each kernel's outputs are compared with its op's eager reference (ir/ops/moe.py): integer
 outputs (routing ids, the dispatch layout) exactly, float outputs within the tolerance table.
 Inputs are continuous random draws, so routing ties have probability ~0; `test_router_ties_*`
 builds exact ties on purpose and checks the documented rule (lower expert / group index wins).

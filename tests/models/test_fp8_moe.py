@@ -1,4 +1,4 @@
-"""FP8 grouped GEMMs for the routed MoE experts (ir/ops_moe_fp8.py, codegen/families/moe_gemm_fp8.py): the
+"""FP8 grouped GEMMs for the routed MoE experts (ir/ops/moe.py, codegen/families/moe_gemm_fp8.py): the
 quantize_fp8 rewrite of the moe_gemm_gate_up/down pair and the whole MoE block compiled with
 fp8=True on the interpreter, vs eager ("fp8") and vs the zoo module running the FP8 recipe in plain torch
 ("fp8_sim", dsr_compiler/models/fp8_ref.py: independent of the trace).

@@ -1,4 +1,4 @@
-"""FP8 ops of the op table (ir/ops_fp8.py): type rules, printed IR round trips, and the eager
+"""FP8 ops of the op table (ir/ops/fp8.py): type rules, printed IR round trips, and the eager
 references that ARE the numeric contract of DESIGN.md section 5.
 
 Round-trip bound per element of a 1x128 (or 128x128) tile with scale s (y = x / s, |y| <= 448):

@@ -1,4 +1,4 @@
-"""MoE ops of the op table (ir/ops_moe.py): symbolic type rules, refusals, references vs the zoo."""
+"""MoE ops of the op table (ir/ops/moe.py): symbolic type rules, refusals, references vs the zoo."""
 from __future__ import annotations
 
 import math

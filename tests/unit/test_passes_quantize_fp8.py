@@ -1,5 +1,5 @@
 """The quantize_fp8 pass (policy, rewrite, derived params, notes, errors) and the FP8 fusion rules
-(ir/passes/fuse_fp8.py), as Before/After IR text."""
+(ir/passes/fuse/fp8.py), as Before/After IR text."""
 from __future__ import annotations
 
 import textwrap

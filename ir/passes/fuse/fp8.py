@@ -2,7 +2,7 @@
 
 Where it sits: rules of `ir/passes/fuse/`, listed in `rules.py` (GROUP_RULES, TAGGERS) after the
 MLA operand-view rule and before the core families, so the FP8 ops and their epilogues are claimed
-first. Two kernel families come out of it (lowered by codegen/fp8_gemm.py and fp8_rows.py):
+first. Two kernel families come out of it (lowered by codegen/families/gemm_fp8.py and quant_fp8.py):
 
   gemm_fp8   one gemm_fp8, or two sharing the quantized activation whose results meet in a `mul`
              (the SwiGLU gate/up pair: A is read once, two fp32 accumulators); the pointwise

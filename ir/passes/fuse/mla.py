@@ -2,7 +2,7 @@
 
 Where it sits: rules of `ir/passes/fuse/`, listed first in `rules.py`: an `mla_attention` /
 `mla_decode` kernel reads the slice/permute/expand views of its operands in place (k_nope and v
-are two slices of one wkv_b output; codegen/mla.py lowers them with strides) instead of copying
+are two slices of one wkv_b output; codegen/families/mla.py lowers them with strides) instead of copying
 them, so the views must be claimed before any other rule makes them pointwise kernels.
 """
 from __future__ import annotations
