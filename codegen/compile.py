@@ -12,8 +12,8 @@ real GPU.
 
 The compile assumes every pointer argument is 16-byte aligned (see `specialization_attrs`);
 a launcher must pass aligned buffers (torch allocations are). Results are plain data
-(`CompiledKernel`, frozen); `save`/`load` write and read them as files (never pickles), so the
-runtime's artifact cache can key them on spec.hash() + codegen_fingerprint() + versions.
+(`CompiledKernel`, frozen); the artifact cache (runtime/cache.py, through codegen/build.py) stores
+them as plain files keyed on spec.hash() + codegen_fingerprint() + versions.
 """
 from __future__ import annotations
 
@@ -80,34 +80,6 @@ class CompiledKernel:
         for k in ("ptx", "cubin", "ttir", "ttgir", "llir"):
             d.pop(k)
         return d
-
-    def save(self, folder: str | os.PathLike) -> None:
-        """Write <name>.ptx/.cubin/.ttir/.ttgir/.llir/.json into `folder` (atomically per file)."""
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        files: dict[str, bytes] = {
-            ".ptx": self.ptx.encode(), ".cubin": self.cubin, ".ttir": self.ttir.encode(),
-            ".ttgir": self.ttgir.encode(), ".llir": self.llir.encode(),
-        }
-        meta = self.meta()
-        meta["sha256"] = {ext: hashlib.sha256(b).hexdigest() for ext, b in files.items()}
-        files[".json"] = json.dumps(meta, sort_keys=True, indent=1).encode()
-        for ext, data in files.items():
-            _atomic_write(out / f"{self.name}{ext}", data)
-
-    @staticmethod
-    def load(folder: str | os.PathLike, name: str) -> "CompiledKernel":
-        """Read what `save` wrote; verifies every artifact against the recorded sha256."""
-        base = Path(folder)
-        meta = json.loads((base / f"{name}.json").read_text())
-        sums = meta.pop("sha256")
-        data = {ext: (base / f"{name}{ext}").read_bytes() for ext in sums}
-        for ext, b in data.items():
-            if hashlib.sha256(b).hexdigest() != sums[ext]:
-                raise CodegenError(f"codegen: cached artifact {name}{ext} is corrupt (hash mismatch)",
-                                   where=str(base), hint="delete the cache folder")
-        return CompiledKernel(ptx=data[".ptx"].decode(), cubin=data[".cubin"], ttir=data[".ttir"].decode(),
-                              ttgir=data[".ttgir"].decode(), llir=data[".llir"].decode(), **meta)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -297,9 +269,10 @@ def parse_ptxas_log(log: str) -> dict[str, int]:
     return out
 
 
-def run_ptxas(ptx: str, arch: int, name: str = "kernel") -> tuple[bytes, str, dict[str, int]]:
-    """Assemble PTX with `ptxas -arch=sm_XXa -v`; returns (cubin, log, parsed stats)."""
-    exe = ptxas_path(arch)
+def run_ptxas(ptx: str, arch: int, name: str = "kernel", exe: str | None = None) -> tuple[bytes, str, dict[str, int]]:
+    """Assemble PTX with `ptxas -arch=sm_XXa -v` (codegen's one ptxas wrapper; `exe` defaults to
+    `ptxas_path(arch)`); returns (cubin, log, parsed stats)."""
+    exe = exe or ptxas_path(arch)
     with tempfile.TemporaryDirectory(prefix="dsr_ptxas_") as d:
         src, out = Path(d) / f"{name}.ptx", Path(d) / f"{name}.cubin"
         src.write_text(ptx)

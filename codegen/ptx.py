@@ -27,16 +27,15 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Sequence
 
 import jinja2
 from dsr_compiler.ir.errors import CodegenError
 from dsr_compiler.ir.types import DType
 
+from .render import jinja_environment
 from .spec import KernelSpec, Stmt, comment_text
 
-TEMPLATE_DIR = Path(__file__).parent / "templates"
 PTX_FAMILIES = ("pointwise", "reduction", "quant_fp8")
 PTX_TEMPLATES = {"pointwise": "pointwise.ptx.j2", "reduction": "reduction.ptx.j2",
                  "quant_fp8": "quant_fp8_rows.ptx.j2"}
@@ -522,11 +521,8 @@ _PROGRAMS = {"pointwise": _pointwise_program, "reduction": _reduction_program, "
 
 @lru_cache(maxsize=1)
 def _env() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
-    env.filters["f32_hex"] = f32_hex
-    env.filters["comment"] = comment_text     # IR names/origins in `//` comments (codegen.spec)
-    return env
+    # comment: IR names/origins in `//` comments (codegen.spec)
+    return jinja_environment({"f32_hex": f32_hex, "comment": comment_text})
 
 
 def ptx_supported(spec: KernelSpec) -> str | None:
