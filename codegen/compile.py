@@ -36,7 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from dsr_compiler.ir.errors import CodegenError
+from dsr_compiler.ir import knobs
+from dsr_compiler.ir.errors import CodegenError, DsrError
 
 from .spec import KernelSpec
 
@@ -97,9 +98,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 # ----------------------------------------------------------------------------- loading source
 
 def _source_dir() -> Path:
-    base = os.environ.get("DSR_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dsr_compiler")
-    d = Path(base) / "triton_src"
+    d = Path(knobs.get("DSR_CACHE_DIR")) / "triton_src"
     try:
         d.mkdir(parents=True, exist_ok=True)
         if os.access(d, os.W_OK | os.X_OK):
@@ -118,23 +117,6 @@ def _source_dir() -> Path:
 _PRIVATE_SRC: Path | None = None
 
 
-@contextlib.contextmanager
-def _interpret_env(on: bool) -> Iterator[None]:
-    """Set or clear TRITON_INTERPRET while a module is imported (Triton reads it at decoration)."""
-    old = os.environ.get("TRITON_INTERPRET")
-    if on:
-        os.environ["TRITON_INTERPRET"] = "1"
-    else:
-        os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
 def _preload_triton() -> None:
     """Import the Triton modules that are otherwise imported lazily during the first launch.
 
@@ -142,7 +124,7 @@ def _preload_triton() -> None:
     in the middle of an interpreted launch (while the interpreter patches `tl`), with
     TRITON_INTERPRET already restored, that import asserts. Importing it up front avoids it.
     """
-    with _interpret_env(False):
+    with knobs.triton_interpret(False):
         import triton  # noqa: F401
         with contextlib.suppress(Exception):
             importlib.import_module("triton.experimental.gluon")
@@ -170,7 +152,7 @@ def _import(spec: KernelSpec, source: str, interpret: bool) -> Any:
             if module_spec is None or module_spec.loader is None:
                 raise CodegenError(f"codegen: cannot import generated source {path}")
             mod = importlib.util.module_from_spec(module_spec)
-            with _interpret_env(interpret):
+            with knobs.triton_interpret(interpret):
                 try:
                     module_spec.loader.exec_module(mod)
                 except Exception as e:  # a template bug: show it with the kernel's name
@@ -198,7 +180,7 @@ class InterpretedKernel:
         def launch(*args: Any, **kwargs: Any) -> Any:
             kwargs.pop("num_warps", None)
             kwargs.pop("num_stages", None)
-            with _interpret_env(True):
+            with knobs.triton_interpret(True):
                 return self.fn[grid](*args, **kwargs)
         return launch
 
@@ -306,7 +288,7 @@ def compile_triton(spec: KernelSpec, source: str, target: str = "sm_90a") -> Com
     import triton
     arch = parse_target(target)
     t0 = time.perf_counter()
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    knobs.triton_defaults()
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     timeout = compile_timeout()
     try:
@@ -333,18 +315,15 @@ def compile_triton(spec: KernelSpec, source: str, target: str = "sm_90a") -> Com
         triton_version=triton.__version__)
 
 
-COMPILE_TIMEOUT_S = 600
+COMPILE_TIMEOUT_S = knobs.KNOBS["DSR_COMPILE_TIMEOUT"].default
 
 
 def compile_timeout() -> int:
-    """DSR_COMPILE_TIMEOUT in seconds (0: compile in this process); read here, documented in knobs.py."""
-    raw = os.environ.get("DSR_COMPILE_TIMEOUT", "").strip()
-    if not raw:
-        return COMPILE_TIMEOUT_S
-    if not raw.isdigit():
-        raise CodegenError(f"bad value for DSR_COMPILE_TIMEOUT: {raw!r}",
-                           hint="seconds one kernel's compile may take (a whole number; 0: no limit, in process)")
-    return int(raw)
+    """The DSR_COMPILE_TIMEOUT knob in seconds (0: compile in this process; default COMPILE_TIMEOUT_S)."""
+    try:
+        return int(knobs.get("DSR_COMPILE_TIMEOUT"))
+    except DsrError as e:               # reported as a codegen failure, where the compile reads it
+        raise CodegenError(e.what, hint=e.hint) from None
 
 
 def _triton_failed(spec: KernelSpec, text: str) -> CodegenError:
@@ -399,7 +378,7 @@ def _compile_in_worker(spec: KernelSpec, source: str, arch: int, options: dict,
     from . import compile_worker as cw
     path, modname = _source_file(spec, source, "worker")
     attrs = [[list(k), v] for k, v in specialization_attrs(spec).items()]
-    req = {"env": dict(os.environ), "path": str(path), "module": modname, "kernel": spec.name,
+    req = {"env": knobs.environ(), "path": str(path), "module": modname, "kernel": spec.name,
            "signature": spec.signature(), "attrs": attrs, "options": options, "arch": arch}
     with _LOCK:
         proc = _worker()

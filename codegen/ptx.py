@@ -30,6 +30,7 @@ from functools import lru_cache
 from typing import Any, Sequence
 
 import jinja2
+from dsr_compiler.ir import knobs
 from dsr_compiler.ir.errors import CodegenError
 from dsr_compiler.ir.types import DType
 
@@ -588,8 +589,7 @@ def resolve_ptx_families(option: Any = None) -> tuple[str, ...]:
     """Families to emit as PTX: the compile option `ptx_families` (a sequence, True/"all"), else the
     DSR_PTX knob ("1"/"all" or a comma list; unset or "0": none)."""
     if option is None:
-        import os
-        raw = os.environ.get("DSR_PTX", "").strip()
+        raw = knobs.get("DSR_PTX").strip()
         option = () if raw in ("", "0") else ("all" if raw in ("1", "all") else tuple(x.strip() for x in raw.split(",")))
     if option is True or option == "all":
         return PTX_FAMILIES

@@ -12,8 +12,6 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-
 MODULES = ("mlp", "moe", "mla", "decoder", "mtp", "grpo", "model")
 
 
@@ -289,6 +287,7 @@ def _run(args) -> int:
     from dsr_compiler.errors import DsrError   # the first heavy import (torch, sympy): seconds
     try:
         from dsr_compiler import knobs
+        knobs.triton_defaults()
         knobs.check_all()
         return args.fn(args)
     except DsrError as e:
