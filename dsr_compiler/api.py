@@ -24,9 +24,9 @@ from dsr_compiler.ir import Graph
 from dsr_compiler.ir.interp import bind_symbols
 from dsr_compiler.ir.passes import PIPELINE, PassContext, PassRecord, run_passes
 from dsr_compiler.ir.printer import header_line, print_graph
+from dsr_compiler.options import TARGETS, CompileOptions  # noqa: F401  (TARGETS: the public name it had here)
 
 H200 = {"bytes_per_s": 4.8e12, "flops_bf16": 989e12, "flops_fp8": 1979e12, "flops_f32": 67e12}
-TARGETS = ("sm_90a",)
 
 
 def trace(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, dynamic: dict | None = None,
@@ -73,13 +73,14 @@ class CompiledModule:
     graph: Graph
     passes: list[PassRecord]
     kernels: list[KernelArtifact]
-    options: dict[str, Any]
+    options: dict[str, Any]        # report form (CompileOptions.to_dict)
     params: list[torch.Tensor]
     example_env: dict[str, int]
     compile_ms: dict[str, float] = field(default_factory=dict)
     derived_params: list[dict] = field(default_factory=list)   # params computed once at compile time (ir/params.py)
     signature: Any = None          # dsr_compiler.signature.CallSignature: what a call must pass
     position_guards: tuple = ()    # signature.PositionGuard: decode positions checked on the host
+    compile_options: CompileOptions | None = None
     _plans: dict[str, Any] = field(default_factory=dict)
     _device_params: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
@@ -204,28 +205,18 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
             fp8: Any = False, target: str = "sm_90a",
             backend: str | None = None, dynamic: dict | None = None, name: str | None = None,
             on_pass: Callable[[PassRecord], None] | None = None,
-            grad_wrt: Sequence[str] | None = None, mla: str = "absorb", ptx_families: Any = None) -> CompiledModule:
+            grad_wrt: Sequence[str] | None = None, mla: str = "absorb", ptx_families: Any = None,
+            options: CompileOptions | None = None) -> CompiledModule:
     """Compile `module` for `target`; the result runs on `backend` (auto | cuda | interpret).
 
     With `grad_wrt` (forward parameter names; the forward must return one scalar loss) the
     compiled module also computes the gradients: `loss, grads = cm(*inputs)` (dsr_compiler/grads.py).
     `example_inputs` is a tuple of forward's arguments (a bare tensor is one), `kwargs` more of them by
-    name; the compiled module is called with the same arguments (dsr_compiler/signature.py)."""
+    name; the compiled module is called with the same arguments (dsr_compiler/signature.py).
+    `options` (dsr_compiler/options.py), when given, replaces fp8/target/backend/mla/ptx_families."""
     from dsr_compiler.frontend import param_tensors
-    from dsr_compiler.runtime.device import BACKENDS
-    knobs.check_all()
-    backend = backend or knobs.get("DSR_BACKEND")
-    if target not in TARGETS:
-        raise DsrError(f"unknown target {target!r}", hint=f"supported: {', '.join(TARGETS)}")
-    if backend not in BACKENDS:
-        raise DsrError(f"unknown backend {backend!r}", hint=f"use one of {', '.join(BACKENDS)}")
-    if mla not in ("naive", "absorb"):
-        raise DsrError(f"unknown MLA form mla={mla!r}",
-                       hint="mla='absorb' (decode attends to the latent cache; default) or 'naive' (expand it)")
-    from dsr_compiler.ir.passes import Fp8Policy
-    policy = Fp8Policy.from_option(fp8)    # fp8: False | True | dict of policy fields | Fp8Policy
-    from dsr_compiler.codegen.ptx import resolve_ptx_families
-    ptx = resolve_ptx_families(ptx_families)   # None: the DSR_PTX knob
+    if options is None:
+        options = CompileOptions.make(fp8=fp8, target=target, backend=backend, mla=mla, ptx_families=ptx_families)
     from dsr_compiler.signature import CallSignature, position_guards
     signature, example_inputs = CallSignature.from_example(module, _example_tuple(example_inputs), kwargs)
     t0 = time.perf_counter()
@@ -235,7 +226,7 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
     t_trace = (time.perf_counter() - t0) * 1e3
     from dsr_compiler.grads import check_grad_wrt
     wrt = check_grad_wrt(module, g, grad_wrt)
-    ctx = PassContext(options={"fp8": policy or False, "target": target, "mla": mla})
+    ctx = PassContext(options=options.pass_options())
     if wrt:
         ctx.options["grad_wrt"] = wrt
     t1 = time.perf_counter()
@@ -246,7 +237,7 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
     t_passes = (time.perf_counter() - t1) * 1e3
     final = records[-1].graph
     t2 = time.perf_counter()
-    kernels = build_kernels(final, target, ptx)
+    kernels = build_kernels(final, options.target, options.ptx_families)
     t_codegen = (time.perf_counter() - t2) * 1e3
     tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]   # None / scalars are baked in
     env = bind_symbols([v.type for v in g.inputs], tensors + param_tensors(module, g),
@@ -256,10 +247,7 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
     derived = [dict(d.to_json(), source=param_origin.get(d.outputs[0], "unused")) for d in ctx.derived]
     cm = CompiledModule(
         graph=final, passes=records, kernels=kernels,
-        options={"fp8": policy.to_dict() if policy else False, "ptx_families": list(ptx), "target": target,
-                 "backend": backend,
-                 "dynamic": dynamic or {}, "mla": mla,
-                 **({"grad_wrt": list(wrt)} if wrt else {})},
+        options=options.to_dict(dynamic, wrt), compile_options=options,
         params=params, example_env={str(k): v for k, v in env.items()}, derived_params=derived, signature=signature,
         position_guards=position_guards(g),
         compile_ms={"trace": t_trace, "passes": t_passes, "codegen": t_codegen,

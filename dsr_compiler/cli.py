@@ -103,11 +103,17 @@ def _fp8(args):
     return pol
 
 
+def _options(args):
+    """The selectors' compile options, validated as `dsr.compile` validates them (dsr_compiler/options.py)."""
+    from dsr_compiler.options import CompileOptions
+    return CompileOptions.make(fp8=_fp8(args), target=args.target, backend=getattr(args, "backend", None),
+                               mla=args.mla)
+
+
 def _compile(args, wl):
     import dsr_compiler as dsr
-    return dsr.compile(wl.module, wl.example_inputs, fp8=_fp8(args), target=args.target,
-                       backend=getattr(args, "backend", None), dynamic=wl.dynamic, name=wl.name,
-                       grad_wrt=getattr(wl, "grad_wrt", None) or None, mla=args.mla)
+    return dsr.compile(wl.module, wl.example_inputs, dynamic=wl.dynamic, name=wl.name,
+                       grad_wrt=getattr(wl, "grad_wrt", None) or None, options=_options(args))
 
 
 def _summary(cm) -> str:
@@ -224,12 +230,11 @@ def cmd_ir(args) -> int:
         from dsr_compiler.errors import DsrError
         raise DsrError(f"unknown pass {args.after!r} for --after", hint=f"passes: {', '.join(names)}")
     wl = _workload(args)
+    options = _options(args)                # the same checks as `dsrc compile` / dsr.compile
     from dsr_compiler.ir.passes import PassContext, run_passes
     g = dsr.trace(wl.module, wl.example_inputs, dynamic=wl.dynamic, name=wl.name)
-    from dsr_compiler.ir.passes import Fp8Policy
-    grads = {"grad_wrt": tuple(wl.grad_wrt)} if getattr(wl, "grad_wrt", None) else {}
-    records = run_passes(g, list(PIPELINE), PassContext(options={"fp8": Fp8Policy.from_option(_fp8(args)) or False,
-                                                                 "mla": args.mla, **grads}))
+    grad_wrt = tuple(getattr(wl, "grad_wrt", None) or ())
+    records = run_passes(g, list(PIPELINE), PassContext(options=options.pass_options(grad_wrt)))
     total = len(records) - 1
     for r in records:
         if args.after is None or r.name == args.after:
