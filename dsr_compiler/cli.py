@@ -117,20 +117,8 @@ def _compile(args, wl):
 
 
 def _summary(cm) -> str:
-    rep = cm.report()
-    rows = [("kernel", "family", "backend", "ops", "regs", "spills", "smem", "bytes", "MFLOP", "roof us")]
-    for k in rep["kernels"]:
-        rows.append((k["name"], k["family"], k.get("backend", "triton"), str(len(k["source_nodes"])),
-                     str(k["registers"]), str(k["spills"]),
-                     str(k["shared_mem"]), str(k["bytes_read"] + k["bytes_written"]), f"{k['flops'] / 1e6:.2f}",
-                     f"{k['roofline_us_h200']:.2f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    t = rep["totals"]
-    lines.append(f"{t['kernels']} kernels, {t['bytes']} bytes, {t['flops'] / 1e6:.2f} MFLOP, "
-                 f"roofline {t['roofline_us_h200']:.2f} us on H200 (sizes {rep['example_sizes']}); "
-                 f"compile {rep['compile_ms']['total']:.0f} ms")
-    return "\n".join(lines)
+    from dsr_compiler.report import summary
+    return summary(cm.report())
 
 
 def cmd_compile(args) -> int:

@@ -64,6 +64,10 @@ class ArtifactCache:
         self.evictions = 0
         self._warned = False
 
+    def key(self, content: str, target: str) -> str:
+        """The entry key of `content` (what is built: spec, fingerprint, source hashes) for `target`."""
+        return cache_key(content, target)
+
     # ------------------------------------------------------------------ layout
     def _dir(self, key: str) -> Path:
         if not isinstance(key, str) or not _KEY.fullmatch(key):

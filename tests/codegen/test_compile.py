@@ -6,7 +6,7 @@ import ast
 import pytest
 from codegen_helpers import KB
 from dsr_compiler.codegen import CompiledKernel, compile_triton, lower_kernel, render
-from dsr_compiler.api import compile_cached
+from dsr_compiler.codegen.build import compile_cached
 from dsr_compiler.codegen.compile import parse_ptxas_log, run_ptxas
 from dsr_compiler.ir import DType, sym
 from dsr_compiler.ir.errors import CodegenError

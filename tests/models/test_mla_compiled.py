@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from strategies import examples  # noqa: E402  per-test budget from the active profile
 
 import dsr_compiler as dsr
-from dsr_compiler.api import KernelArtifact
+from dsr_compiler.codegen.build import KernelArtifact
 from dsr_compiler.frontend import param_tensors
 from dsr_compiler.models import MLA, ModelConfig, RopeScaling
 from dsr_compiler.models.steps import DecodeStep
