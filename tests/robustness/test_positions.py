@@ -18,7 +18,7 @@ from dsr_compiler.codegen import build
 from dsr_compiler.errors import DsrError
 from dsr_compiler.models import MLA, ModelConfig
 from dsr_compiler.models.steps import DecodeStep
-from dsr_compiler.workloads import _init_
+from dsr_compiler.workloads import init_weights
 from tests.tolerances import assert_close
 
 CFG = ModelConfig.named("deepseek-v3-tiny").replace(hidden_size=64, num_attention_heads=2)
@@ -39,7 +39,7 @@ def _args(start, seed: int = 0):
 @pytest.fixture(scope="module")
 def decode():
     m = MLA(CFG)
-    _init_(m, 0)
+    init_weights(m, 0)
     step = DecodeStep(m.eval()).eval()
     mp = pytest.MonkeyPatch()
     mp.setattr(build, "compile_cached", lambda spec, source, target, cache: (None, False))
