@@ -22,7 +22,6 @@ import base64
 import contextlib
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import select
@@ -34,7 +33,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from dsr_compiler.ir import knobs
 from dsr_compiler.ir.errors import CodegenError, DsrError
