@@ -41,7 +41,7 @@ from dsr_compiler.bench import CountingMode
 from dsr_compiler.grads import eager_loss_and_grads
 from dsr_compiler.models import grpo as grpo_mod
 from dsr_compiler.models.grpo import GRPOLoss
-from dsr_compiler.workloads_loss import GRAD_WRT, GRPO_OPTIONS, grpo_inputs
+from dsr_compiler.workloads.loss import GRAD_WRT, GRPO_OPTIONS, grpo_inputs
 
 GiB = 1 << 30
 

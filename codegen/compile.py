@@ -12,8 +12,8 @@ real GPU.
 
 The compile assumes every pointer argument is 16-byte aligned (see `specialization_attrs`);
 a launcher must pass aligned buffers (torch allocations are). Results are plain data
-(`CompiledKernel`, frozen); `save`/`load` write and read them as files (never pickles), so the
-runtime's artifact cache can key them on spec.hash() + codegen_fingerprint() + versions.
+(`CompiledKernel`, frozen); the artifact cache (runtime/cache.py, through codegen/build.py) stores
+them as plain files keyed on spec.hash() + codegen_fingerprint() + versions.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import base64
 import contextlib
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import select
@@ -34,9 +33,10 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from dsr_compiler.ir.errors import CodegenError
+from dsr_compiler.ir import knobs
+from dsr_compiler.ir.errors import CodegenError, DsrError
 
 from .spec import KernelSpec
 
@@ -81,34 +81,6 @@ class CompiledKernel:
             d.pop(k)
         return d
 
-    def save(self, folder: str | os.PathLike) -> None:
-        """Write <name>.ptx/.cubin/.ttir/.ttgir/.llir/.json into `folder` (atomically per file)."""
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        files: dict[str, bytes] = {
-            ".ptx": self.ptx.encode(), ".cubin": self.cubin, ".ttir": self.ttir.encode(),
-            ".ttgir": self.ttgir.encode(), ".llir": self.llir.encode(),
-        }
-        meta = self.meta()
-        meta["sha256"] = {ext: hashlib.sha256(b).hexdigest() for ext, b in files.items()}
-        files[".json"] = json.dumps(meta, sort_keys=True, indent=1).encode()
-        for ext, data in files.items():
-            _atomic_write(out / f"{self.name}{ext}", data)
-
-    @staticmethod
-    def load(folder: str | os.PathLike, name: str) -> "CompiledKernel":
-        """Read what `save` wrote; verifies every artifact against the recorded sha256."""
-        base = Path(folder)
-        meta = json.loads((base / f"{name}.json").read_text())
-        sums = meta.pop("sha256")
-        data = {ext: (base / f"{name}{ext}").read_bytes() for ext in sums}
-        for ext, b in data.items():
-            if hashlib.sha256(b).hexdigest() != sums[ext]:
-                raise CodegenError(f"codegen: cached artifact {name}{ext} is corrupt (hash mismatch)",
-                                   where=str(base), hint="delete the cache folder")
-        return CompiledKernel(ptx=data[".ptx"].decode(), cubin=data[".cubin"], ttir=data[".ttir"].decode(),
-                              ttgir=data[".ttgir"].decode(), llir=data[".llir"].decode(), **meta)
-
 
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -125,9 +97,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 # ----------------------------------------------------------------------------- loading source
 
 def _source_dir() -> Path:
-    base = os.environ.get("DSR_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dsr_compiler")
-    d = Path(base) / "triton_src"
+    d = Path(knobs.get("DSR_CACHE_DIR")) / "triton_src"
     try:
         d.mkdir(parents=True, exist_ok=True)
         if os.access(d, os.W_OK | os.X_OK):
@@ -146,23 +116,6 @@ def _source_dir() -> Path:
 _PRIVATE_SRC: Path | None = None
 
 
-@contextlib.contextmanager
-def _interpret_env(on: bool) -> Iterator[None]:
-    """Set or clear TRITON_INTERPRET while a module is imported (Triton reads it at decoration)."""
-    old = os.environ.get("TRITON_INTERPRET")
-    if on:
-        os.environ["TRITON_INTERPRET"] = "1"
-    else:
-        os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
 def _preload_triton() -> None:
     """Import the Triton modules that are otherwise imported lazily during the first launch.
 
@@ -170,7 +123,7 @@ def _preload_triton() -> None:
     in the middle of an interpreted launch (while the interpreter patches `tl`), with
     TRITON_INTERPRET already restored, that import asserts. Importing it up front avoids it.
     """
-    with _interpret_env(False):
+    with knobs.triton_interpret(False):
         import triton  # noqa: F401
         with contextlib.suppress(Exception):
             importlib.import_module("triton.experimental.gluon")
@@ -198,7 +151,7 @@ def _import(spec: KernelSpec, source: str, interpret: bool) -> Any:
             if module_spec is None or module_spec.loader is None:
                 raise CodegenError(f"codegen: cannot import generated source {path}")
             mod = importlib.util.module_from_spec(module_spec)
-            with _interpret_env(interpret):
+            with knobs.triton_interpret(interpret):
                 try:
                     module_spec.loader.exec_module(mod)
                 except Exception as e:  # a template bug: show it with the kernel's name
@@ -226,7 +179,7 @@ class InterpretedKernel:
         def launch(*args: Any, **kwargs: Any) -> Any:
             kwargs.pop("num_warps", None)
             kwargs.pop("num_stages", None)
-            with _interpret_env(True):
+            with knobs.triton_interpret(True):
                 return self.fn[grid](*args, **kwargs)
         return launch
 
@@ -297,9 +250,10 @@ def parse_ptxas_log(log: str) -> dict[str, int]:
     return out
 
 
-def run_ptxas(ptx: str, arch: int, name: str = "kernel") -> tuple[bytes, str, dict[str, int]]:
-    """Assemble PTX with `ptxas -arch=sm_XXa -v`; returns (cubin, log, parsed stats)."""
-    exe = ptxas_path(arch)
+def run_ptxas(ptx: str, arch: int, name: str = "kernel", exe: str | None = None) -> tuple[bytes, str, dict[str, int]]:
+    """Assemble PTX with `ptxas -arch=sm_XXa -v` (codegen's one ptxas wrapper; `exe` defaults to
+    `ptxas_path(arch)`); returns (cubin, log, parsed stats)."""
+    exe = exe or ptxas_path(arch)
     with tempfile.TemporaryDirectory(prefix="dsr_ptxas_") as d:
         src, out = Path(d) / f"{name}.ptx", Path(d) / f"{name}.cubin"
         src.write_text(ptx)
@@ -333,7 +287,7 @@ def compile_triton(spec: KernelSpec, source: str, target: str = "sm_90a") -> Com
     import triton
     arch = parse_target(target)
     t0 = time.perf_counter()
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    knobs.triton_defaults()
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     timeout = compile_timeout()
     try:
@@ -360,18 +314,15 @@ def compile_triton(spec: KernelSpec, source: str, target: str = "sm_90a") -> Com
         triton_version=triton.__version__)
 
 
-COMPILE_TIMEOUT_S = 600
+COMPILE_TIMEOUT_S = knobs.KNOBS["DSR_COMPILE_TIMEOUT"].default
 
 
 def compile_timeout() -> int:
-    """DSR_COMPILE_TIMEOUT in seconds (0: compile in this process); read here, documented in knobs.py."""
-    raw = os.environ.get("DSR_COMPILE_TIMEOUT", "").strip()
-    if not raw:
-        return COMPILE_TIMEOUT_S
-    if not raw.isdigit():
-        raise CodegenError(f"bad value for DSR_COMPILE_TIMEOUT: {raw!r}",
-                           hint="seconds one kernel's compile may take (a whole number; 0: no limit, in process)")
-    return int(raw)
+    """The DSR_COMPILE_TIMEOUT knob in seconds (0: compile in this process; default COMPILE_TIMEOUT_S)."""
+    try:
+        return int(knobs.get("DSR_COMPILE_TIMEOUT"))
+    except DsrError as e:               # reported as a codegen failure, where the compile reads it
+        raise CodegenError(e.what, hint=e.hint) from None
 
 
 def _triton_failed(spec: KernelSpec, text: str) -> CodegenError:
@@ -426,7 +377,7 @@ def _compile_in_worker(spec: KernelSpec, source: str, arch: int, options: dict,
     from . import compile_worker as cw
     path, modname = _source_file(spec, source, "worker")
     attrs = [[list(k), v] for k, v in specialization_attrs(spec).items()]
-    req = {"env": dict(os.environ), "path": str(path), "module": modname, "kernel": spec.name,
+    req = {"env": knobs.environ(), "path": str(path), "module": modname, "kernel": spec.name,
            "signature": spec.signature(), "attrs": attrs, "options": options, "arch": arch}
     with _LOCK:
         proc = _worker()

@@ -26,10 +26,12 @@ from functools import lru_cache
 from typing import Any
 
 import jinja2
+from dsr_compiler.ir import knobs
 from dsr_compiler.ir.errors import CodegenError
 
-from .families import FAMILIES, TEMPLATE_DIR, find_family
+from .families import FAMILIES, find_family
 from .ptx_emit import PtxUnsupported, f32_hex
+from .render import jinja_environment
 from .spec import KernelSpec, comment_text
 
 # The families with a direct PTX form (derived from the family records, in their order).
@@ -38,11 +40,8 @@ PTX_FAMILIES: tuple[str, ...] = tuple(f.name for f in FAMILIES if f.ptx is not N
 
 @lru_cache(maxsize=1)
 def _env() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
-    env.filters["f32_hex"] = f32_hex
-    env.filters["comment"] = comment_text     # IR names/origins in `//` comments (codegen.spec)
-    return env
+    # comment: IR names/origins in `//` comments (codegen.spec)
+    return jinja_environment({"f32_hex": f32_hex, "comment": comment_text})
 
 
 def ptx_supported(spec: KernelSpec) -> str | None:
@@ -107,8 +106,7 @@ def resolve_ptx_families(option: Any = None) -> tuple[str, ...]:
     """Families to emit as PTX: the compile option `ptx_families` (a sequence, True/"all"), else the
     DSR_PTX knob ("1"/"all" or a comma list; unset or "0": none)."""
     if option is None:
-        import os
-        raw = os.environ.get("DSR_PTX", "").strip()
+        raw = knobs.get("DSR_PTX").strip()
         option = () if raw in ("", "0") else ("all" if raw in ("1", "all") else tuple(x.strip() for x in raw.split(",")))
     if option is True or option == "all":
         return PTX_FAMILIES

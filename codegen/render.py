@@ -50,7 +50,9 @@ FILTERS = {"stmts": _stmts, "index": _index, "helpers": _helpers, "tl_dtype": _t
            "store_value": store_value, "comment": comment_text}
 
 
-def _environment() -> jinja2.Environment:
+def jinja_environment(filters: dict | None = None) -> jinja2.Environment:
+    """codegen's one Jinja environment factory: templates/ loader, StrictUndefined, no autoescape,
+    plus `filters` (the Triton templates get FILTERS, the PTX templates theirs, codegen/ptx.py)."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
         undefined=jinja2.StrictUndefined,
@@ -59,11 +61,11 @@ def _environment() -> jinja2.Environment:
         keep_trailing_newline=True,
         autoescape=False,
     )
-    env.filters.update(FILTERS)
+    env.filters.update(filters or {})
     return env
 
 
-_ENV = _environment()
+_ENV = jinja_environment(FILTERS)
 
 
 def render(spec: KernelSpec) -> str:
@@ -132,4 +134,4 @@ def codegen_fingerprint() -> str:
     return h.hexdigest()
 
 
-__all__ = ["FILTERS", "TEMPLATE_DIR", "codegen_fingerprint", "render"]
+__all__ = ["FILTERS", "TEMPLATE_DIR", "codegen_fingerprint", "jinja_environment", "render"]

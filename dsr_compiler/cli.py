@@ -12,8 +12,6 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-
 MODULES = ("mlp", "moe", "mla", "decoder", "mtp", "grpo", "model")
 
 
@@ -105,28 +103,22 @@ def _fp8(args):
     return pol
 
 
+def _options(args):
+    """The selectors' compile options, validated as `dsr.compile` validates them (dsr_compiler/options.py)."""
+    from dsr_compiler.options import CompileOptions
+    return CompileOptions.make(fp8=_fp8(args), target=args.target, backend=getattr(args, "backend", None),
+                               mla=args.mla)
+
+
 def _compile(args, wl):
     import dsr_compiler as dsr
-    return dsr.compile(wl.module, wl.example_inputs, fp8=_fp8(args), target=args.target,
-                       backend=getattr(args, "backend", None), dynamic=wl.dynamic, name=wl.name,
-                       grad_wrt=getattr(wl, "grad_wrt", None) or None, mla=args.mla)
+    return dsr.compile(wl.module, wl.example_inputs, dynamic=wl.dynamic, name=wl.name,
+                       grad_wrt=getattr(wl, "grad_wrt", None) or None, options=_options(args))
 
 
 def _summary(cm) -> str:
-    rep = cm.report()
-    rows = [("kernel", "family", "backend", "ops", "regs", "spills", "smem", "bytes", "MFLOP", "roof us")]
-    for k in rep["kernels"]:
-        rows.append((k["name"], k["family"], k.get("backend", "triton"), str(len(k["source_nodes"])),
-                     str(k["registers"]), str(k["spills"]),
-                     str(k["shared_mem"]), str(k["bytes_read"] + k["bytes_written"]), f"{k['flops'] / 1e6:.2f}",
-                     f"{k['roofline_us_h200']:.2f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    t = rep["totals"]
-    lines.append(f"{t['kernels']} kernels, {t['bytes']} bytes, {t['flops'] / 1e6:.2f} MFLOP, "
-                 f"roofline {t['roofline_us_h200']:.2f} us on H200 (sizes {rep['example_sizes']}); "
-                 f"compile {rep['compile_ms']['total']:.0f} ms")
-    return "\n".join(lines)
+    from dsr_compiler.report import summary
+    return summary(cm.report())
 
 
 def cmd_compile(args) -> int:
@@ -226,12 +218,11 @@ def cmd_ir(args) -> int:
         from dsr_compiler.errors import DsrError
         raise DsrError(f"unknown pass {args.after!r} for --after", hint=f"passes: {', '.join(names)}")
     wl = _workload(args)
+    options = _options(args)                # the same checks as `dsrc compile` / dsr.compile
     from dsr_compiler.ir.passes import PassContext, run_passes
     g = dsr.trace(wl.module, wl.example_inputs, dynamic=wl.dynamic, name=wl.name)
-    from dsr_compiler.ir.passes import Fp8Policy
-    grads = {"grad_wrt": tuple(wl.grad_wrt)} if getattr(wl, "grad_wrt", None) else {}
-    records = run_passes(g, list(PIPELINE), PassContext(options={"fp8": Fp8Policy.from_option(_fp8(args)) or False,
-                                                                 "mla": args.mla, **grads}))
+    grad_wrt = tuple(getattr(wl, "grad_wrt", None) or ())
+    records = run_passes(g, list(PIPELINE), PassContext(options=options.pass_options(grad_wrt)))
     total = len(records) - 1
     for r in records:
         if args.after is None or r.name == args.after:
@@ -289,6 +280,7 @@ def _run(args) -> int:
     from dsr_compiler.errors import DsrError   # the first heavy import (torch, sympy): seconds
     try:
         from dsr_compiler import knobs
+        knobs.triton_defaults()
         knobs.check_all()
         return args.fn(args)
     except DsrError as e:

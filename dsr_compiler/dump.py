@@ -30,12 +30,11 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from dsr_compiler.errors import DsrError
 
-if TYPE_CHECKING:
-    from dsr_compiler.api import CompiledModule
+CompiledModule = Any               # dsr_compiler.api.CompiledModule (not imported: the api calls into this module)
 
 MARKER = ".dsr-dump"               # written last: its presence means "a complete dsr dump"
 PARTIAL = ".dsr-dump.partial"      # written first into a temporary folder: "ours, being written"

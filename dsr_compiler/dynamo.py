@@ -16,11 +16,13 @@ import torch
 def dsr_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any):
     from dsr_compiler.api import compile as dsr_compile
     from dsr_compiler.errors import DsrError
+    from dsr_compiler.options import CompileOptions
     tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
     if len(tensors) != len(example_inputs):
         raise DsrError("torch.compile(backend='dsr'): symbolic or non-tensor graph inputs are not supported",
                        hint="call torch.compile(..., dynamic=False)")
-    cm = dsr_compile(_with_signature(gm), tuple(tensors), name="dynamo")
+    options = CompileOptions.make()         # defaults and knobs, validated like dsr.compile's
+    cm = dsr_compile(_with_signature(gm), tuple(tensors), name="dynamo", options=options)
     n_out = len(cm.graph.outputs)
 
     def run(*args: torch.Tensor):

@@ -29,8 +29,8 @@ from typing import Any, Iterable, Mapping
 import torch
 import triton
 
-import dsr_compiler
-from dsr_compiler import knobs
+from dsr_compiler.ir import knobs
+from dsr_compiler.ir.version import VERSION
 
 _KEY = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")   # a plain file name: no '/', no leading '.'
@@ -49,7 +49,7 @@ class _Invalid(Exception):
 
 def cache_key(spec_hash: str, target: str) -> str:
     h = hashlib.sha256()
-    for part in (spec_hash, dsr_compiler.__version__, triton.__version__, torch.__version__, target):
+    for part in (spec_hash, VERSION, triton.__version__, torch.__version__, target):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
@@ -63,6 +63,10 @@ class ArtifactCache:
         self.misses = 0
         self.evictions = 0
         self._warned = False
+
+    def key(self, content: str, target: str) -> str:
+        """The entry key of `content` (what is built: spec, fingerprint, source hashes) for `target`."""
+        return cache_key(content, target)
 
     # ------------------------------------------------------------------ layout
     def _dir(self, key: str) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from dsr_compiler.codegen.build import KernelArtifact
 from dsr_compiler.codegen.compile import load_interpreted, load_jit
 from dsr_compiler.ir.errors import RuntimeLaunchError
 from dsr_compiler.ir.graph import Graph
@@ -19,7 +20,7 @@ from dsr_compiler.ir.ops import OPS, SOURCE
 from .plan import ConstStep, KernelStep, LaunchPlan, ViewStep
 
 
-def build_plan(g: Graph, kernels: list, backend: str) -> LaunchPlan:
+def build_plan(g: Graph, kernels: list[KernelArtifact], backend: str) -> LaunchPlan:
     by_name = {k.spec.name: k for k in kernels}
     device = torch.device("cuda" if backend == "cuda" else "cpu")
     steps: list = []
@@ -29,7 +30,7 @@ def build_plan(g: Graph, kernels: list, backend: str) -> LaunchPlan:
             if art is None:
                 raise RuntimeLaunchError(f"plan: kernel @{n.attr('kernel')} was not compiled")
             spec = art.spec
-            if backend == "cuda" and getattr(art, "ptx", None) is not None:
+            if backend == "cuda" and art.ptx is not None:
                 from .cuda_driver import load_ptx_kernel   # direct PTX (codegen/ptx.py) via the driver API
                 fn, kw = load_ptx_kernel(art.ptx, spec), {}
             else:   # interpret runs a PTX kernel's Triton twin (same KernelSpec, same arguments and grid)

@@ -111,3 +111,24 @@ def test_bare_run_check_is_the_decoder_layer_with_fp8():
     r = run_cli("run", "--backend", "interpret", "--check")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "check passed" in r.stdout and "FP8" in r.stdout
+
+
+@pytest.mark.parametrize("bad,env", [
+    (["--fp8-policy", '{"scale_fmt": "e8m0"}'], {}),           # a policy field out of its choices
+    (["--fp8-policy", '{"attn": 1}'], {}),                     # a field of the wrong type
+    ([], {"DSR_PTX": "gemm"}),                                 # a family without PTX templates
+    ([], {"DSR_BACKEND": "gpu"}),                              # a knob out of its choices
+])
+def test_ir_validates_options_like_compile(bad, env, capsys, monkeypatch):
+    """`dsrc ir` builds the same CompileOptions as `dsrc compile`: a bad option or knob is the same
+    one-paragraph error (exit 2, no traceback) from both."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("DSR_DEBUG", raising=False)
+    errors = {}
+    for cmd in ("compile", "ir"):
+        assert main([cmd, "--module", "mlp", *bad]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.startswith(f"dsrc {cmd}: ")
+        errors[cmd] = err.removeprefix(f"dsrc {cmd}: ")
+    assert errors["ir"] == errors["compile"]

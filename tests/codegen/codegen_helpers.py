@@ -61,9 +61,11 @@ def random_inputs(k: Kernel | Graph, sizes: dict[str, int], seed: int = 0,
     return out
 
 
-def run_interpreted(k: Kernel, inputs: list[torch.Tensor], spec: KernelSpec | None = None) -> list[torch.Tensor]:
+def run_interpreted(k: Kernel, inputs: list[torch.Tensor], spec: KernelSpec | None = None,
+                    source: str | None = None) -> list[torch.Tensor]:
+    """Lower, render (or take `source`: a variant of the rendered kernel) and run `k` on CPU tensors."""
     spec = spec or lower_kernel(k, 1)
-    src = render(spec)
+    src = source if source is not None else render(spec)
     fn = load_interpreted(spec, src)
     env = bind_symbols([v.type for v in k.body.inputs], inputs)
     vals = k.body.values()

@@ -6,9 +6,11 @@ import ast
 import pytest
 from codegen_helpers import KB
 from dsr_compiler.codegen import CompiledKernel, compile_triton, lower_kernel, render
+from dsr_compiler.codegen.build import compile_cached
 from dsr_compiler.codegen.compile import parse_ptxas_log, run_ptxas
 from dsr_compiler.ir import DType, sym
 from dsr_compiler.ir.errors import CodegenError
+from dsr_compiler.runtime.cache import ArtifactCache
 
 T, S, N = sym("T"), sym("S"), sym("N")
 f32, bf16 = DType.f32, DType.bf16
@@ -105,13 +107,16 @@ def test_compiles_for_sm90a(make, tmp_path):
     assert "Used" in ck.ptxas_log
     if spec.family in ("gemm", "attention"):
         assert ck.shared_mem > 0
-    # artifacts round-trip through files, verified by hash
-    ck.save(tmp_path)
-    back = CompiledKernel.load(tmp_path, ck.name)
-    assert back == ck
-    (tmp_path / f"{ck.name}.cubin").write_bytes(b"corrupt")
-    with pytest.raises(CodegenError, match="corrupt"):
-        CompiledKernel.load(tmp_path, ck.name)
+    # artifacts round-trip through the artifact cache (plain files, verified by hash)
+    cache = ArtifactCache(tmp_path, enabled=True)
+    first, hit = compile_cached(spec, src, "sm_90a", cache)
+    assert not hit
+    back, hit = compile_cached(spec, src, "sm_90a", cache)
+    assert hit and back == first
+    (cubin,) = tmp_path.glob("*/*/kernel.cubin")
+    cubin.write_bytes(b"corrupt")                   # a changed file: evicted and compiled again
+    again, hit = compile_cached(spec, src, "sm_90a", cache)
+    assert not hit and cache.evictions == 1 and again.cubin == ck.cubin
 
 
 def test_ptxas_failure_is_a_codegen_error():

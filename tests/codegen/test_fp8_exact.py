@@ -1,5 +1,6 @@
-"""Bit-exactness of the FP8 e4m3 helpers in `codegen/templates/fp8_macros.j2` under the Triton
-interpreter, against torch's own `torch.clamp(x, -448, 448).to(torch.float8_e4m3fn)`.
+"""Bit-exactness of the production `quant_fp8` kernel family (codegen/fp8_rows.py,
+templates/quant_fp8_rows.py.j2 with the e4m3 helpers of fp8_macros.j2) under the Triton interpreter,
+against torch's own `torch.clamp(x, -448, 448).to(torch.float8_e4m3fn)`.
 
 The inputs are every float32 where rounding can go wrong: all 256 e4m3 values, the midpoints
 between neighbours (ties), the floats right next to each midpoint and each grid value, binade
@@ -7,51 +8,24 @@ edges (where the rounding carry must reach the exponent), e4m3 subnormals and th
 subnormals, the saturation region (448, 449, 464 = halfway to 480, 1e6, inf), +-0 and NaNs; all
 with both signs; plus a strided sweep over the whole fp32 bit space.
 
-NaN policy (codegen/fp8.py): NaN in -> NaN code out (0x7F | sign of the NaN). In DeepSeek's
-quantization x / s is NaN only if x or the tile's amax is NaN/inf, i.e. only from NaN/inf inputs.
+Each 1x128 tile holds 127 such values and one 448: its scale is then 448 / 448 = 1 exactly, so the
+kernel's code of a value is torch's cast of the value itself. Values beyond 448, infs and NaNs go
+into tiles of their own and are compared with the eager recipe (`ir.ops_fp8.quant_fp8_ref`).
+NaN policy: a NaN makes its tile's scale and codes NaN, as in torch; NaN codes are compared by
+class (`code & 0x7F == 0x7F`): the sign of a NaN produced by arithmetic is not specified by IEEE 754.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from fp8_kernels import BF16, dequant, quant, rendered_quant
+from dsr_compiler.ir.ops_fp8 import e4m3, pow2_ceil, quant_fp8_ref
 
-from dsr_compiler.codegen import fp8
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # inf / inf
 
-PROBE = """\
-import triton
-import triton.language as tl
-{% import "fp8_macros.j2" as fp8 %}
-
-
-{{ fp8.helpers() }}
-
-
-@triton.jit
-def fp8_probe(x_ptr, r_ptr, code_ptr, dec_ptr, naive_ptr, cast_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < n
-    x = tl.load(x_ptr + offs, mask=ok)
-    r = _fp8_e4m3_round(x)
-    code = _fp8_e4m3_quantize(x)
-    tl.store(r_ptr + offs, r, mask=ok)
-    tl.store(code_ptr + offs, code, mask=ok)
-    tl.store(dec_ptr + offs, _fp8_e4m3_decode(code), mask=ok)
-    # Triton's own casts: of the raw value (wrong in the interpreter) and of the rounded value
-    tl.store(naive_ptr + offs, tl.clamp(x, -448.0, 448.0).to(tl.float8e4nv), mask=ok)
-    tl.store(cast_ptr + offs, r.to(tl.float8e4nv), mask=ok)
-
-
-@triton.jit
-def misc_probe(s_ptr, p2_ptr, bf_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < n
-    s = tl.load(s_ptr + offs, mask=ok)
-    tl.store(p2_ptr + offs, _fp8_pow2_ceil(s), mask=ok)
-    tl.store(bf_ptr + offs, _fp8_to_bf16(s), mask=ok)
-"""
-
-BLOCK = 8192
+ANCHOR = 448.0
+TILES_PER_ROW = 64            # rows of 64 tiles: the interpreter's cost is per program (row)
 
 
 def _f32(bits: np.ndarray) -> torch.Tensor:
@@ -82,34 +56,38 @@ def _interesting() -> torch.Tensor:
     return torch.cat([x, torch.tensor([0.0, -0.0]), nans])
 
 
-def _sweep(step: int = 4099) -> torch.Tensor:
-    """Every `step`-th fp32 bit pattern (~1M values, both signs, NaNs included)."""
+def _sweep(step: int = 32771) -> torch.Tensor:
+    """Every `step`-th fp32 bit pattern (~131k values, both signs, NaNs included; a prime step, so
+    every mantissa bit varies)."""
     bits = np.arange(0, 1 << 32, step, dtype=np.uint64).astype(np.uint32)
     return _f32(bits)
 
 
-def _probe(x: torch.Tensor) -> dict[str, torch.Tensor]:
-    src = fp8.template_env().from_string(PROBE).render()
-    n = x.numel()
-    out = {"r": torch.empty(n), "code": torch.empty(n, dtype=torch.uint8), "dec": torch.empty(n),
-           "naive": torch.empty(n, dtype=torch.float8_e4m3fn), "cast": torch.empty(n, dtype=torch.float8_e4m3fn)}
-    fp8.launch_interpreted(src, "fp8_probe", (-(-n // BLOCK),), x, out["r"], out["code"], out["dec"],
-                           out["naive"], out["cast"], n, BLOCK)
-    return out
+def _anchored(v: torch.Tensor) -> torch.Tensor:
+    """Rows of tiles [448, 127 values of `v`] (|v| <= 448, no NaN): every tile's scale is 1."""
+    per = 127
+    n_tiles = -(-v.numel() // per)
+    n_tiles += -n_tiles % TILES_PER_ROW
+    body = torch.zeros(n_tiles * per)
+    body[: v.numel()] = v
+    tiles = torch.cat([torch.full((n_tiles, 1), ANCHOR), body.view(n_tiles, per)], dim=1)
+    return tiles.reshape(-1, TILES_PER_ROW * 128).contiguous()
 
 
-@pytest.fixture(scope="module")
-def interesting():
-    x = _interesting()
-    return x, _probe(x)
+def _loose(v: torch.Tensor) -> torch.Tensor:
+    """One value per 128-wide tile (the others 1.0): values that set their tile's scale themselves."""
+    x = torch.ones(v.numel(), 128)
+    x[:, 5] = v
+    return x
 
 
-def _ref_codes(x: torch.Tensor) -> torch.Tensor:
-    return fp8.e4m3_ref(x).view(torch.uint8)
+def _codes(q: torch.Tensor) -> torch.Tensor:
+    return q.view(torch.uint8)
 
 
 def _assert_codes(x: torch.Tensor, got: torch.Tensor, want: torch.Tensor) -> None:
     """Bit for bit, except that a NaN code's sign is compared by class (IEEE leaves it open)."""
+    x, got, want = x.flatten(), got.flatten(), want.flatten()
     nan_want = (want & 0x7F) == 0x7F
     nan_got = (got & 0x7F) == 0x7F
     bad = (nan_want != nan_got) | (~nan_want & (got != want))
@@ -120,93 +98,115 @@ def _assert_codes(x: torch.Tensor, got: torch.Tensor, want: torch.Tensor) -> Non
         pytest.fail(f"{int(bad.sum())} of {x.numel()} codes differ:\n" + "\n".join(rows))
 
 
+def _split(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    inside = ~torch.isnan(v) & (v.abs() <= ANCHOR)
+    return v[inside], v[~inside]
+
+
+@pytest.fixture(scope="module")
+def interesting():
+    inside, outside = _split(_interesting())
+    xa, xl = _anchored(inside), _loose(outside)
+    return xa, quant(xa), xl, quant(xl)
+
+
 def test_input_set_covers_every_code_and_tie(interesting):
-    x, _ = interesting
-    codes = set(_ref_codes(x).tolist())
+    xa, (qa, sa), xl, _ = interesting
+    assert torch.equal(sa, torch.ones_like(sa)), "every anchored tile has the scale 1"
+    codes = set(_codes(e4m3(xa)).flatten().tolist()) | set(_codes(quant_fp8_ref(xl)[0]).flatten().tolist())
     assert codes == set(range(256)), "every e4m3 code (NaN codes included) is produced by some input"
-    assert (x == 1.0625).any() and (x == 464.0).any() and (x == 2.0 ** -10).any()
+    assert (xa == 1.0625).any() and (xl == 464.1).any() and (xa == 2.0 ** -10).any()
 
 
 def test_quantize_matches_torch_bit_for_bit(interesting):
-    x, out = interesting
-    _assert_codes(x, out["code"], _ref_codes(x))
+    xa, (qa, _), xl, (ql, sl) = interesting
+    _assert_codes(xa, _codes(qa), _codes(torch.clamp(xa, -448, 448).to(torch.float8_e4m3fn)))
+    qr, sr = quant_fp8_ref(xl)
+    _assert_codes(xl, _codes(ql), _codes(qr))
+    nan = torch.isnan(sr)
+    assert torch.equal(torch.isnan(sl), nan) and torch.equal(sl[~nan].view(torch.int32), sr[~nan].view(torch.int32))
 
 
-def test_round_gives_the_exact_e4m3_value(interesting):
-    x, out = interesting
-    want = fp8.e4m3_ref(x).float()
-    r = out["r"]
-    nan = torch.isnan(want)
-    assert torch.equal(torch.isnan(r), nan)
-    # equal values *and* equal sign bits (so -0 stays -0)
-    assert torch.equal(r[~nan].view(torch.int32), want[~nan].view(torch.int32))
+def test_round_and_decode_give_the_exact_e4m3_value(interesting):
+    """dequant(quant(x)) with scale 1 is the e4m3 value of x: equal values and equal sign bits (-0 stays -0)."""
+    xa, (qa, sa), _, _ = interesting
+    y = dequant(qa, sa)
+    want = e4m3(xa).float()
+    assert torch.equal(y.view(torch.int32), want.view(torch.int32))
 
 
 def test_nan_policy(interesting):
-    """NaN in -> NaN code out, keeping the NaN's sign bit; -0 -> 0x80; +-inf saturate to +-448."""
-    x, out = interesting
-    bits = x.view(torch.int32)
-    nan = torch.isnan(x)
-    assert ((out["code"][nan] & 0x7F) == 0x7F).all()
-    assert torch.equal(out["code"][nan] >> 7, ((bits[nan] >> 31) & 1).to(torch.uint8))
-    assert out["code"][(x == 0) & (bits < 0)].eq(0x80).all() and out["code"][(x == 0) & (bits >= 0)].eq(0).all()
-    assert out["code"][x == float("inf")].eq(0x7E).all() and out["code"][x == -float("inf")].eq(0xFE).all()
+    """A NaN makes its tile's scale and codes NaN; an inf makes s = inf, its own code NaN (inf / inf)
+    and the tile's other codes 0; -0 -> 0x80."""
+    xa, (qa, _), xl, (ql, sl) = interesting
+    v = xl[:, 5]
+    nan, inf = torch.isnan(v), torch.isinf(v)
+    assert torch.isnan(sl[nan]).all() and ((_codes(ql)[nan] & 0x7F) == 0x7F).all()
+    assert (sl[inf] == float("inf")).all() and ((_codes(ql)[inf, 5] & 0x7F) == 0x7F).all()
+    assert (_codes(ql)[inf][:, torch.arange(128) != 5] == 0).all()
+    bits = xa.view(torch.int32)
+    assert _codes(qa)[(xa == 0) & (bits < 0)].eq(0x80).all() and _codes(qa)[(xa == 0) & (bits >= 0)].eq(0).all()
 
 
-def test_decode_is_exact(interesting):
-    x, out = interesting
-    want = out["code"].view(torch.float8_e4m3fn).float()
-    nan = torch.isnan(want)
-    assert torch.equal(torch.isnan(out["dec"]), nan)
-    assert torch.equal(out["dec"][~nan].view(torch.int32), want[~nan].view(torch.int32))
+def _variant(src: str, cast: str) -> str:
+    """The rendered kernel with its exact e4m3 quantization replaced by `cast` (of `v`)."""
+    call = "q_code = _fp8_e4m3_quantize(tl.math.div_rn(q_v, q_s))"
+    assert src.count(call) == 1, "the quant template changed: update this test"
+    return src.replace(call, f"v = tl.math.div_rn(q_v, q_s)\n        q_code = {cast}.to(tl.uint8, bitcast=True)")
 
 
-def test_triton_cast_of_rounded_value_is_exact(interesting):
-    """Rounding first makes even the interpreter's broken cast exact (finite inputs), so the same
-    helper is safe before a native `.to(tl.float8e4nv)` on a GPU too."""
-    x, out = interesting
-    keep = ~torch.isnan(x)
-    _assert_codes(x[keep], out["cast"].view(torch.uint8)[keep], _ref_codes(x)[keep])
-
-
-def test_interpreter_naive_cast_is_wrong(interesting):
-    """Documents triton issue #8322: the interpreter's own f32 -> float8e4nv cast (after clamping)
-    loses the rounding carry, rounds ties away from zero and truncates subnormals. Skips once a
-    Triton release fixes it (then the helpers are merely redundant on the interpreter)."""
-    x, out = interesting
-    got, want = out["naive"].view(torch.uint8), _ref_codes(x)
-    finite = torch.isfinite(x)
-    bad = finite & (got != want)
+def test_interpreter_cast_defect_and_its_workaround(interesting):
+    """Triton issue #8322: the interpreter's own f32 -> float8e4nv cast (after clamping) loses the
+    rounding carry, rounds ties away from zero and truncates subnormals, which is why the kernel rounds
+    onto the e4m3 grid with exact fp32/integer arithmetic first (fp8_macros.j2). Rounding first makes
+    even the interpreter's cast exact (finite inputs), so the same helper is safe before a native
+    `.to(tl.float8e4nv)` on a GPU too. Skips once a Triton release fixes the cast."""
+    xa, _, _, _ = interesting
+    src = rendered_quant(xa.shape[1])
+    want = _codes(e4m3(xa))
+    rounded, _ = quant(xa, source=_variant(src, "_fp8_e4m3_round(v).to(tl.float8e4nv)"))
+    _assert_codes(xa, _codes(rounded), want)
+    naive, _ = quant(xa, source=_variant(src, "tl.clamp(v, -448.0, 448.0).to(tl.float8e4nv)"))
+    got = _codes(naive)
+    bad = got != want
     if not bad.any():
         pytest.skip("the Triton interpreter casts f32 -> float8e4nv correctly now (#8322 fixed)")
-    by_value = {v: (int(g), int(w)) for v, g, w in zip(x[bad].tolist(), got[bad].tolist(), want[bad].tolist())}
+    by_value = {round(v, 6) for v in xa[bad].tolist()}
     # the three failure modes named in the issue, each on a value from the input set
     assert 1.0625 in by_value, "tie 1 + 2^-4 must round to even (1.0, 0x38)"
-    assert 1.97 in [round(v, 6) for v in by_value] or 124.7 in [round(v, 4) for v in by_value], "lost carry"
+    assert 1.97 in by_value or 124.7 in by_value, "lost carry"
     assert any(abs(v) < 2.0 ** -6 for v in by_value), "subnormal rounding"
 
 
 def test_sweep_over_fp32_bits():
-    x = _sweep()
-    out = _probe(x)
-    _assert_codes(x, out["code"], _ref_codes(x))
+    inside, outside = _split(_sweep())
+    x = _anchored(inside)
+    q, s = quant(x)
+    assert torch.equal(s, torch.ones_like(s))
+    _assert_codes(x, _codes(q), _codes(torch.clamp(x, -448, 448).to(torch.float8_e4m3fn)))
+    xl = _loose(outside[:: max(1, outside.numel() // 128)])
+    ql, _ = quant(xl)
+    _assert_codes(xl, _codes(ql), _codes(quant_fp8_ref(xl)[0]))
 
 
-def test_pow2_ceil_and_bf16_helpers():
-    """ue8m0 rounding up to a power of two and f32 -> bf16 RNE, exact against torch (float64 log2)."""
+def test_ue8m0_scales_and_bf16_output():
+    """ue8m0 scales round up to a power of two and f32 -> bf16 is RNE, exact against torch (float64 log2)."""
     rng = np.random.default_rng(0)
-    bits = rng.integers(0x30000000, 0x50000000, size=20000, dtype=np.uint32)
-    s = torch.cat([_f32(bits), torch.tensor([1e-4 / 448, 2.0 ** -20, 2.0 ** -20 * (1 + 2.0 ** -23), 1.0, 0.75,
-                                             1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8, float("inf"), float("nan")])])
-    n = s.numel()
-    p2, bf = torch.empty(n), torch.empty(n, dtype=torch.bfloat16)
-    src = fp8.template_env().from_string(PROBE).render()
-    fp8.launch_interpreted(src, "misc_probe", (-(-n // BLOCK),), s, p2, bf, n, BLOCK)
-    ref = fp8.pow2_ceil_ref(s)
-    fin = torch.isfinite(s)
-    log2_ref = torch.exp2(torch.ceil(torch.log2(s[fin].double()))).float()
-    assert torch.equal(ref[fin], log2_ref), "the bit formula is 2^ceil(log2 s)"
-    assert torch.equal(p2[fin], ref[fin]) and torch.isnan(p2[~fin][-1]) and p2[~fin][0] == float("inf")
-    nan = torch.isnan(s)
-    assert torch.equal(bf[~nan].view(torch.int16), s[~nan].to(torch.bfloat16).view(torch.int16))
-    assert torch.isnan(bf[nan]).all()
+    amax = _f32(rng.integers(0x30000000, 0x50000000, size=TILES_PER_ROW * 4, dtype=np.uint32)) * 448
+    amax[:6] = torch.tensor([1e-4, 2.0 ** -20 * 448, 448.0, 0.75 * 448, (1 + 2.0 ** -8) * 448, (1 + 3 * 2.0 ** -8) * 448])
+    x = torch.randn(amax.numel(), 128).clamp(-1, 1) * amax[:, None] * 0.5
+    x[:, 0] = amax
+    x = x.reshape(-1, TILES_PER_ROW * 128).contiguous()
+    q, s = quant(x, scale_fmt="ue8m0")
+    qr, sr = quant_fp8_ref(x, scale_fmt="ue8m0")
+    assert torch.equal(s, sr) and torch.equal(_codes(q), _codes(qr))
+    plain = (amax.clamp(min=1e-4) / 448).view(s.shape)
+    assert torch.equal(sr, pow2_ceil(plain))
+    assert torch.equal(sr, torch.exp2(torch.ceil(torch.log2(plain.double()))).float()), "2^ceil(log2 s)"
+    # dequant to bf16 with scales that are not powers of two: one RNE rounding of the fp32 product
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F].repeat(9)[: 8 * 256].view(8, 256).view(torch.float8_e4m3fn)
+    scales = _f32(rng.integers(0x38000000, 0x48000000, size=16, dtype=np.uint32)).view(8, 2)
+    y = dequant(codes.contiguous(), scales, BF16)
+    want = (codes.float() * scales.repeat_interleave(128, dim=1)).to(torch.bfloat16)
+    assert torch.equal(y.view(torch.int16), want.view(torch.int16))

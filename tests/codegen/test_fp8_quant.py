@@ -1,5 +1,6 @@
-"""The quant_fp8 kernel family under the Triton interpreter: codes and scales bit for bit against
-the eager DeepSeek reference (`codegen.fp8.quant_fp8_ref`), and the dequant round trip.
+"""The production quant_fp8 kernel family (codegen/fp8_rows.py) under the Triton interpreter: codes
+and scales bit for bit against the eager DeepSeek reference (`ir.ops_fp8.quant_fp8_ref`), and the
+dequant round trip.
 
 Round-trip bound (per element, tile scale s, y = x / s with |y| <= 448 after the clamp):
   * y in the e4m3 normal range (|y| >= 2^-6, binade [2^e, 2^(e+1))): the grid step is 2^(e-3),
@@ -16,8 +17,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dsr_compiler.codegen import fp8
-from dsr_compiler.ir.errors import CodegenError
+from fp8_kernels import DTYPES, F32, dequant, quant
+from dsr_compiler.ir import DType, TensorType
+from dsr_compiler.ir.ops import OPS, TypeRuleError
+from dsr_compiler.ir.ops_fp8 import dequant_fp8_ref, quant_fp8_ref
 
 BF16 = torch.bfloat16
 
@@ -36,9 +39,9 @@ def _scales_equal(got: torch.Tensor, want: torch.Tensor) -> None:
     assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
 
 
-def _check_quant(x: torch.Tensor, scale_fmt: str | None = None, block_m: int = 16):
-    q, s = fp8.quant_fp8_interpret(x, scale_fmt=scale_fmt, block_m=block_m)
-    qr, sr = fp8.quant_fp8_ref(x, scale_fmt=scale_fmt)
+def _check_quant(x: torch.Tensor, scale_fmt: str | None = None):
+    q, s = quant(x, scale_fmt)
+    qr, sr = quant_fp8_ref(x, scale_fmt=scale_fmt)
     assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape
     assert s.dtype == torch.float32 and s.shape == (x.shape[0], x.shape[1] // 128)
     _codes_equal(q, qr)
@@ -76,15 +79,14 @@ def _make(pattern: str, M: int, K: int, dtype: torch.dtype, seed: int) -> torch.
 
 @given(pattern=st.sampled_from(PATTERNS), M=st.sampled_from([1, 2, 5, 16, 17, 40]),
        K=st.sampled_from([128, 256, 384]), dtype=st.sampled_from([torch.float32, BF16]),
-       scale_fmt=st.sampled_from([None, "ue8m0"]), block_m=st.sampled_from([4, 16]),
-       seed=st.integers(0, 2 ** 16))
-def test_quant_matches_reference(pattern, M, K, dtype, scale_fmt, block_m, seed):
+       scale_fmt=st.sampled_from([None, "ue8m0"]), seed=st.integers(0, 2 ** 16))
+def test_quant_matches_reference(pattern, M, K, dtype, scale_fmt, seed):
     x = _make(pattern, M, K, dtype, seed)
-    q, s = _check_quant(x, scale_fmt, block_m)
+    q, s = _check_quant(x, scale_fmt)
     # the dequant kernel is the reference's inverse, bit for bit, in f32 and bf16
     for out in (torch.float32, BF16):
-        y = fp8.dequant_fp8_interpret(q, s, out_dtype={torch.float32: "f32", BF16: "bf16"}[out])
-        yr = fp8.dequant_fp8_ref(q, s, out_dtype=out)
+        y = dequant(q, s, DTYPES[out])
+        yr = dequant_fp8_ref(q, s, out_dtype=DTYPES[out])
         nan = torch.isnan(yr)
         assert torch.equal(torch.isnan(y), nan)
         assert torch.equal(y[~nan].view(torch.int16 if out == BF16 else torch.int32),
@@ -97,8 +99,8 @@ def test_quant_matches_reference(pattern, M, K, dtype, scale_fmt, block_m, seed)
        seed=st.integers(0, 2 ** 16))
 def test_dequant_round_trip_within_half_an_e4m3_ulp(pattern, M, dtype, scale_fmt, out, seed):
     x = _make(pattern, M, 256, dtype, seed).float()
-    q, s = fp8.quant_fp8_interpret(x.to(dtype), scale_fmt=scale_fmt)
-    y = fp8.dequant_fp8_interpret(q, s, out_dtype=out).float()
+    q, s = quant(x.to(dtype).contiguous(), scale_fmt)
+    y = dequant(q, s, DType[out]).float()
     s_el = s.repeat_interleave(128, dim=1)
     bound = (2.0 ** -4 * x.abs() + 2.0 ** -10 * s_el) * (1 + 2.0 ** -20)
     if out == "bf16":
@@ -134,24 +136,20 @@ def test_one_huge_value_keeps_its_code_448():
     assert q.view(torch.uint8)[0, 7] == 0xFE and (q.view(torch.uint8)[0, torch.arange(128) != 7] == 0).all()
 
 
-def test_zero_rows_and_bad_inputs():
-    q, s = fp8.quant_fp8_interpret(torch.empty(0, 128))
-    assert q.shape == (0, 128) and s.shape == (0, 1)
-    with pytest.raises(CodegenError, match="multiple of the tile width"):
-        fp8.quant_spec(200)
-    with pytest.raises(CodegenError, match="f32 or bf16"):
-        fp8.quant_fp8_interpret(torch.zeros(2, 128, dtype=torch.float16))
-    with pytest.raises(CodegenError, match="contiguous"):
-        fp8.quant_fp8_interpret(torch.zeros(128, 4).t())
-    with pytest.raises(CodegenError, match="scale_fmt"):
-        fp8.quant_spec(128, scale_fmt="e8m0")
+def test_bad_quantizations_are_type_errors():
+    x = TensorType(F32, ("T", 256))
+    assert OPS["quant_fp8"].infer([TensorType(F32, ("T", 200))], {})[1].shape[-1] == 2   # ragged K: 2 tiles
+    with pytest.raises(TypeRuleError, match="f32/bf16/f16"):
+        OPS["quant_fp8"].infer([TensorType(DType.i32, ("T", 128))], {})
+    with pytest.raises(TypeRuleError, match="scale_fmt"):
+        OPS["quant_fp8"].infer([x], {"scale_fmt": "e8m0"})
 
 
 def test_interpret_env_is_restored(monkeypatch):
     import os
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    fp8.quant_fp8_interpret(torch.ones(1, 128))
+    quant(torch.ones(1, 128))
     assert "TRITON_INTERPRET" not in os.environ
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    fp8.quant_fp8_interpret(torch.ones(2, 128))
+    quant(torch.ones(2, 128))
     assert os.environ["TRITON_INTERPRET"] == "0"

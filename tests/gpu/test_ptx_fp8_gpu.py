@@ -121,6 +121,30 @@ def test_bare_quant_codes_bit_exact_on_gpu(K):
         assert torch.equal(got[1], s), be
 
 
+def test_quant_codes_equal_torch_cast_at_every_rounding_edge_on_gpu():
+    """The interpreter tests' edge set (tests/codegen/test_fp8_exact.py) on the GPU, Triton and PTX:
+    every e4m3 value, each tie between neighbours and the floats next to both, in tiles whose 448
+    makes the scale exactly 1, so every code is torch's own cast of the value."""
+    grid = torch.arange(0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    pts = torch.cat([grid, (grid[1:] + grid[:-1]) / 2])
+    inf = torch.tensor(float("inf"))
+    vals = torch.cat([pts, torch.nextafter(pts, inf), torch.nextafter(pts, -inf)])
+    vals = vals[vals.abs() <= 448]
+    vals = torch.cat([vals, -vals])
+    per = 127
+    n_tiles = -(-vals.numel() // per)
+    body = torch.zeros(n_tiles * per)
+    body[: vals.numel()] = vals
+    x = torch.cat([torch.full((n_tiles, 1), 448.0), body.view(n_tiles, per)], dim=1).contiguous()
+    k = _kernel("k1_quant_fp8_act", "quant_fp8", [("x", F32, ("T", 128))], [(("q", "s"), "quant_fp8", ("x",), {})],
+                ("q", "s"))
+    want = x.to(torch.float8_e4m3fn).view(torch.uint8)
+    for be in ("triton", "ptx"):
+        q, s = _launch(k, [x.cuda()], be)
+        assert torch.equal(s, torch.ones_like(s)), be
+        assert torch.equal(q.view(torch.uint8), want), be
+
+
 @pytest.mark.parametrize("out", [F32, BF16])
 def test_dequant_ptx_vs_triton(out):
     q, s = quant_fp8_ref(torch.randn(9, 384) * 30)

@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 from strategies import examples  # noqa: E402  per-test budget from the active profile
 
 import dsr_compiler as dsr
-from dsr_compiler.api import KernelArtifact
+from dsr_compiler.codegen.build import KernelArtifact
 from dsr_compiler.frontend import param_tensors
 from dsr_compiler.models import MLA, ModelConfig, RopeScaling
 from dsr_compiler.models.steps import DecodeStep
-from dsr_compiler.workloads import _init_
+from dsr_compiler.workloads import init_weights
 from tests.tolerances import assert_close
 
 TINY = ModelConfig.named("deepseek-v3-tiny")
@@ -56,7 +56,7 @@ def mla_configs(draw) -> ModelConfig:
 
 def _mla(cfg: ModelConfig, seed: int, dtype=torch.float32) -> MLA:
     m = MLA(cfg)
-    _init_(m, seed)
+    init_weights(m, seed)
     return m.to(dtype).eval()
 
 

@@ -26,7 +26,7 @@ from strategies import examples  # noqa: E402  per-test budget from the active p
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsr_compiler as dsr
-from dsr_compiler.api import KernelArtifact
+from dsr_compiler.codegen.build import KernelArtifact
 from dsr_compiler.errors import TraceError
 from dsr_compiler.frontend import param_tensors
 from dsr_compiler.models import MLP, ModelConfig, MoE

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import dsr_compiler as dsr
-from dsr_compiler import api, knobs
+from dsr_compiler import knobs
+from dsr_compiler.codegen import build
 from dsr_compiler.errors import DsrError
 from dsr_compiler.models.grpo import GRPOLoss, group_advantages, per_token_logps
 from tests.tolerances import assert_close
@@ -32,7 +33,7 @@ def _rel(path: str) -> str:
 @pytest.fixture
 def no_sm90(monkeypatch):
     """Skip triton.compile for sm_90a: the interpreter runs the rendered source directly."""
-    monkeypatch.setattr(api, "compile_cached", lambda spec, source, target, cache: (None, False))
+    monkeypatch.setattr(build, "compile_cached", lambda spec, source, target, cache: (None, False))
 
 
 class Scaled(nn.Module):

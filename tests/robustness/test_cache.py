@@ -148,7 +148,7 @@ def test_interrupt_during_put_leaves_no_temporary_folder(tmp_path, monkeypatch):
 
 
 def test_compile_survives_short_manifest_and_deleted_files(tmp_path):
-    """The reported crash end to end: KeyError: 'meta.json' in api.compile_cached on every compile."""
+    """The reported crash end to end: KeyError: 'meta.json' in codegen.build.compile_cached on every compile."""
     root = tmp_path / "cache"
     cm = compile_tiny(root)
     assert not any(k.cached for k in cm.kernels)

@@ -14,10 +14,11 @@ from torch import nn
 
 import dsr_compiler as dsr
 from dsr_compiler import api, knobs
+from dsr_compiler.codegen import build
 from dsr_compiler.errors import DsrError
 from dsr_compiler.models import MLA, ModelConfig
 from dsr_compiler.models.steps import DecodeStep
-from dsr_compiler.workloads import _init_
+from dsr_compiler.workloads import init_weights
 from tests.tolerances import assert_close
 
 CFG = ModelConfig.named("deepseek-v3-tiny").replace(hidden_size=64, num_attention_heads=2)
@@ -26,7 +27,7 @@ S_MAX = 8
 
 @pytest.fixture
 def no_sm90(monkeypatch):
-    monkeypatch.setattr(api, "compile_cached", lambda spec, source, target, cache: (None, False))
+    monkeypatch.setattr(build, "compile_cached", lambda spec, source, target, cache: (None, False))
 
 
 def _args(start, seed: int = 0):
@@ -38,10 +39,10 @@ def _args(start, seed: int = 0):
 @pytest.fixture(scope="module")
 def decode():
     m = MLA(CFG)
-    _init_(m, 0)
+    init_weights(m, 0)
     step = DecodeStep(m.eval()).eval()
     mp = pytest.MonkeyPatch()
-    mp.setattr(api, "compile_cached", lambda spec, source, target, cache: (None, False))
+    mp.setattr(build, "compile_cached", lambda spec, source, target, cache: (None, False))
     try:
         cm = dsr.compile(step, _args(torch.tensor(3)), backend="interpret", fp8=False)
     finally:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dsr_compiler.codegen import fp8 as codegen_fp8
 from dsr_compiler.ir import DType, TensorType, parse, print_graph, verify
 from dsr_compiler.ir.errors import VerifyError
 from dsr_compiler.ir.ops import OPS, TypeRuleError
@@ -117,9 +116,6 @@ def test_activation_round_trip_within_half_an_e4m3_ulp(p, rows, k, fmt, seed):
     if fmt == "ue8m0":
         assert torch.equal(torch.frexp(s).mantissa, torch.full_like(s, 0.5))
     _tile_bound_ok(x, dequant_fp8_ref(q, s), s, 128)
-    if k % 128 == 0:
-        qc, sc = codegen_fp8.quant_fp8_ref(x, scale_fmt=fmt)                 # the kernel tests' reference agrees
-        assert torch.equal(q.view(torch.uint8), qc.view(torch.uint8)) and torch.equal(s, sc)
 
 
 @given(p=st.sampled_from(PATTERNS), n=st.sampled_from([128, 130, 256]), k=st.sampled_from([128, 256, 320]),

@@ -1,6 +1,6 @@
 """`--module mla|decoder|model`: MLA attention, a decoder layer, the whole model; decode or prefill.
 
-Registered into `workloads.BUILDERS` (imported at the end of workloads.py). `--phase` picks what
+Listed in `workloads.TABLE` with phases `PHASES`. `--phase` picks what
 is compiled (default `decode`, the step that `--mla naive|absorb` is about):
 
   decode   one new token per sequence against a KV cache of `--seq` positions, `--batch` sequences
@@ -24,7 +24,7 @@ from torch import nn
 
 from dsr_compiler.errors import DsrError
 from dsr_compiler.models import ModelConfig
-from dsr_compiler.workloads import BUILDERS, FOOTPRINTS, Workload, _init_, param_bytes
+from .base import Workload, init_weights, param_bytes
 
 MAX_REAL_ELEMENTS = 1 << 27
 PHASES = ("decode", "prefill")
@@ -36,7 +36,7 @@ def _build(make_module, cfg: ModelConfig, dtype: torch.dtype, seed: int, element
             m = make_module()
     else:
         m = make_module()
-        _init_(m, seed)
+        init_weights(m, seed)
     return m.to(dtype).eval()
 
 
@@ -92,12 +92,12 @@ def _block(name: str, make_module, elements, cfg: ModelConfig, batch: int, seq: 
     return Workload(name, DecodeStep(m).eval(), make_decode(batch * seq, seed), dyn, make_decode)
 
 
-def _mla(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int, phase: str = "decode") -> Workload:
+def build_mla(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int, phase: str = "decode") -> Workload:
     from dsr_compiler.models.deepseek import MLA
     return _block("mla", lambda: MLA(cfg), mla_elements(cfg), cfg, batch, seq, dtype, seed, phase)
 
 
-def _decoder(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int,
+def build_decoder(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int,
              phase: str = "decode") -> Workload:
     from dsr_compiler.models.deepseek import DecoderLayer
     layer = cfg.num_hidden_layers - 1
@@ -105,7 +105,7 @@ def _decoder(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: i
                   seed, phase)
 
 
-def _model(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int, phase: str = "decode") -> Workload:
+def build_model(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int, phase: str = "decode") -> Workload:
     from dsr_compiler.models.deepseek import DeepSeekModel
     from dsr_compiler.models.steps import ModelDecodeStep
     _check_phase(phase, "model")
@@ -139,12 +139,17 @@ def _step_bytes(cfg: ModelConfig, batch: int, seq: int, isz: int, phase: str | N
     return {"params": params, "example inputs": x + 8, "caches": caches}
 
 
-FOOTPRINTS["mla"] = lambda cfg, b, s, isz, phase: _step_bytes(cfg, b, s, isz, phase or "decode", mla_elements(cfg),
-                                                              None)
-FOOTPRINTS["decoder"] = lambda cfg, b, s, isz, phase: _step_bytes(
-    cfg, b, s, isz, phase or "decode", layer_elements(cfg, cfg.num_hidden_layers - 1), None)
-FOOTPRINTS["model"] = lambda cfg, b, s, isz, phase: _step_bytes(cfg, b, s, isz, phase or "decode", model_elements(cfg),
-                                                                cfg.num_hidden_layers)
-BUILDERS["mla"] = _mla
-BUILDERS["decoder"] = _decoder
-BUILDERS["model"] = _model
+def mla_bytes(cfg: ModelConfig, batch: int, seq: int, isz: int, phase: str | None) -> dict[str, int]:
+    return _step_bytes(cfg, batch, seq, isz, phase or "decode", mla_elements(cfg), None)
+
+
+def decoder_bytes(cfg: ModelConfig, batch: int, seq: int, isz: int, phase: str | None) -> dict[str, int]:
+    return _step_bytes(cfg, batch, seq, isz, phase or "decode", layer_elements(cfg, cfg.num_hidden_layers - 1), None)
+
+
+def model_bytes(cfg: ModelConfig, batch: int, seq: int, isz: int, phase: str | None) -> dict[str, int]:
+    return _step_bytes(cfg, batch, seq, isz, phase or "decode", model_elements(cfg), cfg.num_hidden_layers)
+
+
+__all__ = ["MAX_REAL_ELEMENTS", "PHASES", "build_decoder", "build_mla", "build_model", "decoder_bytes",
+           "layer_elements", "mla_bytes", "mla_elements", "model_bytes", "model_elements"]

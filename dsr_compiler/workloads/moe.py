@@ -1,6 +1,6 @@
 """`--module moe`: the zoo's routed MoE (router, experts, shared experts) on tokens `x [T, H]`.
 
-Registered into `workloads.BUILDERS` (imported at the end of workloads.py). Weights are seeded
+Listed in `workloads.TABLE`. Weights are seeded
 like a trained model (gate logits ~ N(0, 1), a small e_score_correction_bias so that the bias
 really shifts the selection). Configs whose routed experts exceed `MAX_REAL_EXPERT_ELEMENTS`
 (deepseek-v2-lite: 0.55 G weights, deepseek-v3: 11 G) are built on the meta device: they compile
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from dsr_compiler.models import ModelConfig
-from dsr_compiler.workloads import BUILDERS, FOOTPRINTS, Workload, _init_, param_bytes
+from .base import Workload, init_weights, param_bytes
 
 MAX_REAL_EXPERT_ELEMENTS = 1 << 27
 
@@ -20,14 +20,14 @@ def expert_elements(cfg: ModelConfig) -> int:
     return 3 * cfg.n_routed_experts * cfg.moe_intermediate_size * cfg.hidden_size
 
 
-def _moe(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int) -> Workload:
+def build_moe(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int) -> Workload:
     from dsr_compiler.models.deepseek import MoE
     if expert_elements(cfg) > MAX_REAL_EXPERT_ELEMENTS:
         with torch.device("meta"):
             m = MoE(cfg)
     else:
         m = MoE(cfg)
-        _init_(m, seed)
+        init_weights(m, seed)
         bias = m.gate.e_score_correction_bias
         if bias is not None:
             g = torch.Generator().manual_seed(seed + 1)
@@ -49,5 +49,4 @@ def moe_bytes(cfg: ModelConfig, batch: int, seq: int, isz: int, phase: str | Non
     return {"params": params, "example inputs": batch * seq * h * isz}
 
 
-BUILDERS["moe"] = _moe
-FOOTPRINTS["moe"] = moe_bytes
+__all__ = ["MAX_REAL_EXPERT_ELEMENTS", "build_moe", "expert_elements", "moe_bytes"]

@@ -1,6 +1,6 @@
 """`--module grpo` (the zoo's GRPO objective with gradients for hidden and LM head) and `--module mtp`.
 
-Registered into `workloads.BUILDERS` (imported at the end of workloads.py). Shapes follow the
+Listed in `workloads.TABLE`. Shapes follow the
 model config: `N = batch * GROUP` completions (`GROUP` per prompt, consecutive), `L = seq` positions,
 `H = hidden_size`, `V = vocab_size`; the forward takes the final hidden states, the LM head weight,
 the completion ids and mask, the group-normalized advantages and the old / reference log-probs.
@@ -19,7 +19,9 @@ import torch
 
 from dsr_compiler.errors import DsrError
 from dsr_compiler.models import ModelConfig
-from dsr_compiler.workloads import BUILDERS, FOOTPRINTS, Workload, param_bytes
+from .base import Workload, init_weights, param_bytes
+from .mla import layer_elements
+from .moe import MAX_REAL_EXPERT_ELEMENTS, expert_elements
 
 GROUP = 4                       # completions per prompt (TRL's num_generations)
 MAX_REAL_HEAD_ELEMENTS = 1 << 27
@@ -51,7 +53,7 @@ def grpo_inputs(n: int, length: int, hidden: int, vocab: int, dtype: torch.dtype
     return h, w, ids, mask, adv, old, ref
 
 
-def _grpo(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int) -> Workload:
+def build_grpo(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int) -> Workload:
     from dsr_compiler.models.grpo import GRPOLoss
     m = GRPOLoss(**GRPO_OPTIONS)
     n, hid, voc = batch * GROUP, cfg.hidden_size, cfg.vocab_size
@@ -67,7 +69,7 @@ def _grpo(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int)
     return Workload("grpo", m, example, {}, make, grad_wrt=GRAD_WRT)
 
 
-def _grpo_bytes(cfg: ModelConfig, batch: int, seq: int, isz: int, phase: str | None) -> dict[str, int]:
+def grpo_bytes(cfg: ModelConfig, batch: int, seq: int, isz: int, phase: str | None) -> dict[str, int]:
     n, hid, voc = batch * GROUP, cfg.hidden_size, cfg.vocab_size
     if voc * hid > MAX_REAL_HEAD_ELEMENTS:      # example inputs on the meta device: compile-only
         return {}
@@ -75,19 +77,13 @@ def _grpo_bytes(cfg: ModelConfig, batch: int, seq: int, isz: int, phase: str | N
             "logits to draw the old/ref log-probs": n * seq * voc * (isz + 4)}
 
 
-BUILDERS["grpo"] = _grpo
-FOOTPRINTS["grpo"] = _grpo_bytes
-
-
-def _mtp(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int) -> Workload:
+def build_mtp(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int) -> Workload:
     """`--module mtp`: DeepSeek-V3's MTP loss (all MTP depths of the config, lambda 0.3) on the
     main model's final hidden states; the per-depth log-probs use the same vocabulary-tiled
     `token_logprobs` kernel as GRPO. Forward only: the decoder layer (MLA, MoE) has no derivative
     rules, so no gradients are asked for."""
     from dsr_compiler.models.deepseek import DeepSeekModel
     from dsr_compiler.models.mtp import MTPLoss, make_mtp_modules
-    from dsr_compiler.workloads import _init_
-    from dsr_compiler.workloads_moe import MAX_REAL_EXPERT_ELEMENTS, expert_elements
     big = expert_elements(cfg) > MAX_REAL_EXPERT_ELEMENTS or cfg.vocab_size * cfg.hidden_size > MAX_REAL_HEAD_ELEMENTS
     # the main model only lends its embedding and LM head: build it with as few layers as the config allows
     main_cfg = cfg.replace(num_hidden_layers=max(1, cfg.first_k_dense_replace))
@@ -96,7 +92,7 @@ def _mtp(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int) 
             m = MTPLoss(DeepSeekModel(main_cfg), make_mtp_modules(cfg), lam=0.3)
     else:
         m = MTPLoss(DeepSeekModel(main_cfg), make_mtp_modules(cfg), lam=0.3)
-        _init_(m, seed)
+        init_weights(m, seed)
         g = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
             for name, p in m.named_parameters():
@@ -119,9 +115,7 @@ def _mtp(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype, seed: int) 
     return Workload("mtp", m, example, {}, make)
 
 
-def _mtp_bytes(cfg: ModelConfig, batch: int, seq: int, isz: int, phase: str | None) -> dict[str, int]:
-    from dsr_compiler.workloads_mla import layer_elements
-    from dsr_compiler.workloads_moe import MAX_REAL_EXPERT_ELEMENTS, expert_elements
+def mtp_bytes(cfg: ModelConfig, batch: int, seq: int, isz: int, phase: str | None) -> dict[str, int]:
     h = cfg.hidden_size
     if expert_elements(cfg) > MAX_REAL_EXPERT_ELEMENTS or cfg.vocab_size * h > MAX_REAL_HEAD_ELEMENTS:
         return {}                               # module and example inputs on the meta device
@@ -131,5 +125,5 @@ def _mtp_bytes(cfg: ModelConfig, batch: int, seq: int, isz: int, phase: str | No
             "example inputs": batch * seq * (h * isz + 8 + 4)}
 
 
-BUILDERS["mtp"] = _mtp
-FOOTPRINTS["mtp"] = _mtp_bytes
+__all__ = ["GRAD_WRT", "GROUP", "GRPO_OPTIONS", "MAX_REAL_HEAD_ELEMENTS", "build_grpo", "build_mtp", "grpo_bytes",
+           "grpo_inputs", "mtp_bytes"]
