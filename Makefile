@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: demo test fuzz setup clean
+.PHONY: demo test lint fuzz setup clean
 
 $(BIN)/dsrc: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,12 @@ demo: setup
 
 test: setup
 	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q tests
+
+# The linter (pinned in pyproject's dev extras) and the size report; .ci/run runs both before the tests.
+lint: setup
+	$(BIN)/ruff --version 2>/dev/null | grep -q "ruff 0.17.6" || $(BIN)/pip install -q ruff==0.17.6
+	$(BIN)/ruff check .
+	$(BIN)/python tools/sz.py --check
 
 # Every property test at the fuzz profile's budget (tests/strategies.py `examples`), including the
 # compiled-module tests and 10,000 random graphs through passes + codegen + interpreter

@@ -243,7 +243,7 @@ class Body:
         start: sympy.Expr = sympy.Integer(0)
         pieces: list[tuple[str, str]] = []
         want = reg_kind(n.out.type.dtype)
-        for j, src in enumerate(n.inputs):
+        for src in n.inputs:
             if src not in self.views:
                 raise self.fail(n, f"cat of %{src}, a value computed inside the kernel; only kernel inputs can be "
                                    "concatenated in place")

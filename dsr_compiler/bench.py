@@ -11,7 +11,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-import sympy
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten

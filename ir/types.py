@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import sympy
 
-from .dimexpr import parse_expr_text, sym
+from .dimexpr import parse_expr_text, sym  # noqa: F401  (re-exported: `types.sym`)
 from .dtype import DType
 
 

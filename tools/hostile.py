@@ -139,7 +139,7 @@ def cases() -> list[Case]:
         dim_ir = f"graph g(%x : f32[{p}]) {{\n  %y : f32[{p}] = neg(%x)\n  return %y\n}}\n"
         attr_ir = f"graph g(%x : f32[4]) {{\n  %y : f32[4] = reshape(%x, shape=({p},))\n  return %y\n}}\n"
         for kind, text in (("dim", dim_ir), ("attr", attr_ir)):
-            c.append(Case(f"ir-{kind}-{i}", code=_api(f"dsr.ir.parse(open('g.ir').read())\n"
+            c.append(Case(f"ir-{kind}-{i}", code=_api("dsr.ir.parse(open('g.ir').read())\n"
                                                      "import os\nassert not os.path.exists('pwned'), 'payload ran'"),
                           files={"g.ir": text}, timeout=60))
     c += [Case("ir-bytes", code=_api("dsr.ir.parse(b'graph g() {\\n return\\n}')")),

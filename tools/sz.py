@@ -3,6 +3,7 @@ knobs (like tinygrad's sz.py). Printed by `.ci/run` so that growth is a reviewed
 
     python tools/sz.py            # table on stdout
     python tools/sz.py --json     # the same figures as JSON
+    python tools/sz.py --check    # exit 1 if a file is above the limit (run by `make lint`)
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def report() -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--check", action="store_true",
+                    help=f"exit 1 if a Python file is above {FILE_LIMIT} code lines or a registry cannot be counted")
     a = ap.parse_args(argv)
     r = report()
     if a.json:
@@ -80,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     if r["over_limit"]:
         print(f"over {FILE_LIMIT} lines: " + ", ".join(f"{n} {c}" for n, c in r["over_limit"]))
     print("registries: " + ", ".join(f"{k} {v}" for k, v in r["registries"].items()))
+    if a.check and (r["over_limit"] or "error" in r["registries"]):
+        print(f"sz: split the files above {FILE_LIMIT} lines (STYLE.md), or fix the registry count", file=sys.stderr)
+        return 1
     return 0
 
 

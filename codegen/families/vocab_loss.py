@@ -117,7 +117,9 @@ def lower_vocab(k: Kernel, index: int) -> KernelSpec:
         ("HIDDEN", names[("in", hid)]), ("WEIGHT", names[("in", w)]), ("IDS", names[("in", ids)]),
     ]
     isz = ht.dtype.itemsize
-    waves = lambda programs: sympy.ceiling(programs / H200_SMS)
+
+    def waves(programs: sympy.Expr) -> sympy.Expr:
+        return sympy.ceiling(programs / H200_SMS)
     n_tok_blocks = sympy.ceiling(nt_e / bt)
     n_voc_blocks = sympy.ceiling(v_e / bv)
     logits_flops = 2 * nt_e * v_e * h_e

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from fp8_kernels import BF16, dequant, quant, rendered_quant
-from dsr_compiler.ir.ops_fp8 import e4m3, pow2_ceil, quant_fp8_ref
+from dsr_compiler.ir.ops.fp8 import e4m3, pow2_ceil, quant_fp8_ref
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # inf / inf
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from fp8_kernels import DTYPES, F32, dequant, quant
 from dsr_compiler.ir import DType, TensorType
 from dsr_compiler.ir.ops import OPS, TypeRuleError
-from dsr_compiler.ir.ops_fp8 import dequant_fp8_ref, quant_fp8_ref
+from dsr_compiler.ir.ops.fp8 import dequant_fp8_ref, quant_fp8_ref
 
 BF16 = torch.bfloat16
 

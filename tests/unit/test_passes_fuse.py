@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
 from dsr_compiler.ir import OPS, parse, print_graph, verify
 from dsr_compiler.ir.passes import PassContext, dce, fuse
 from dsr_compiler.ir.passes.fuse import INDEX_MAP_OPS
