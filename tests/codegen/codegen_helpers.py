@@ -27,16 +27,34 @@ class KB:
         return name
 
     def op(self, op: str, *inputs: str, name: str | None = None, **attrs: Any) -> str:
-        out_t = OPS[op].infer([self.types[i] for i in inputs], attrs)[0]
-        name = name or self.b.fresh(op)
-        self.b.add(Node((Value(name, out_t),), op, tuple(inputs), attrs, origin=f"test.{op}"))
-        self.types[name] = out_t
-        return name
+        """A one-output op; its name."""
+        (out,) = self.ops(op, *inputs, outs=(name,) if name else None, **attrs)
+        return out
+
+    def ops(self, op: str, *inputs: str, outs: Sequence[str] | None = None, **attrs: Any) -> tuple[str, ...]:
+        """Any op (quant_fp8 has two outputs); the names of its outputs (`outs`, or fresh ones)."""
+        ts = OPS[op].infer([self.types[i] for i in inputs], attrs)
+        names = tuple(outs) if outs else tuple(self.b.fresh(op) for _ in ts)
+        self.b.add(Node(tuple(Value(n, t) for n, t in zip(names, ts)), op, tuple(inputs), attrs, origin=f"test.{op}"))
+        self.types.update(zip(names, ts))
+        return names
 
     def kernel(self, *outputs: str, **attrs: Any) -> Kernel:
         g = self.b.build(outputs)
         verify(g)
         return Kernel(self.name, self.family, g, attrs)
+
+
+def one_op_kernel(op: str, family: str, inputs: Sequence[tuple[str, TensorType]], attrs: dict,
+                  outputs: Sequence[int] | None = None) -> Kernel:
+    """A kernel holding one op (as the fusion pass makes the MoE/vocab kernels); its outputs `out0`,
+    `out1`, ... (those at `outputs`, default all) are the kernel's."""
+    kb = KB(f"k1_{family}_{op}", family)
+    for name, t in inputs:
+        kb.input(name, t.dtype, *t.shape)
+    n_out = len(OPS[op].infer([t for _, t in inputs], attrs))
+    outs = kb.ops(op, *(n for n, _ in inputs), outs=[f"out{j}" for j in range(n_out)], **attrs)
+    return kb.kernel(*(outs if outputs is None else [outs[j] for j in outputs]))
 
 
 def random_inputs(k: Kernel | Graph, sizes: dict[str, int], seed: int = 0,
@@ -82,15 +100,20 @@ def run_interpreted(k: Kernel, inputs: list[torch.Tensor], spec: KernelSpec | No
     return outs
 
 
-def check_kernel(k: Kernel, inputs: list[torch.Tensor], rtol: float | None = None, atol: float | None = None) -> None:
-    """Run `k` in the interpreter and compare every output with the reference interpreter."""
+def check_kernel(k: Kernel, inputs: list[torch.Tensor], rtol: float | None = None, atol: float | None = None,
+                 finite: bool = False) -> list[torch.Tensor]:
+    """Run `k` in the interpreter and compare every output with the reference interpreter (the
+    tolerance table, or explicit `rtol`/`atol`); `finite`: float outputs must also be finite.
+    Returns the kernel's outputs."""
     got = run_interpreted(k, inputs)
     want = run_graph(k.body, inputs)
     for name, g, w in zip(k.body.outputs, got, want):
         assert g.shape == w.shape and g.dtype == w.dtype, (name, g.shape, w.shape, g.dtype, w.dtype)
         if not w.dtype.is_floating_point:
-            assert torch.equal(g, w), f"%{name}: integer/bool outputs differ"
+            assert torch.equal(g, w), f"%{name}: integer/bool outputs differ:\n{g}\nvs\n{w}"
             continue
+        if finite:
+            assert torch.isfinite(g).all(), f"%{name} has non-finite values"
         if rtol is None and atol is None:
             r = compare(g, w)
             assert r["ok"], (f"%{name}: max abs {r['max_abs']:.3g}, max rel {r['max_rel']:.3g} beyond "
@@ -101,3 +124,4 @@ def check_kernel(k: Kernel, inputs: list[torch.Tensor], rtol: float | None = Non
         t.update({k: v for k, v in (("rtol", rtol), ("atol", atol)) if v is not None})
         torch.testing.assert_close(g.float(), w.float(), equal_nan=True,
                                    msg=lambda m, name=name: f"%{name}: {m}", **t)
+    return got

@@ -18,20 +18,14 @@ import re
 
 import pytest
 import torch
-from codegen_helpers import run_interpreted
+from codegen_helpers import KB, run_interpreted
 from dsr_compiler.codegen import compile_triton, lower_kernel, render
 from dsr_compiler.codegen.ptx import compile_ptx_kernel, ptx_supported
 from dsr_compiler.ir import (
     DType,
-    GraphBuilder,
     Kernel,
-    Node,
-    TensorType,
-    Value,
     run_graph,
-    verify,
 )
-from dsr_compiler.ir.ops import OPS
 from dsr_compiler.ir.ops.fp8 import (
     calc_diff,
     dequant_fp8_ref,
@@ -42,33 +36,6 @@ from dsr_compiler.ir.ops.fp8 import (
 )
 
 F32, BF16 = DType.f32, DType.bf16
-
-
-class FB:
-    """Kernel-body builder for multi-output ops (types from the op table)."""
-
-    def __init__(self, name: str, family: str) -> None:
-        self.name, self.family = name, family
-        self.b = GraphBuilder(name)
-        self.types: dict[str, TensorType] = {}
-
-    def input(self, name: str, dtype: DType, *shape) -> str:
-        t = TensorType(dtype, tuple(shape))
-        self.b.add_input(name, t)
-        self.types[name] = t
-        return name
-
-    def op(self, op: str, *inputs: str, outs: tuple[str, ...] | None = None, **attrs) -> tuple[str, ...]:
-        ts = OPS[op].infer([self.types[i] for i in inputs], attrs)
-        names = outs or tuple(self.b.fresh(op) for _ in ts)
-        self.b.add(Node(tuple(Value(n, t) for n, t in zip(names, ts)), op, inputs, attrs, origin=f"test.{op}"))
-        self.types.update(zip(names, ts))
-        return names
-
-    def kernel(self, *outputs: str) -> Kernel:
-        g = self.b.build(outputs)
-        verify(g)
-        return Kernel(self.name, self.family, g)
 
 
 def _codes_close(got: torch.Tensor, want: torch.Tensor, exact: bool, frac: float = 0.01) -> None:
@@ -95,12 +62,12 @@ def _gemm_operands(M: int, K: int, N: int, seed: int, pattern: str = "normal"):
 
 
 def _gemm_kernel(M, K, N, out_dtype=BF16, **attrs) -> Kernel:
-    kb = FB("k1_gemm_fp8_test", "gemm_fp8")
+    kb = KB("k1_gemm_fp8_test", "gemm_fp8")
     kb.input("xq", DType.fp8e4m3, M, K)
     kb.input("xs", F32, M, -(-K // 128))
     kb.input("wq", DType.fp8e4m3, N, K)
     kb.input("ws", F32, -(-N // 128), -(-K // 128))
-    (y,) = kb.op("gemm_fp8", "xq", "xs", "wq", "ws", out_dtype=out_dtype, **attrs)
+    (y,) = kb.ops("gemm_fp8", "xq", "xs", "wq", "ws", out_dtype=out_dtype, **attrs)
     return kb.kernel(y)
 
 
@@ -128,20 +95,20 @@ def test_gemm_fp8_ragged_k_and_f32_output():
 
 
 def _swiglu_quant_kernel(M: int, K: int, N: int, model: DType) -> Kernel:
-    kb = FB("k1_gemm_fp8_swiglu_quant", "gemm_fp8")
+    kb = KB("k1_gemm_fp8_swiglu_quant", "gemm_fp8")
     kb.input("xq", DType.fp8e4m3, M, K)
     kb.input("xs", F32, M, K // 128)
     for w in ("w1", "w3"):
         kb.input(f"{w}q", DType.fp8e4m3, N, K)
         kb.input(f"{w}s", F32, -(-N // 128), K // 128)
-    (a,) = kb.op("gemm_fp8", "xq", "xs", "w1q", "w1s")
-    (b,) = kb.op("gemm_fp8", "xq", "xs", "w3q", "w3s")
+    (a,) = kb.ops("gemm_fp8", "xq", "xs", "w1q", "w1s")
+    (b,) = kb.ops("gemm_fp8", "xq", "xs", "w3q", "w3s")
     if model is F32:
-        (a,) = kb.op("cast", a, dtype=F32)
-        (b,) = kb.op("cast", b, dtype=F32)
-    (s,) = kb.op("silu", a)
-    (h,) = kb.op("mul", s, b)
-    q, sc = kb.op("quant_fp8", h)
+        (a,) = kb.ops("cast", a, dtype=F32)
+        (b,) = kb.ops("cast", b, dtype=F32)
+    (s,) = kb.ops("silu", a)
+    (h,) = kb.ops("mul", s, b)
+    q, sc = kb.ops("quant_fp8", h)
     return kb.kernel(q, sc)
 
 
@@ -161,17 +128,17 @@ def test_swiglu_epilogue_quantizes_in_registers(model):
 
 
 def _norm_quant_kernel(K: int, dt: DType, prologue: bool, scale_fmt=None) -> Kernel:
-    kb = FB("k1_quant_fp8_rms_norm", "quant_fp8")
+    kb = KB("k1_quant_fp8_rms_norm", "quant_fp8")
     kb.input("x", dt, "T", K)
     kb.input("w", dt, K)
     src = "x"
     outs: list[str] = []
     if prologue:                       # decoder-style residual: h = x + r feeds the norm and is returned
         kb.input("r", dt, "T", K)
-        (src,) = kb.op("add", "x", "r", outs=("h",))
+        (src,) = kb.ops("add", "x", "r", outs=("h",))
         outs.append("h")
-    (n,) = kb.op("rms_norm", src, "w", eps=1e-6, outs=("n",))
-    q, s = kb.op("quant_fp8", n, scale_fmt=scale_fmt, outs=("n.q", "n.s"))
+    (n,) = kb.ops("rms_norm", src, "w", eps=1e-6, outs=("n",))
+    q, s = kb.ops("quant_fp8", n, scale_fmt=scale_fmt, outs=("n.q", "n.s"))
     if prologue:
         outs.append("n")               # e.g. the norm output also feeds a high-precision router gate
     return kb.kernel(q, s, *outs)
@@ -208,9 +175,9 @@ def test_bare_quant_is_bit_exact(pattern):
     elif pattern == "huge_one":
         x[:, 3] = 1e30
         x[:, 200] = -3e4
-    kb = FB("k1_quant_fp8_act", "quant_fp8")
+    kb = KB("k1_quant_fp8_act", "quant_fp8")
     kb.input("x", F32, "T", K)
-    q, s = kb.op("quant_fp8", "x")
+    q, s = kb.ops("quant_fp8", "x")
     k = kb.kernel(q, s)
     got = run_interpreted(k, [x])
     want = quant_fp8_ref(x)
@@ -222,10 +189,10 @@ def test_bare_quant_is_bit_exact(pattern):
 def test_dequant_kernel(out):
     x = torch.randn(4, 256) * 10
     q, s = quant_fp8_ref(x)
-    kb = FB("k1_quant_fp8_dequant", "quant_fp8")
+    kb = KB("k1_quant_fp8_dequant", "quant_fp8")
     kb.input("q", DType.fp8e4m3, "T", 256)
     kb.input("s", F32, "T", 2)
-    (y,) = kb.op("dequant_fp8", "q", "s", out_dtype=out)
+    (y,) = kb.ops("dequant_fp8", "q", "s", out_dtype=out)
     k = kb.kernel(y)
     (got,) = run_interpreted(k, [q, s])
     assert torch.equal(got, dequant_fp8_ref(q, s, out_dtype=out))
@@ -235,10 +202,10 @@ def test_families_compile_for_sm90a_and_their_ptx_assembles():
     """Triton for sm_90a (no spills), and every PTX-family kernel also as direct PTX through ptxas."""
     kernels = [_swiglu_quant_kernel("T", 256, 512, F32), _gemm_kernel("T", 512, 256),
                _norm_quant_kernel(256, BF16, True, "ue8m0")]
-    kb = FB("k1_quant_fp8_dequant", "quant_fp8")
+    kb = KB("k1_quant_fp8_dequant", "quant_fp8")
     kb.input("q", DType.fp8e4m3, "T", 256)
     kb.input("s", F32, "T", 2)
-    kernels.append(kb.kernel(*kb.op("dequant_fp8", "q", "s", out_dtype=BF16)))
+    kernels.append(kb.kernel(*kb.ops("dequant_fp8", "q", "s", out_dtype=BF16)))
     for i, k in enumerate(kernels, 1):
         spec = lower_kernel(k, i)
         ck = compile_triton(spec, render(spec))

@@ -1,5 +1,5 @@
 """The production quant_fp8 kernel family (codegen/fp8_rows.py) under the Triton interpreter: codes
-and scales bit for bit against the eager DeepSeek reference (`ir.ops_fp8.quant_fp8_ref`), and the
+and scales bit for bit against the eager DeepSeek reference (`ir.ops.fp8.quant_fp8_ref`), and the
 dequant round trip.
 
 Round-trip bound (per element, tile scale s, y = x / s with |y| <= 448 after the clamp):

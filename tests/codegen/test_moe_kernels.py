@@ -13,17 +13,7 @@ import math
 import pytest
 import torch
 from dsr_compiler.codegen import compile_triton, lower_kernel, render
-from dsr_compiler.ir import (
-    OPS,
-    DType,
-    GraphBuilder,
-    Kernel,
-    Node,
-    TensorType,
-    Value,
-    run_graph,
-    verify,
-)
+from dsr_compiler.ir import OPS, DType, TensorType
 from dsr_compiler.ir.errors import CodegenError
 from dsr_compiler.ir.ops.moe import moe_blocks, moe_rows
 from dsr_compiler.ir.types import sym
@@ -31,35 +21,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import examples  # noqa: E402  per-test budget from the active profile
 
-from tests.codegen.codegen_helpers import run_interpreted
-from tests.tolerances import assert_close
+from tests.codegen.codegen_helpers import check_kernel, one_op_kernel
 
 T = sym("T")
 f32, bf16, i32 = DType.f32, DType.bf16, DType.i32
-
-
-def _kernel(op: str, family: str, inputs: list[tuple[str, TensorType]], attrs: dict) -> Kernel:
-    """A kernel holding one MoE op (as the fusion pass makes them); every output is returned."""
-    b = GraphBuilder(f"k1_{family}_{op}")
-    for name, t in inputs:
-        b.add_input(name, t)
-    outs = OPS[op].infer([t for _, t in inputs], attrs)
-    vals = tuple(Value(f"out{j}", t) for j, t in enumerate(outs))
-    b.add(Node(vals, op, tuple(n for n, _ in inputs), attrs, origin=f"test.{op}"))
-    g = verify(b.build([v.name for v in vals]))
-    return Kernel(g.name, family, g)
-
-
-def _check(k: Kernel, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    got = run_interpreted(k, inputs)
-    want = run_graph(k.body, inputs)
-    for name, a, w in zip(k.body.outputs, got, want):
-        assert a.shape == w.shape and a.dtype == w.dtype, (name, a.shape, w.shape, a.dtype, w.dtype)
-        if w.dtype.is_floating_point:
-            assert_close(a, w)
-        else:
-            assert torch.equal(a, w), f"%{name} differs:\n{a}\nvs\n{w}"
-    return got
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -92,12 +57,12 @@ def test_router_matches_reference(case, dtype):
     ins = [("x", TensorType(dtype, (T, h))), ("gw", TensorType(dtype, (e, h)))]
     if bias:
         ins.append(("bias", TensorType(f32, (e,))))
-    k = _kernel("moe_router", "moe_router", ins, attrs)
+    k = one_op_kernel("moe_router", "moe_router", ins, attrs)
     g = _gen(seed)
     x = torch.randn(tokens, h, generator=g).to(dtype.torch)
     w = (torch.randn(e, h, generator=g) / math.sqrt(h)).to(dtype.torch)
     args = [x, w] + ([0.1 * torch.randn(e, generator=g)] if bias else [])
-    _, ids = _check(k, args)
+    _, ids = check_kernel(k, args)
     assert ids.dtype == torch.int32 and int(ids.min()) >= 0 and int(ids.max()) < e
     assert all(len(set(r)) == attrs["topk"] for r in ids.tolist())   # k distinct experts per token
 
@@ -120,9 +85,9 @@ def test_router_ties_go_to_lower_index():
         for scoring in ("sigmoid", "softmax"):
             attrs = {"topk": topk, "n_group": n_group, "topk_group": topk_group, "scoring": scoring,
                      "group_score": "max", "route_scale": 1.0, "norm_topk": True}
-            k = _kernel("moe_router", "moe_router", [("x", TensorType(f32, (T, h))), ("gw", TensorType(f32, (e, h)))],
+            k = one_op_kernel("moe_router", "moe_router", [("x", TensorType(f32, (T, h))), ("gw", TensorType(f32, (e, h)))],
                         attrs)
-            _, ids = _check(k, [x, w])
+            _, ids = check_kernel(k, [x, w])
             logits = torch.nn.functional.linear(x, w)
             scores = logits.sigmoid() if scoring == "sigmoid" else logits.softmax(-1)
             for t in range(tokens):
@@ -140,12 +105,12 @@ def test_router_ties_go_to_lower_index():
 @given(e=st.sampled_from([1, 3, 16, 40]), topk=st.integers(1, 4), bm=st.sampled_from([16, 32]),
        tokens=st.integers(1, 70), skew=st.booleans(), seed=st.integers(0, 2**16))
 def test_dispatch_layout(e, topk, bm, tokens, skew, seed):
-    k = _kernel("moe_dispatch", "moe_dispatch", [("ids", TensorType(i32, (T, topk)))],
+    k = one_op_kernel("moe_dispatch", "moe_dispatch", [("ids", TensorType(i32, (T, topk)))],
                 {"n_experts": e, "block_m": bm})
     g = _gen(seed)
     hi = min(e, 2) if skew else e                  # skew: every token in experts 0..1, the rest empty
     ids = torch.randint(0, hi, (tokens, topk), generator=g, dtype=torch.int32)
-    rows, blocks = _check(k, [ids])
+    rows, blocks = check_kernel(k, [ids])
     r = tokens * topk + e * (bm - 1)
     assert rows.shape == (r,) and blocks.shape == (-(-r // bm),)
     flat = ids.reshape(-1)
@@ -186,23 +151,23 @@ def test_grouped_gemms_and_combine(dtype, e, topk, tokens, seed):
     w13 = (torch.randn(e, 2 * inter, h, generator=g) / math.sqrt(h)).to(dtype.torch)
     w2 = (torch.randn(e, h, inter, generator=g) / math.sqrt(inter)).to(dtype.torch)
     weights = torch.rand(tokens, topk, generator=g)
-    up = _kernel("moe_gemm_gate_up", "moe_gemm",
+    up = one_op_kernel("moe_gemm_gate_up", "moe_gemm",
                  [("x", TensorType(dtype, (T, h))), ("rows", TensorType(i32, (rsym,))),
                   ("blocks", TensorType(i32, (nbsym,))), ("w13", TensorType(dtype, (e, 2 * inter, h)))],
                  {"topk": topk, "block_m": bm})
-    (act,) = _check(up, [x, rows, blocks, w13])
+    (act,) = check_kernel(up, [x, rows, blocks, w13])
     assert act.shape == (r, inter) and nb == -(-r // bm)
     assert not act[rows < 0].any()                                     # pad rows are written as 0
-    down = _kernel("moe_gemm_down", "moe_gemm",
+    down = one_op_kernel("moe_gemm_down", "moe_gemm",
                    [("act", TensorType(dtype, (rsym, inter))), ("rows", TensorType(i32, (rsym,))),
                     ("blocks", TensorType(i32, (nbsym,))), ("w2", TensorType(dtype, (e, h, inter))),
                     ("wts", TensorType(f32, (T, topk)))], {"block_m": bm})
-    (ys,) = _check(down, [act, rows, blocks, w2, weights])
+    (ys,) = check_kernel(down, [act, rows, blocks, w2, weights])
     shared = torch.randn(tokens, h, generator=g).to(dtype.torch)
-    comb = _kernel("moe_combine", "moe_combine",
+    comb = one_op_kernel("moe_combine", "moe_combine",
                    [("ys", TensorType(f32, (T * topk, h))), ("shared", TensorType(dtype, (T, h)))],
                    {"topk": topk, "dtype": dtype})
-    (y,) = _check(comb, [ys, shared])
+    (y,) = check_kernel(comb, [ys, shared])
     manual = ys.reshape(tokens, topk, h)
     acc = manual[:, 0]
     for s in range(1, topk):
@@ -211,7 +176,7 @@ def test_grouped_gemms_and_combine(dtype, e, topk, tokens, seed):
 
 
 def test_gemm_refuses_bad_block():
-    k = _kernel("moe_gemm_gate_up", "moe_gemm",
+    k = one_op_kernel("moe_gemm_gate_up", "moe_gemm",
                 [("x", TensorType(f32, (T, 32))), ("rows", TensorType(i32, (moe_rows(T, 2, 4, 8),))),
                  ("blocks", TensorType(i32, (moe_blocks(moe_rows(T, 2, 4, 8), 8),))),
                  ("w13", TensorType(f32, (4, 64, 32)))], {"topk": 2, "block_m": 8})
@@ -227,21 +192,21 @@ def test_families_compile_for_sm90a(dtype):
     rsym = moe_rows(T, topk, e, bm)
     nbsym = moe_blocks(rsym, bm)
     kernels = [
-        _kernel("moe_router", "moe_router", [("x", TensorType(dtype, (T, h))), ("gw", TensorType(dtype, (e, h))),
+        one_op_kernel("moe_router", "moe_router", [("x", TensorType(dtype, (T, h))), ("gw", TensorType(dtype, (e, h))),
                                              ("bias", TensorType(f32, (e,)))],
                 {"topk": topk, "n_group": 8, "topk_group": 4, "scoring": "sigmoid", "group_score": "top2_sum",
                  "route_scale": 2.5, "norm_topk": True}),
-        _kernel("moe_dispatch", "moe_dispatch", [("ids", TensorType(i32, (T, topk)))],
+        one_op_kernel("moe_dispatch", "moe_dispatch", [("ids", TensorType(i32, (T, topk)))],
                 {"n_experts": e, "block_m": bm}),
-        _kernel("moe_gemm_gate_up", "moe_gemm",
+        one_op_kernel("moe_gemm_gate_up", "moe_gemm",
                 [("x", TensorType(dtype, (T, h))), ("rows", TensorType(i32, (rsym,))),
                  ("blocks", TensorType(i32, (nbsym,))), ("w13", TensorType(dtype, (e, 2 * inter, h)))],
                 {"topk": topk, "block_m": bm}),
-        _kernel("moe_gemm_down", "moe_gemm",
+        one_op_kernel("moe_gemm_down", "moe_gemm",
                 [("act", TensorType(dtype, (rsym, inter))), ("rows", TensorType(i32, (rsym,))),
                  ("blocks", TensorType(i32, (nbsym,))), ("w2", TensorType(dtype, (e, h, inter))),
                  ("wts", TensorType(f32, (T, topk)))], {"block_m": bm}),
-        _kernel("moe_combine", "moe_combine",
+        one_op_kernel("moe_combine", "moe_combine",
                 [("ys", TensorType(f32, (T * topk, h))), ("sh", TensorType(dtype, (T, h)))],
                 {"topk": topk, "dtype": dtype}),
     ]

@@ -6,12 +6,9 @@ import pytest
 import torch
 from dsr_compiler.codegen import (
     compile_triton,
-    launch_args,
-    load_interpreted,
     lower_kernel,
     render,
 )
-from dsr_compiler.codegen.spec import eval_expr
 from dsr_compiler.ir import (
     OPS,
     DType,
@@ -25,11 +22,11 @@ from dsr_compiler.ir import (
     verify,
 )
 from dsr_compiler.ir.errors import CodegenError
-from dsr_compiler.ir.interp import bind_symbols
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import examples  # noqa: E402  per-test budget from the active profile
 
+from tests.codegen.codegen_helpers import check_kernel, run_interpreted
 from tests.tolerances import assert_close
 
 # masked-off lanes compute exp/log on the loads' `other=0`: numpy warns, harmlessly
@@ -65,25 +62,6 @@ def vocab_kernel(op: str, family: str, hdt: DType, lead: tuple, h: int, v: int, 
     return Kernel(b.name, family, g, attrs)
 
 
-def run_interpreted(k: Kernel, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Launch the kernel on the interpreter like the runtime does (workspaces included)."""
-    spec = lower_kernel(k, 1)
-    fn = load_interpreted(spec, render(spec))
-    env = bind_symbols([v.type for v in k.body.inputs], inputs)
-    names = {str(s): v for s, v in env.items()}
-    vals = k.body.values()
-    outs = [torch.full(vals[o].type.concrete_shape(env), float("nan"), dtype=vals[o].type.dtype.torch)
-            for o in k.body.outputs]
-    buffers = {v.name: x for v, x in zip(k.body.inputs, inputs)}
-    buffers.update(zip(k.body.outputs, outs))
-    for a in spec.tensor_args:
-        if a.role == "scratch":   # garbage on purpose: the kernel must not read what it did not write
-            buffers[a.value] = torch.full(tuple(eval_expr(d, names) for d in a.shape), float("nan"))
-    grid, args = launch_args(spec, buffers, names)
-    fn[grid](*args)
-    return outs
-
-
 def head_inputs(lead: tuple, h: int, v: int, dt: DType, seed: int, scale: float = 1.0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     hid = (torch.randn(*lead, h, generator=gen) * scale).to(dt.torch)
@@ -93,13 +71,7 @@ def head_inputs(lead: tuple, h: int, v: int, dt: DType, seed: int, scale: float 
 
 
 def check(k: Kernel, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    got = run_interpreted(k, inputs)
-    want = run_graph(k.body, inputs)
-    for o, x, y in zip(k.body.outputs, got, want):
-        assert x.dtype == y.dtype and x.shape == y.shape, o
-        assert torch.isfinite(x).all(), f"%{o} has non-finite values"
-        assert_close(x, y)
-    return got
+    return check_kernel(k, inputs, finite=True)
 
 
 @settings(max_examples=examples(10))
