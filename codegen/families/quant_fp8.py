@@ -77,7 +77,8 @@ def lower_quant_rows(k: Kernel, index: int) -> KernelSpec:
                 raise fail(k, f"rms_norm over {nt} must normalize the quantized rows {xt}", n)
             x = body.use(n.inputs[0], n)
             if not body.vec[x]:
-                raise body.fail(n, "the normalized value does not vary along the row")
+                raise body.fail(n, "the row rms_norm normalizes does not vary along it (a size-1 or broadcast row)",
+                                "rms_norm of such a row is x * rsqrt(x*x + eps) * w; write it as pointwise ops in the model")
             red_src = body.convert(x, "f32")
             w = body.convert(body.use(n.inputs[1], n), "f32")
             rinv = body.define(Stmt("rms_finish", body.fresh(n.out.name + "_rinv"),

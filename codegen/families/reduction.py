@@ -73,7 +73,9 @@ def lower_reduction(k: Kernel, index: int) -> KernelSpec:
             # a row-constant value (a size-1 row) still sums / maxes: the templates spread it over the
             # row tile with tl.where(cmask, src, neutral); row-shaped results need a varying value
             if not body.vec[src] and red.op not in ("sum", "mean", "amax"):
-                raise body.fail(n, "the reduced value does not vary along the row")
+                raise body.fail(n, f"the row {red.op} reduces does not vary along it (a size-1 or broadcast row)",
+                                "every element of such a row is equal: softmax of it is 1/N, log_softmax -log(N), "
+                                "rms_norm x * rsqrt(x*x + eps) * w; write those as pointwise ops in the model")
             red_src = body.convert(src, "f32")
             o = n.out.name
             if red.op in ("sum", "mean", "amax"):

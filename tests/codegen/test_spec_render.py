@@ -171,6 +171,17 @@ def test_refuses_non_last_dim_reduction():
     assert ">> %s" in err.where
 
 
+@pytest.mark.parametrize("op", ["rms_norm", "softmax"])
+def test_refuses_a_row_of_one_element_with_a_hint(op):
+    """nn.RMSNorm(1) / softmax over a size-1 dim: the row is one value; the error says what to write."""
+    kb = KB(f"k1_reduction_{op}", "reduction")
+    x = kb.input("x", f32, T, 1)
+    y = kb.op("rms_norm", x, kb.input("w", f32, 1), eps=1e-6, name="y") if op == "rms_norm" else \
+        kb.op("softmax", x, dim=-1, name="y")
+    err = _refused(kb.kernel(y), f"the row {op} reduces does not vary along it")
+    assert "write those as pointwise ops" in err.hint and ">> %y" in err.where
+
+
 def test_refuses_two_reductions():
     kb = KB("k1_reduction_two", "reduction")
     x = kb.input("x", f32, T, 8)
