@@ -168,8 +168,10 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
     env = bind_symbols([v.type for v in g.inputs], tensors + param_tensors(module, g, meta=True),
                        where=f"example inputs of {g.name}")
     from dsr_compiler.params import resolve_params
-    params, param_origin = resolve_params(module, final, ctx.derived)
-    derived = [dict(d.to_json(), source=param_origin.get(d.outputs[0], "unused")) for d in ctx.derived]
+    from dsr_compiler.frontend import derived_declarations
+    declared = derived_declarations(module, g) + list(ctx.derived)     # the frontend's first: passes use them
+    params, param_origin = resolve_params(module, final, declared)
+    derived = [dict(d.to_json(), source=param_origin.get(d.outputs[0], "unused")) for d in declared]
     cm = CompiledModule(
         graph=final, passes=records, kernels=kernels,
         options=options.to_dict(dynamic, wrt), compile_options=options,

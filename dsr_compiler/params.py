@@ -2,10 +2,10 @@
 ir/params.py).
 
 `resolve_params(module, graph, derived)` returns one tensor per `graph.params`, in graph order:
-plain params come from the module through the frontend's `param_tensors` (which also computes the
-frontend's own trace-time derived params, e.g. stacked MoE expert weights); every param declared by
-a pass (`ctx.derive`, e.g. FP8 weight codes + block scales) is computed ONCE here from its source
-tensors, never per call.
+plain params come from the module (the frontend's `param_tensors`); every derived param, the
+frontend's (stacked MoE expert weights, `frontend.derived_declarations`) and the passes' (`ctx.derive`,
+e.g. FP8 weight codes + block scales), is one `ir.params.DerivedParam` evaluated ONCE here by its
+rule from its sources, never per call.
 
 FP8 checkpoints: `load_state_dict_safetensors(..., keep_fp8=True)` leaves the checkpoint's own
 codes and `weight_scale_inv` on the module next to the dequantized weight (non-persistent buffers
@@ -72,22 +72,27 @@ def derive_one(module: nn.Module, d: DerivedParam, graph: Graph,
 
 def resolve_params(module: nn.Module, graph: Graph, derived: Sequence[DerivedParam] = ()
                    ) -> tuple[list[torch.Tensor], dict[str, str]]:
-    """(one tensor per graph.params in order, {derived output name: "checkpoint" | "compile-time"})."""
+    """(one tensor per graph.params in order, {derived output name: "checkpoint" | "compile-time"}).
+
+    `derived` lists every declaration in dependency order: the frontend's first (e.g. the stacked
+    expert weights, `frontend.derived_declarations`), then the passes' (`ctx.derived`, e.g. FP8
+    codes of those stacked weights). Each declaration a graph param needs, directly or as a source
+    of another, is evaluated once; every plain module tensor is fetched once."""
     by_output = {o: d for d in derived for o in d.outputs}
+    need = set(graph.params)
     used: list[DerivedParam] = []
-    for p in graph.params:
-        d = by_output.get(p)
-        if d is not None and all(d is not u for u in used):
+    for d in reversed(list(derived)):                 # a declaration's sources come before it
+        if any(o in need for o in d.outputs) and all(d is not u for u in used):
             used.append(d)
-    # every module tensor (plain params and the sources of derivations) is fetched once: a frontend
-    # derived param (e.g. stacked expert weights) that is both a param and a source is computed once
-    wanted = list(dict.fromkeys([p for p in graph.params if p not in by_output]
-                                + [s for d in used for s in d.sources]))
-    module_t = dict(zip(wanted, _module_tensors(module, wanted, graph)))
-    found = {p: module_t[p] for p in graph.params if p not in by_output}
+            need.update(d.source_names())
+    used.reverse()
+    plain = [p for p in dict.fromkeys([*graph.params, *(s for d in used for s in d.source_names())])
+             if p not in by_output]
+    found = dict(zip(plain, _module_tensors(module, plain, graph)))
     origin: dict[str, str] = {}
     for d in used:
-        tensors, where = derive_one(module, d, graph, [module_t[s] for s in d.sources])
+        srcs = [found[s] if isinstance(s, str) else [found[n] for n in s] for s in d.expanded_sources()]
+        tensors, where = derive_one(module, d, graph, srcs)
         for o, t in zip(d.outputs, tensors):
             found[o] = t
             origin[o] = where

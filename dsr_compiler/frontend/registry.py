@@ -22,6 +22,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from dsr_compiler.ir.params import DerivedParam
+
 from .origins import fn_name
 
 # the first argument is the `context.TraceContext` (not imported here: context imports this module)
@@ -39,14 +41,23 @@ WRAPPED_FUNCTIONS: dict[tuple[str, str], str] = {}
 @dataclass(frozen=True)
 class ParamDerivation:
     """A graph param computed at compile time from the tensors of the module that owns it (e.g. the
-    routed experts' weights stacked into one `[E, 2I, H]` tensor). The graph input is named
-    `<owner path>.<key>` and flagged as a param; `param_tensors` calls `compute(owner)`, tracing
-    only `type_of(owner)` (no data is read, so meta-device modules trace). `doc` says which of the
-    owner's tensors it is made of (the lowering also names them in the using node's origin)."""
+    routed experts' weights stacked into one `[E, 2I, H]` tensor), by a rule of the one derived-param
+    table (`ir/params.py` `PARAM_RULES`). The graph input is named `<owner path>.<key>` and flagged as
+    a param; `declare` gives its `ir.params.DerivedParam` (sources: `sources` under the owner's path,
+    `{e}` patterns over `count_of(owner)` items), which the front door evaluates once per compile with
+    the passes' declarations. Tracing reads only `type_of(owner)` (no data, so meta-device modules
+    trace). `doc` says which of the owner's tensors it is made of."""
 
-    compute: Callable[[nn.Module], torch.Tensor]
+    rule: str
+    sources: tuple[str, ...]
     type_of: Callable[[nn.Module], tuple[torch.dtype, tuple[int, ...]]]
+    count_of: Callable[[nn.Module], int] | None = None
     doc: str = ""
+
+    def declare(self, name: str, path: str, owner: nn.Module) -> DerivedParam:
+        pre = f"{path}." if path else ""
+        attrs = {"count": int(self.count_of(owner))} if self.count_of is not None else {}
+        return DerivedParam((name,), self.rule, tuple(pre + s for s in self.sources), attrs, origin=self.doc)
 
 
 #: key (name relative to the owning module, e.g. "experts.w13") -> how to compute the param

@@ -65,15 +65,17 @@ import torch.nn as nn
 from dsr_compiler.interrupts import watch_interrupts
 from dsr_compiler.ir.errors import DsrError, TraceError
 from dsr_compiler.ir.graph import Graph, Node, Value
+from dsr_compiler.ir.params import DerivedParam, evaluate
 from dsr_compiler.ir.types import DType, TensorType, sym
 from dsr_compiler.ir.verifier import verify
 
 from . import lowerings  # noqa: F401  (fills the registry's tables: every supported op)
-from .context import ConcreteValueNeeded, TensorRef, TraceContext, param_index, sanitize
+from .context import ConcreteValueNeeded, TensorRef, TraceContext, sanitize
 from .origins import ROOT_ATTR, is_user_file, short_path
 from .registry import DERIVED_PARAMS, wrapped_function_objects
 
-__all__ = ["dsr_op_functions", "param_tensors", "trace"]
+__all__ = ["derived_declaration", "derived_declarations", "dsr_op_functions", "evaluate_declaration", "named_tensors",
+           "param_tensors", "trace"]
 
 
 # ----------------------------------------------------------------------------- the tracer
@@ -240,41 +242,93 @@ def _report_notes(found: list[str], notes: list[str] | None) -> None:
             sys.stderr.write(f"[dsr] trace note: {n}\n")
 
 
+def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of `module` by IR name (shared tensors under each of their names)."""
+    out = {sanitize(n): b for n, b in module.named_buffers(remove_duplicate=False)}
+    out.update((sanitize(n), p) for n, p in module.named_parameters(remove_duplicate=False))
+    return out
+
+
 def param_tensors(module: nn.Module, graph: Graph, meta: bool = False) -> list[torch.Tensor]:
-    """The module's tensors for `graph.params`, in graph order (what the runtime binds); derived
-    params (`DERIVED_PARAMS`) are computed from their owner submodule's tensors here. `meta=True`
-    gives derived params as meta tensors of the right dtype and shape (nothing is computed: for
-    binding symbolic sizes)."""
-    by_name = {name: t for name, t in param_index(module).values()}
-    found = {p: by_name[p] if p in by_name else _derived_tensor(module, p, meta) for p in graph.params}
+    """The module's tensors for `graph.params`, in graph order (what the runtime binds); a derived
+    param of the frontend (`DERIVED_PARAMS`) is evaluated from its declaration (`derived_declaration`,
+    rule of ir/params.py) here. `meta=True` gives derived params as meta tensors of the right dtype and
+    shape (nothing is computed: for binding symbolic sizes). The compile path evaluates every derived
+    param once, in `dsr_compiler/params.py`."""
+    by_name = named_tensors(module)
+    found: dict[str, torch.Tensor | None] = {}
+    for p in graph.params:
+        if p in by_name:
+            found[p] = by_name[p]
+            continue
+        d = derived_declaration(module, p)
+        if d is None:
+            found[p] = None
+        elif meta:
+            dtype, shape = _derived_type(module, p)
+            found[p] = torch.empty(shape, dtype=dtype, device="meta")
+        else:
+            found[p] = evaluate_declaration(module, d, by_name)
     missing = [p for p, t in found.items() if t is None]
     if missing:
         raise TraceError(f"trace: graph {graph.name} needs parameters the module does not have: {missing}",
                          hint="trace and run with the same module")
-    return [found[p] for p in graph.params]
+    return [found[p] for p in graph.params]   # type: ignore[misc]
 
 
-def _derived_tensor(module: nn.Module, name: str, meta: bool = False) -> torch.Tensor | None:
-    """`<owner path>.<key>` -> DERIVED_PARAMS[key].compute(owner) (or, with `meta`, an empty meta
-    tensor of `type_of(owner)`), or None if `name` is not one."""
+def _derived_owner(module: nn.Module, name: str) -> tuple[str, Any, nn.Module] | None:
+    """(owner path, ParamDerivation, owner) of `<owner path>.<key>`, or None if `name` is not one."""
     for key, how in DERIVED_PARAMS.items():
         if name != key and not name.endswith("." + key):
             continue
         path = name[: len(name) - len(key)].rstrip(".")
         try:
-            owner = module.get_submodule(path) if path else module
+            return path, how, (module.get_submodule(path) if path else module)
         except AttributeError:
             continue
-        try:
-            if meta:
-                dtype, shape = how.type_of(owner)
-                return torch.empty(shape, dtype=dtype, device="meta")
-            with torch.no_grad():
-                return how.compute(owner).detach()
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise TraceError(f"trace: cannot compute derived parameter `{name}` ({how.doc}): {e}",
-                             hint="trace and run with the same module") from None
     return None
+
+
+def _derived_type(module: nn.Module, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    path, how, owner = _derived_owner(module, name)   # type: ignore[misc]
+    try:
+        return how.type_of(owner)
+    except (TypeError, ValueError) as e:
+        raise TraceError(f"trace: derived parameter `{name}` ({how.doc}): {e}",
+                         hint="trace and run with the same module") from None
+
+
+def derived_declaration(module: nn.Module, name: str) -> DerivedParam | None:
+    """The `ir.params.DerivedParam` of graph param `name` if it is a frontend derived param, else None."""
+    found = _derived_owner(module, name)
+    if found is None:
+        return None
+    path, how, owner = found
+    try:
+        return how.declare(name, path, owner)
+    except (TypeError, ValueError) as e:
+        raise TraceError(f"trace: derived parameter `{name}` ({how.doc}): {e}",
+                         hint="trace and run with the same module") from None
+
+
+def derived_declarations(module: nn.Module, graph: Graph) -> list[DerivedParam]:
+    """The frontend's derived-param declarations among `graph.params`, in graph order."""
+    return [d for d in (derived_declaration(module, p) for p in graph.params) if d is not None]
+
+
+def evaluate_declaration(module: nn.Module, d: DerivedParam,
+                         by_name: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Evaluate a one-output declaration whose sources are all module tensors."""
+    by_name = named_tensors(module) if by_name is None else by_name
+    try:
+        srcs = [by_name[s] if isinstance(s, str) else [by_name[n] for n in s] for s in d.expanded_sources()]
+        return evaluate(d, srcs)[0]
+    except KeyError as e:
+        raise TraceError(f"trace: derived parameter `{d.outputs[0]}` ({d.origin}): the module has no tensor {e}",
+                         hint="trace and run with the same module") from None
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TraceError(f"trace: cannot compute derived parameter `{d.outputs[0]}` ({d.origin}): {e}",
+                         hint="trace and run with the same module") from None
 
 
 # ----------------------------------------------------------------------------- trace() helpers

@@ -79,23 +79,45 @@ from dsr_compiler.models.layers import apply_rope  # noqa: E402  (by name, as us
 @pytest.mark.parametrize("fp8", [False, True])
 def test_derived_expert_weights_are_computed_once_per_compile(monkeypatch, fp8):
     """The stacked expert weights are a param (bf16/f32 path) or the source of the FP8 codes
-    (FP8 path): either way each is computed once; binding symbolic sizes reads only their type."""
-    import dataclasses
-
+    (FP8 path): either way each is computed once, by the one rule table of ir/params.py, and listed
+    in report.json with the passes' derived params; binding symbolic sizes reads only their type."""
     import dsr_compiler as dsr
+    from dsr_compiler.ir import params as ir_params
     from dsr_compiler.models import ModelConfig
     from dsr_compiler.workloads import build
 
-    calls: dict[str, int] = {}
-    for key in ("experts.w13", "experts.w2"):
-        how = registry.DERIVED_PARAMS[key]
+    calls: list[int] = []
+    stack = ir_params.PARAM_RULES["stack_experts"]
 
-        def counted(owner, how=how, key=key):
-            calls[key] = calls.get(key, 0) + 1
-            return how.compute(owner)
-        monkeypatch.setitem(registry.DERIVED_PARAMS, key, dataclasses.replace(how, compute=counted))
+    def counted(*per_source):
+        calls.append(len(per_source))
+        return stack(*per_source)
+    monkeypatch.setitem(ir_params.PARAM_RULES, "stack_experts", counted)
     wl = build(ModelConfig.named("deepseek-v3-tiny"), "moe", 1, 4, "f32", 0)
     cm = dsr.compile(wl.module, wl.example_inputs, fp8=fp8, backend="interpret", name="moe")
-    assert calls == {"experts.w13": 1, "experts.w2": 1}
+    assert sorted(calls) == [1, 2]                     # w2 (one source list), w13 (w1 and w3 lists)
+    rules = [d["rule"] for d in cm.report()["derived_params"]]
+    assert rules.count("stack_experts") == 2 and (("fp8_block_quant" in rules) == fp8)
+    w13 = next(d for d in cm.report()["derived_params"] if d["outputs"] == ["experts.w13"])
+    assert w13["sources"] == ["experts.{e}.w1.weight", "experts.{e}.w3.weight"]
+    assert w13["attrs"]["count"] == len(wl.module.experts) and w13["source"] == "compile-time"
     out = cm(*wl.example_inputs)
     assert out is not None
+
+
+def test_stacked_experts_match_the_eager_weights():
+    from dsr_compiler.frontend import derived_declarations, param_tensors, trace
+    from dsr_compiler.models import ModelConfig
+    from dsr_compiler.workloads import build
+
+    wl = build(ModelConfig.named("deepseek-v3-tiny"), "moe", 1, 4, "f32", 0)
+    g = trace(wl.module, wl.example_inputs)
+    decls = {d.outputs[0]: d for d in derived_declarations(wl.module, g)}
+    assert set(decls) == {"experts.w13", "experts.w2"}
+    got = dict(zip(g.params, param_tensors(wl.module, g)))
+    ex = wl.module.experts
+    for e in (0, len(ex) - 1):
+        assert torch.equal(got["experts.w13"][e], torch.cat([ex[e].w1.weight, ex[e].w3.weight]))
+        assert torch.equal(got["experts.w2"][e], ex[e].w2.weight)
+    meta = dict(zip(g.params, param_tensors(wl.module, g, meta=True)))
+    assert meta["experts.w13"].device.type == "meta" and meta["experts.w13"].shape == got["experts.w13"].shape

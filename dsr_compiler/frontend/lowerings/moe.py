@@ -9,8 +9,9 @@ and two derived parameters. The lowering never loops over experts: it emits
 `mul` ops (the gemm family fuses them like any SwiGLU MLP), so the IR's size does not depend on
 the number of experts and every shape is a sympy expression of the token count.
 
-Derived parameters (computed from the module's per-expert weights by `param_tensors`, once per
-compile; a later change to the module's weights needs a new compile):
+Derived parameters (rule `stack_experts` of ir/params.py, computed from the module's per-expert
+weights once per compile with the passes' derived params; a later change to the module's weights
+needs a new compile):
 
     <moe path>.experts.w13 : [E, 2I, H] = stack_e(cat(experts.{e}.w1.weight, experts.{e}.w3.weight))
     <moe path>.experts.w2  : [E, H, I]  = stack_e(experts.{e}.w2.weight)
@@ -70,18 +71,10 @@ def _expert_weights(owner: nn.Module, names: tuple[str, ...]) -> list[list[torch
     return out
 
 
-def _w13(owner: nn.Module) -> torch.Tensor:
-    return torch.stack([torch.cat([w1, w3], dim=0) for w1, w3 in _expert_weights(owner, ("w1", "w3"))])
-
-
 def _w13_type(owner: nn.Module) -> tuple[torch.dtype, tuple[int, ...]]:
     ws = _expert_weights(owner, ("w1", "w3"))
     w1 = ws[0][0]
     return w1.dtype, (len(ws), 2 * w1.shape[0], w1.shape[1])
-
-
-def _w2(owner: nn.Module) -> torch.Tensor:
-    return torch.stack([w2 for (w2,) in _expert_weights(owner, ("w2",))])
 
 
 def _w2_type(owner: nn.Module) -> tuple[torch.dtype, tuple[int, ...]]:
@@ -89,9 +82,17 @@ def _w2_type(owner: nn.Module) -> tuple[torch.dtype, tuple[int, ...]]:
     return ws[0][0].dtype, (len(ws),) + tuple(ws[0][0].shape)
 
 
+def _n_experts(owner: nn.Module) -> int:
+    return len(_experts(owner))
+
+
+# rule `stack_experts` of ir/params.py; the lowering checks the experts' shapes (`_w13_type`, `_w2_type`)
 derive_param("experts.w13", ParamDerivation(
-    _w13, _w13_type, "[E, 2I, H] = stack over e of cat(experts.{e}.w1.weight, experts.{e}.w3.weight)"))
-derive_param("experts.w2", ParamDerivation(_w2, _w2_type, "[E, H, I] = stack over e of experts.{e}.w2.weight"))
+    "stack_experts", ("experts.{e}.w1.weight", "experts.{e}.w3.weight"), _w13_type, _n_experts,
+    "[E, 2I, H] = stack over e of cat(experts.{e}.w1.weight, experts.{e}.w3.weight)"))
+derive_param("experts.w2", ParamDerivation(
+    "stack_experts", ("experts.{e}.w2.weight",), _w2_type, _n_experts,
+    "[E, H, I] = stack over e of experts.{e}.w2.weight"))
 
 
 def _linear(cx: TraceContext, x: TensorRef, lin: nn.Module, origin: str) -> TensorRef:
