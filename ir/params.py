@@ -107,8 +107,10 @@ def stack_experts(*per_source: Sequence[torch.Tensor]) -> torch.Tensor:
     if any(len(s) != n for s in per_source):
         raise DsrError(f"stack_experts: sources of {[len(s) for s in per_source]} tensors; every source lists each expert",
                        hint="a compiler bug in the MoE lowering")
-    return torch.stack([torch.cat([s[e] for s in per_source], dim=0) if len(per_source) > 1 else per_source[0][e]
-                        for e in range(n)])
+    # = stack_e(cat_i(source_i[e])) written as cat_i(stack_e(source_i[e])) along dim 1: two stacks and one
+    # cat instead of one cat per expert (65,536 experts: seconds instead of tens of seconds)
+    stacked = [torch.stack(list(s)) for s in per_source]
+    return stacked[0] if len(stacked) == 1 else torch.cat(stacked, dim=1)
 
 
 # `block` x `block` FP8 weight quantization (DeepSeek `weight_scale_inv` semantics: w ~ q * s).
