@@ -1,6 +1,7 @@
-"""`dsrc`: the command line (compile, run, ir, bench). See DESIGN §3 and the README.
+"""`dsrc`: the command line (compile, run, ir, bench, diff). See DESIGN §3 and the README.
 
-Exit codes: 0 success, 1 check failed, 2 user error (message, no traceback unless DSR_DEBUG>=1).
+Exit codes: 0 success, 1 check failed, 2 user error (message, no traceback unless DSR_DEBUG>=1),
+3 `dsrc diff --exit-code` found differences.
 """
 from __future__ import annotations
 
@@ -208,6 +209,13 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_diff(args) -> int:
+    from dsr_compiler.diff import diff_dumps
+    d = diff_dumps(args.a, args.b)
+    sys.stdout.write(d.text())
+    return 3 if args.exit_code and not d.same else 0
+
+
 def cmd_ir(args) -> int:
     from dsr_compiler.ir.passes import PIPELINE
     from dsr_compiler.ir.printer import header_line, print_graph
@@ -260,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="kernel launches and modeled DRAM bytes vs eager, compile times")
     _selectors(b)
     b.set_defaults(fn=cmd_bench)
+    d = sub.add_parser("diff", help="what changed between two dumps: options, passes and IR, kernels, totals")
+    d.add_argument("a", metavar="DIR_A", help="a dump folder (dsrc compile --out DIR_A)")
+    d.add_argument("b", metavar="DIR_B", help="another dump folder")
+    d.add_argument("--exit-code", action="store_true", help="exit 3 if the dumps differ (0 if they do not)")
+    d.set_defaults(fn=cmd_diff)
     return p
 
 

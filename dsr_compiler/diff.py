@@ -1,0 +1,222 @@
+"""`dsrc diff DIR_A DIR_B`: what changed between two compiles, read from their dumps (DESIGN §3 layout).
+
+Compared: the options, the pass list (rewrite counts, notes, whether the IR after the pass changed,
+with its line counts), the kernels matched by name (added, removed, and for the common ones the
+fields below, `source` when the generated code differs), and the totals. Timings are not compared
+(they vary from run to run). Dumps are read as untrusted input: only folders carrying the dump
+marker, JSON and text files of bounded size, no symlinks followed, nothing evaluated.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsr_compiler.dump import MARKER, is_dump
+from dsr_compiler.errors import DsrError
+
+MAX_REPORT_BYTES = 64 << 20          # the report of a full-width V3 model is a few MB
+MAX_TEXT_BYTES = 64 << 20            # one IR file or generated source
+MAX_KERNELS = 100_000
+#: kernel fields compared, in the order they are printed
+KERNEL_FIELDS = ("family", "backend", "template", "grid", "num_warps", "registers", "spills", "shared_mem",
+                 "bytes_read", "bytes_written", "flops", "roofline_us_h200", "roofline_peak")
+_IR_FILE = re.compile(r"(?P<index>\d{2})_(?P<name>[a-z0-9_]+)\.ir")
+_KERNEL_NAME = re.compile(r"[A-Za-z0-9_]{1,200}")
+
+
+class DiffError(DsrError):
+    """A folder given to `dsrc diff` is not a readable dump."""
+
+
+@dataclass
+class DumpDiff:
+    """The differences between dump `a` and dump `b` (empty lists: nothing changed there)."""
+
+    a: str
+    b: str
+    options: list[tuple[str, Any, Any]] = field(default_factory=list)
+    passes: list[str] = field(default_factory=list)
+    kernels_added: list[str] = field(default_factory=list)
+    kernels_removed: list[str] = field(default_factory=list)
+    kernels_changed: list[tuple[str, list[tuple[str, Any, Any]]]] = field(default_factory=list)
+    totals: list[tuple[str, Any, Any]] = field(default_factory=list)
+
+    @property
+    def same(self) -> bool:
+        return not (self.options or self.passes or self.kernels_added or self.kernels_removed
+                    or self.kernels_changed or self.totals)
+
+    def text(self) -> str:
+        lines = [f"dsrc diff {self.a} {self.b}"]
+        if self.same:
+            return "\n".join(lines + ["no differences (options, passes, IR, kernels, totals)"]) + "\n"
+        if self.options:
+            lines.append("options:")
+            lines += [f"  {k}: {_show(x)} -> {_show(y)}" for k, x, y in self.options]
+        if self.passes:
+            lines.append("passes:")
+            lines += [f"  {p}" for p in self.passes]
+        if self.kernels_added or self.kernels_removed or self.kernels_changed:
+            lines.append("kernels:")
+            lines += [f"  + {k}" for k in self.kernels_added]
+            lines += [f"  - {k}" for k in self.kernels_removed]
+            for name, changes in self.kernels_changed:
+                lines.append(f"  ~ {name}: " + ", ".join(f"{f} {_show(x)} -> {_show(y)}" if f != "source" else "source"
+                                                          for f, x, y in changes))
+        if self.totals:
+            lines.append("totals:")
+            lines += [f"  {k}: {_show(x)} -> {_show(y)}{_ratio(x, y)}" for k, x, y in self.totals]
+        return "\n".join(lines) + "\n"
+
+
+def diff_dumps(a: str | os.PathLike, b: str | os.PathLike) -> DumpDiff:
+    """Compare two dump folders; DiffError if either is not a readable dump."""
+    ra, rb = _report(Path(a)), _report(Path(b))
+    d = DumpDiff(str(a), str(b))
+    d.options = _dict_changes(ra.get("options"), rb.get("options"))
+    d.passes = _pass_changes(Path(a), Path(b), ra, rb)
+    ka, kb = _kernels(ra, a), _kernels(rb, b)
+    d.kernels_added = [k for k in kb if k not in ka]
+    d.kernels_removed = [k for k in ka if k not in kb]
+    for name in (k for k in ka if k in kb):
+        x, y = ka[name], kb[name]
+        changes = [(f, x.get(f), y.get(f)) for f in KERNEL_FIELDS if x.get(f) != y.get(f)]
+        if x.get("spec_hash") != y.get("spec_hash") or _source(Path(a), name) != _source(Path(b), name):
+            changes.append(("source", None, None))
+        if changes:
+            d.kernels_changed.append((name, changes))
+    d.totals = _dict_changes(ra.get("totals"), rb.get("totals"))
+    return d
+
+
+# ----------------------------------------------------------------------------- reading a dump
+
+def _report(path: Path) -> dict:
+    if not is_dump(path):
+        raise DiffError(f"{path} is not a dsr dump (a folder with the {MARKER} marker that `dsrc compile --out` "
+                        "writes last)", hint="pass two folders written by `dsrc compile --out DIR` or `cm.dump(DIR)`")
+    text = _read_text(path / "report.json", MAX_REPORT_BYTES, path)
+    try:
+        rep = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise DiffError(f"{path}/report.json is not valid JSON ({str(e)[:120]})",
+                        hint="the dump is damaged: compile it again") from None
+    if not isinstance(rep, dict):
+        raise DiffError(f"{path}/report.json is not a JSON object", hint="the dump is damaged: compile it again")
+    return rep
+
+
+def _read_text(p: Path, limit: int, dump: Path) -> str:
+    """A regular file (no symlink) of at most `limit` bytes, as UTF-8 text."""
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        raise DiffError(f"{dump} has no {p.relative_to(dump)}", hint="the dump is incomplete: compile it again") from None
+    if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+        raise DiffError(f"{p} is not a regular file of at most {limit} bytes", hint="the dump is damaged: compile it again")
+    fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
+    return data.decode("utf-8", errors="replace")
+
+
+def _kernels(rep: dict, where: Any) -> dict[str, dict]:
+    ks = rep.get("kernels", [])
+    if not isinstance(ks, list) or len(ks) > MAX_KERNELS:
+        raise DiffError(f"{where}/report.json: 'kernels' is not a list of at most {MAX_KERNELS:,} entries",
+                        hint="the dump is damaged: compile it again")
+    out: dict[str, dict] = {}
+    for k in ks:
+        name = k.get("name") if isinstance(k, dict) else None
+        if not isinstance(name, str) or not _KERNEL_NAME.fullmatch(name):
+            raise DiffError(f"{where}/report.json: a kernel entry has no valid name ({str(name)[:60]!r})",
+                            hint="the dump is damaged: compile it again")
+        out[name] = k
+    return out
+
+
+def _source(dump: Path, kernel: str) -> str | None:
+    """The generated Triton source of `kernel` in the dump, or None if absent."""
+    p = dump / "kernels" / f"{kernel}.py"
+    if p.is_symlink() or not p.is_file():
+        return None
+    return _read_text(p, MAX_TEXT_BYTES, dump)
+
+
+def _ir_files(dump: Path) -> dict[str, Path]:
+    d = dump / "ir"
+    if d.is_symlink() or not d.is_dir():
+        return {}
+    out = {}
+    for p in sorted(d.iterdir()):
+        m = _IR_FILE.fullmatch(p.name)
+        if m:
+            out[m.group("name")] = p
+    return out
+
+
+# ----------------------------------------------------------------------------- comparing
+
+def _dict_changes(x: Any, y: Any) -> list[tuple[str, Any, Any]]:
+    x = x if isinstance(x, dict) else {}
+    y = y if isinstance(y, dict) else {}
+    return [(k, x.get(k), y.get(k)) for k in dict.fromkeys([*x, *y]) if x.get(k) != y.get(k)]
+
+
+def _pass_changes(a: Path, b: Path, ra: dict, rb: dict) -> list[str]:
+    pa = {p.get("name"): p for p in ra.get("passes", []) if isinstance(p, dict)}
+    pb = {p.get("name"): p for p in rb.get("passes", []) if isinstance(p, dict)}
+    ia, ib = _ir_files(a), _ir_files(b)
+    out = []
+    for name in dict.fromkeys([*pa, *pb]):
+        if name not in pb:
+            out.append(f"- {name} (only in A)")
+            continue
+        if name not in pa:
+            out.append(f"+ {name} (only in B)")
+            continue
+        what = []
+        if pa[name].get("rewrites") != pb[name].get("rewrites"):
+            what.append(f"rewrites {_show(pa[name].get('rewrites'))} -> {_show(pb[name].get('rewrites'))}")
+        na, nb = pa[name].get("notes") or [], pb[name].get("notes") or []
+        added = [n for n in nb if n not in na]
+        removed = [n for n in na if n not in nb]
+        if added or removed:
+            what.append(f"notes +{len(added)} -{len(removed)}")
+        if name in ia and name in ib:
+            ta, tb = _read_text(ia[name], MAX_TEXT_BYTES, a), _read_text(ib[name], MAX_TEXT_BYTES, b)
+            if ta != tb:
+                plus = minus = 0
+                for line in difflib.unified_diff(ta.splitlines(), tb.splitlines(), lineterm="", n=0):
+                    if line.startswith("+") and not line.startswith("+++"):
+                        plus += 1
+                    elif line.startswith("-") and not line.startswith("---"):
+                        minus += 1
+                what.append(f"IR +{plus} -{minus} lines")
+        if what:
+            out.append(f"~ {name}: " + "; ".join(what))
+    return out
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (dict, list)):
+        s = json.dumps(v, sort_keys=True)
+        return s if len(s) <= 120 else s[:117] + "..."
+    return "(absent)" if v is None else str(v)
+
+
+def _ratio(x: Any, y: Any) -> str:
+    if isinstance(x, (int, float)) and isinstance(y, (int, float)) and not isinstance(x, bool) and x:
+        return f" ({y / x:.3g}x)"
+    return ""
+
+
+__all__ = ["DiffError", "DumpDiff", "KERNEL_FIELDS", "diff_dumps"]
