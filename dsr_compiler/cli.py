@@ -231,6 +231,11 @@ def cmd_ir(args) -> int:
     grad_wrt = tuple(getattr(wl, "grad_wrt", None) or ())
     records = run_passes(g, list(PIPELINE), PassContext(options=options.pass_options(grad_wrt)))
     total = len(records) - 1
+    if args.dot:
+        from dsr_compiler.ir.dot import to_dot
+        r = next(r for r in records if r.name == args.after) if args.after else records[-1]
+        sys.stdout.write(to_dot(r.graph))
+        return 0
     for r in records:
         if args.after is None or r.name == args.after:
             sys.stdout.write(print_graph(r.graph, header_line(r.graph, r.index, total, r.name, r.ms)))
@@ -264,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("ir", help="print the IR after each pass (or after --after PASS)")
     _selectors(i)
     i.add_argument("--after", default=None, help="pass name (trace, cse, fold_constants, dce, absorb_mla, quantize_fp8, fuse)")
+    i.add_argument("--dot", action="store_true",
+                   help="print the graph after --after (default: the last pass) in Graphviz dot instead of text")
     i.set_defaults(fn=cmd_ir)
     b = sub.add_parser("bench", help="kernel launches and modeled DRAM bytes vs eager, compile times")
     _selectors(b)
