@@ -1,4 +1,4 @@
-"""`dsrc`: the command line (compile, run, ir, bench, diff). See DESIGN §3 and the README.
+"""`dsrc`: the command line (compile, run, ir, bench, diff, report). See DESIGN §3 and the README.
 
 Exit codes: 0 success, 1 check failed, 2 user error (message, no traceback unless DSR_DEBUG>=1),
 3 `dsrc diff --exit-code` found differences.
@@ -209,6 +209,33 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from dsr_compiler.diff import DiffError
+    from dsr_compiler.dump import MARKER, is_dump
+    from dsr_compiler.report_html import render_dump_html
+    folder = Path(args.dir)
+    if not is_dump(folder):
+        raise DiffError(f"{folder} is not a dsr dump (no {MARKER} marker)",
+                        hint="pass a folder written by `dsrc compile --out DIR` or `cm.dump(DIR)`")
+    page = render_dump_html(folder)
+    dest = Path(args.html) if args.html else folder / "report.html"
+    if dest.is_dir() or dest.is_symlink():
+        raise DiffError(f"--html {dest} is a folder or a symlink", hint="name a new file or a regular file")
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(page)
+        os.replace(tmp, dest)              # whole or not at all
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    print(f"{dest}: {len(page.encode()):,} bytes")
+    return 0
+
+
 def cmd_diff(args) -> int:
     from dsr_compiler.diff import diff_dumps
     d = diff_dumps(args.a, args.b)
@@ -275,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="kernel launches and modeled DRAM bytes vs eager, compile times")
     _selectors(b)
     b.set_defaults(fn=cmd_bench)
+    rp = sub.add_parser("report", help="re-render DIR/report.html from a dump (or write it to --html FILE)")
+    rp.add_argument("dir", metavar="DIR", help="a dump folder (dsrc compile --out DIR)")
+    rp.add_argument("--html", default=None, help="write the page here instead of DIR/report.html")
+    rp.set_defaults(fn=cmd_report)
     d = sub.add_parser("diff", help="what changed between two dumps: options, passes and IR, kernels, totals")
     d.add_argument("a", metavar="DIR_A", help="a dump folder (dsrc compile --out DIR_A)")
     d.add_argument("b", metavar="DIR_B", help="another dump folder")

@@ -11,27 +11,20 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dsr_compiler.dump import MARKER, is_dump
-from dsr_compiler.errors import DsrError
+from dsr_compiler.dump_files import MAX_TEXT_BYTES, DumpReadError, ir_files, kernels_by_name, read_report, read_text
 
-MAX_REPORT_BYTES = 64 << 20          # the report of a full-width V3 model is a few MB
-MAX_TEXT_BYTES = 64 << 20            # one IR file or generated source
-MAX_KERNELS = 100_000
 #: kernel fields compared, in the order they are printed
 KERNEL_FIELDS = ("family", "backend", "template", "grid", "num_warps", "registers", "spills", "shared_mem",
                  "bytes_read", "bytes_written", "flops", "roofline_us_h200", "roofline_peak")
-_IR_FILE = re.compile(r"(?P<index>\d{2})_(?P<name>[a-z0-9_]+)\.ir")
-_KERNEL_NAME = re.compile(r"[A-Za-z0-9_]{1,200}")
 
 
-class DiffError(DsrError):
-    """A folder given to `dsrc diff` is not a readable dump."""
+class DiffError(DumpReadError):
+    """A folder given to `dsrc diff` / `dsrc report` is not a dump."""
 
 
 @dataclass
@@ -81,7 +74,7 @@ def diff_dumps(a: str | os.PathLike, b: str | os.PathLike) -> DumpDiff:
     d = DumpDiff(str(a), str(b))
     d.options = _dict_changes(ra.get("options"), rb.get("options"))
     d.passes = _pass_changes(Path(a), Path(b), ra, rb)
-    ka, kb = _kernels(ra, a), _kernels(rb, b)
+    ka, kb = kernels_by_name(ra, a), kernels_by_name(rb, b)
     d.kernels_added = [k for k in kb if k not in ka]
     d.kernels_removed = [k for k in ka if k not in kb]
     for name in (k for k in ka if k in kb):
@@ -100,45 +93,8 @@ def diff_dumps(a: str | os.PathLike, b: str | os.PathLike) -> DumpDiff:
 def _report(path: Path) -> dict:
     if not is_dump(path):
         raise DiffError(f"{path} is not a dsr dump (a folder with the {MARKER} marker that `dsrc compile --out` "
-                        "writes last)", hint="pass two folders written by `dsrc compile --out DIR` or `cm.dump(DIR)`")
-    text = _read_text(path / "report.json", MAX_REPORT_BYTES, path)
-    try:
-        rep = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise DiffError(f"{path}/report.json is not valid JSON ({str(e)[:120]})",
-                        hint="the dump is damaged: compile it again") from None
-    if not isinstance(rep, dict):
-        raise DiffError(f"{path}/report.json is not a JSON object", hint="the dump is damaged: compile it again")
-    return rep
-
-
-def _read_text(p: Path, limit: int, dump: Path) -> str:
-    """A regular file (no symlink) of at most `limit` bytes, as UTF-8 text."""
-    try:
-        st = os.lstat(p)
-    except FileNotFoundError:
-        raise DiffError(f"{dump} has no {p.relative_to(dump)}", hint="the dump is incomplete: compile it again") from None
-    if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
-        raise DiffError(f"{p} is not a regular file of at most {limit} bytes", hint="the dump is damaged: compile it again")
-    fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(limit + 1)
-    return data.decode("utf-8", errors="replace")
-
-
-def _kernels(rep: dict, where: Any) -> dict[str, dict]:
-    ks = rep.get("kernels", [])
-    if not isinstance(ks, list) or len(ks) > MAX_KERNELS:
-        raise DiffError(f"{where}/report.json: 'kernels' is not a list of at most {MAX_KERNELS:,} entries",
-                        hint="the dump is damaged: compile it again")
-    out: dict[str, dict] = {}
-    for k in ks:
-        name = k.get("name") if isinstance(k, dict) else None
-        if not isinstance(name, str) or not _KERNEL_NAME.fullmatch(name):
-            raise DiffError(f"{where}/report.json: a kernel entry has no valid name ({str(name)[:60]!r})",
-                            hint="the dump is damaged: compile it again")
-        out[name] = k
-    return out
+                        "writes last)", hint="pass folders written by `dsrc compile --out DIR` or `cm.dump(DIR)`")
+    return read_report(path)
 
 
 def _source(dump: Path, kernel: str) -> str | None:
@@ -146,19 +102,8 @@ def _source(dump: Path, kernel: str) -> str | None:
     p = dump / "kernels" / f"{kernel}.py"
     if p.is_symlink() or not p.is_file():
         return None
-    return _read_text(p, MAX_TEXT_BYTES, dump)
+    return read_text(p, MAX_TEXT_BYTES, dump)
 
-
-def _ir_files(dump: Path) -> dict[str, Path]:
-    d = dump / "ir"
-    if d.is_symlink() or not d.is_dir():
-        return {}
-    out = {}
-    for p in sorted(d.iterdir()):
-        m = _IR_FILE.fullmatch(p.name)
-        if m:
-            out[m.group("name")] = p
-    return out
 
 
 # ----------------------------------------------------------------------------- comparing
@@ -172,7 +117,7 @@ def _dict_changes(x: Any, y: Any) -> list[tuple[str, Any, Any]]:
 def _pass_changes(a: Path, b: Path, ra: dict, rb: dict) -> list[str]:
     pa = {p.get("name"): p for p in ra.get("passes", []) if isinstance(p, dict)}
     pb = {p.get("name"): p for p in rb.get("passes", []) if isinstance(p, dict)}
-    ia, ib = _ir_files(a), _ir_files(b)
+    ia, ib = ir_files(a), ir_files(b)
     out = []
     for name in dict.fromkeys([*pa, *pb]):
         if name not in pb:
@@ -190,7 +135,7 @@ def _pass_changes(a: Path, b: Path, ra: dict, rb: dict) -> list[str]:
         if added or removed:
             what.append(f"notes +{len(added)} -{len(removed)}")
         if name in ia and name in ib:
-            ta, tb = _read_text(ia[name], MAX_TEXT_BYTES, a), _read_text(ib[name], MAX_TEXT_BYTES, b)
+            ta, tb = read_text(ia[name], MAX_TEXT_BYTES, a), read_text(ib[name], MAX_TEXT_BYTES, b)
             if ta != tb:
                 plus = minus = 0
                 for line in difflib.unified_diff(ta.splitlines(), tb.splitlines(), lineterm="", n=0):

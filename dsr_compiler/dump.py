@@ -208,6 +208,8 @@ def _write_contents(cm: "CompiledModule", tmp: Path) -> None:
             (kdir / f"{k.spec.name}.ptx").write_text(k.ptx.ptx)
             (kdir / f"{k.spec.name}.cubin").write_bytes(k.ptx.cubin)
     (tmp / "report.json").write_text(json.dumps(cm.report(), indent=2, sort_keys=False, default=str) + "\n")
+    from dsr_compiler.report_html import render_dump_html
+    (tmp / "report.html").write_text(render_dump_html(tmp), encoding="utf-8")   # from the files just written
 
 
 @contextlib.contextmanager
