@@ -239,6 +239,9 @@ def cmd_report(args) -> int:
 def cmd_diff(args) -> int:
     from dsr_compiler.diff import diff_dumps
     d = diff_dumps(args.a, args.b)
+    if args.html:
+        from pathlib import Path
+        Path(args.html).write_text(d.html(), encoding="utf-8")
     sys.stdout.write(d.text())
     return 3 if args.exit_code and not d.same else 0
 
@@ -310,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("a", metavar="DIR_A", help="a dump folder (dsrc compile --out DIR_A)")
     d.add_argument("b", metavar="DIR_B", help="another dump folder")
     d.add_argument("--exit-code", action="store_true", help="exit 3 if the dumps differ (0 if they do not)")
+    d.add_argument("--html", default=None, metavar="FILE", help="also write the differences as a page to FILE")
     d.set_defaults(fn=cmd_diff)
     return p
 

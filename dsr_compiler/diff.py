@@ -68,6 +68,36 @@ class DumpDiff:
         return "\n".join(lines) + "\n"
 
 
+    def html(self) -> str:
+        """The same differences as one self-contained page (every text escaped)."""
+        import html as h
+
+        def e(x: Any) -> str:
+            return h.escape(str(x), quote=True)
+        body = [f"<h1>dsrc diff {e(self.a)} {e(self.b)}</h1>"]
+        if self.same:
+            body.append("<p>no differences (options, passes, IR, kernels, totals)</p>")
+
+        def table(title: str, rows: list[tuple[str, Any, Any]]) -> None:
+            if rows:
+                cells = "".join(f"<tr><td>{e(k)}</td><td>{e(_show(x))}</td><td>{e(_show(y))}</td></tr>" for k, x, y in rows)
+                body.append(f"<h2>{title}</h2><table><tr><th></th><th>A</th><th>B</th></tr>{cells}</table>")
+        table("options", self.options)
+        if self.passes:
+            body.append("<h2>passes</h2><ul>" + "".join(f"<li><code>{e(p)}</code></li>" for p in self.passes) + "</ul>")
+        if self.kernels_added or self.kernels_removed or self.kernels_changed:
+            items = [f'<li class="add">+ {e(k)}</li>' for k in self.kernels_added]
+            items += [f'<li class="del">- {e(k)}</li>' for k in self.kernels_removed]
+            items += [f"<li>~ {e(n)}: " + ", ".join("source" if f == "source" else f"{e(f)} {e(_show(x))} → {e(_show(y))}"
+                                                   for f, x, y in ch) + "</li>" for n, ch in self.kernels_changed]
+            body.append("<h2>kernels</h2><ul>" + "".join(items) + "</ul>")
+        table("totals", self.totals)
+        css = ("body{font:14px/1.4 system-ui,sans-serif;margin:1.5em}td,th{border:1px solid #ccc;padding:2px 6px}"
+               "table{border-collapse:collapse}.add{color:#116611}.del{color:#aa1111}")
+        return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>dsrc diff</title>'
+                f"<style>{css}</style></head><body>{''.join(body)}</body></html>\n")
+
+
 def diff_dumps(a: str | os.PathLike, b: str | os.PathLike) -> DumpDiff:
     """Compare two dump folders; DiffError if either is not a readable dump."""
     ra, rb = _report(Path(a)), _report(Path(b))

@@ -95,3 +95,19 @@ def test_a_damaged_report_is_a_clean_error(dumps, tmp_path, capsys, damage):
         rep.write_text("[" * 100_000 + "]" * 100_000)
     rc, _, err = _dsrc(capsys, "diff", str(dumps / "f32"), str(b))
     assert rc == 2 and "Traceback" not in err and "report.json" in err, err
+
+
+def test_html_form_lists_the_same_differences(dumps, tmp_path, capsys):
+    page = tmp_path / "diff.html"
+    rc, out, _ = _dsrc(capsys, "diff", str(dumps / "f32"), str(dumps / "fp8"), "--html", str(page))
+    assert rc == 0
+    text = page.read_text()
+    assert text.startswith("<!DOCTYPE html>") and "<script" not in text
+    added = [ln[4:] for ln in out.splitlines() if ln.startswith("  + ")]
+    removed = [ln[4:] for ln in out.splitlines() if ln.startswith("  - ")]
+    assert added and removed
+    for k in added:
+        assert f'<li class="add">+ {k}</li>' in text
+    for k in removed:
+        assert f'<li class="del">- {k}</li>' in text
+    assert "<h2>options</h2>" in text and "<h2>totals</h2>" in text
