@@ -14,7 +14,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from dsr_compiler.ir.graph import Graph
 
@@ -52,11 +52,15 @@ class KernelArtifact:
 
 
 def build_kernels(g: Graph, target: str = "sm_90a", ptx_families: Sequence[str] = (),
-                  cache: ArtifactStore | None = None) -> list[KernelArtifact]:
+                  cache: ArtifactStore | None = None,
+                  on_kernel: Callable[[int, int, str], None] | None = None) -> list[KernelArtifact]:
     """Lower, render and compile (through `cache`, if any) every kernel of a fused graph; kernels of
-    `ptx_families` are also emitted as direct PTX (codegen/ptx.py) next to their Triton twin."""
+    `ptx_families` are also emitted as direct PTX (codegen/ptx.py) next to their Triton twin.
+    `on_kernel(i, n, name)` is called before each kernel (progress lines)."""
     out = []
     for i, k in enumerate(g.kernels, start=1):
+        if on_kernel is not None:
+            on_kernel(i, len(g.kernels), k.name)
         spec = lower_kernel(k, i)
         source = render(spec)
         t = time.perf_counter()

@@ -129,14 +129,15 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
             backend: str | None = None, dynamic: dict | None = None, name: str | None = None,
             on_pass: Callable[[PassRecord], None] | None = None,
             grad_wrt: Sequence[str] | None = None, mla: str = "absorb", ptx_families: Any = None,
-            options: CompileOptions | None = None) -> CompiledModule:
+            options: CompileOptions | None = None, progress: Any = None) -> CompiledModule:
     """Compile `module` for `target`; the result runs on `backend` (auto | cuda | interpret).
 
     With `grad_wrt` (forward parameter names; the forward must return one scalar loss) the
     compiled module also computes the gradients: `loss, grads = cm(*inputs)` (dsr_compiler/grads.py).
     `example_inputs` is a tuple of forward's arguments (a bare tensor is one), `kwargs` more of them by
     name; the compiled module is called with the same arguments (dsr_compiler/signature.py).
-    `options` (dsr_compiler/options.py), when given, replaces fp8/target/backend/mla/ptx_families."""
+    `options` (dsr_compiler/options.py), when given, replaces fp8/target/backend/mla/ptx_families.
+    `progress` (dsr_compiler/progress.py `Progress`, as `dsrc` passes it) gets a line per stage and kernel."""
     from dsr_compiler.codegen.build import build_kernels
     from dsr_compiler.frontend import param_tensors
     from dsr_compiler.runtime.cache import ArtifactCache
@@ -147,6 +148,8 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
     t0 = time.perf_counter()
     from dsr_compiler.frontend import trace as _trace
     trace_notes: list[str] = []
+    if progress is not None:
+        progress.stage("trace")
     g = _trace(module, example_inputs, dynamic=dynamic, name=name, notes=trace_notes)
     t_trace = (time.perf_counter() - t0) * 1e3
     from dsr_compiler.grads import check_grad_wrt
@@ -155,6 +158,8 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
     if wrt:
         ctx.options["grad_wrt"] = wrt
     t1 = time.perf_counter()
+    if progress is not None:
+        progress.stage("passes")
     records = run_passes(g, list(PIPELINE), ctx, on_pass=on_pass)
     if trace_notes:       # the frontend's notes (e.g. a print() in forward) belong to the trace record
         import dataclasses
@@ -162,11 +167,14 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
     t_passes = (time.perf_counter() - t1) * 1e3
     final = records[-1].graph
     t2 = time.perf_counter()
-    kernels = build_kernels(final, options.target, options.ptx_families, ArtifactCache())
+    on_kernel = None if progress is None else (lambda i, n, k: progress.step("codegen", i, n, k))
+    kernels = build_kernels(final, options.target, options.ptx_families, ArtifactCache(), on_kernel=on_kernel)
     t_codegen = (time.perf_counter() - t2) * 1e3
     tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]   # None / scalars are baked in
     env = bind_symbols([v.type for v in g.inputs], tensors + param_tensors(module, g, meta=True),
                        where=f"example inputs of {g.name}")
+    if progress is not None:
+        progress.stage("params")
     from dsr_compiler.params import resolve_params
     from dsr_compiler.frontend import derived_declarations
     declared = derived_declarations(module, g) + list(ctx.derived)     # the frontend's first: passes use them

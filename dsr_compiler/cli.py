@@ -48,6 +48,8 @@ def _selectors(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", default=None, help="built-in config: deepseek-v3-tiny (default), deepseek-v2-lite, deepseek-v3")
     src.add_argument("--config", default=None, help="path to a DeepSeek config.json (HF or reference ModelArgs format)")
     g.add_argument("--module", default="decoder", choices=MODULES, help="which part of the model to compile (default: decoder)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress lines on stderr (they are shown only on a terminal, for work over 2 s)")
     g.add_argument("--batch", type=_count, default=1, help="batch size of the example inputs (default 1)")
     g.add_argument("--seq", type=_count, default=16, help="sequence length of the example inputs (default 16)")
     g.add_argument("--dtype", default="f32", choices=("f32", "bf16"), help="activation/weight dtype (default f32)")
@@ -112,8 +114,13 @@ def _options(args):
 
 def _compile(args, wl):
     import dsr_compiler as dsr
-    return dsr.compile(wl.module, wl.example_inputs, dynamic=wl.dynamic, name=wl.name,
-                       grad_wrt=getattr(wl, "grad_wrt", None) or None, options=_options(args))
+    from dsr_compiler.progress import Progress
+    progress = Progress.for_cli(quiet=getattr(args, "quiet", False))
+    try:
+        return dsr.compile(wl.module, wl.example_inputs, dynamic=wl.dynamic, name=wl.name,
+                           grad_wrt=getattr(wl, "grad_wrt", None) or None, options=_options(args), progress=progress)
+    finally:
+        progress.done()
 
 
 def _summary(cm) -> str:
