@@ -217,7 +217,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    import tempfile
     from pathlib import Path
 
     from dsr_compiler.diff import DiffError
@@ -229,18 +228,26 @@ def cmd_report(args) -> int:
                         hint="pass a folder written by `dsrc compile --out DIR` or `cm.dump(DIR)`")
     page = render_dump_html(folder)
     dest = Path(args.html) if args.html else folder / "report.html"
+    _write_page(dest, page)
+    print(f"{dest}: {len(page.encode()):,} bytes")
+    return 0
+
+
+def _write_page(dest, page: str) -> None:
+    """Write an HTML page whole or not at all; a folder or symlink at `dest` is refused."""
+    import tempfile
+
+    from dsr_compiler.diff import DiffError
     if dest.is_dir() or dest.is_symlink():
         raise DiffError(f"--html {dest} is a folder or a symlink", hint="name a new file or a regular file")
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent or ".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(page)
-        os.replace(tmp, dest)              # whole or not at all
+        os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    print(f"{dest}: {len(page.encode()):,} bytes")
-    return 0
 
 
 def cmd_diff(args) -> int:
@@ -248,7 +255,7 @@ def cmd_diff(args) -> int:
     d = diff_dumps(args.a, args.b)
     if args.html:
         from pathlib import Path
-        Path(args.html).write_text(d.html(), encoding="utf-8")
+        _write_page(Path(args.html), d.html())
     sys.stdout.write(d.text())
     return 3 if args.exit_code and not d.same else 0
 

@@ -67,7 +67,6 @@ class DumpDiff:
             lines += [f"  {k}: {_show(x)} -> {_show(y)}{_ratio(x, y)}" for k, x, y in self.totals]
         return "\n".join(lines) + "\n"
 
-
     def html(self) -> str:
         """The same differences as one self-contained page (every text escaped)."""
         import html as h
@@ -133,7 +132,6 @@ def _source(dump: Path, kernel: str) -> str | None:
     if p.is_symlink() or not p.is_file():
         return None
     return read_text(p, MAX_TEXT_BYTES, dump)
-
 
 
 # ----------------------------------------------------------------------------- comparing

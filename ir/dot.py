@@ -14,10 +14,6 @@ def _q(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def _type(t: TensorType) -> str:
-    return str(t)
-
-
 def to_dot(g: Graph) -> str:
     """The top level of `g` in dot (the kernels' bodies are not expanded)."""
     kernels = {k.name: k for k in g.kernels}
@@ -43,7 +39,7 @@ def to_dot(g: Graph) -> str:
             lines.append(f"  {_q(node)} [shape=box, style=rounded, label={_q(n.op)}];")
         for src in n.inputs:
             if src in producer:
-                lines.append(f"  {_q(producer[src])} -> {_q(node)} [label={_q(_type(types[src]))}];")
+                lines.append(f"  {_q(producer[src])} -> {_q(node)} [label={_q(str(types[src]))}];")
         for o in n.outputs:
             producer[o.name] = node
             types[o.name] = o.type
@@ -51,7 +47,7 @@ def to_dot(g: Graph) -> str:
         node = f"out{j}"
         lines.append(f"  {_q(node)} [shape=doubleoctagon, label={_q('%' + o)}];")
         if o in producer:
-            lines.append(f"  {_q(producer[o])} -> {_q(node)} [label={_q(_type(types[o]))}];")
+            lines.append(f"  {_q(producer[o])} -> {_q(node)} [label={_q(str(types[o]))}];")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
