@@ -60,15 +60,26 @@ def count_eager(module, inputs) -> EagerCount:
     return m.c
 
 
-def bench_workload(wl, fp8: bool = False, target: str = "sm_90a") -> str:
+def bench_workload(wl, fp8: bool = False, target: str = "sm_90a", progress=None) -> str:
+    """The figures as text. `progress` (dsr_compiler/progress.py) gets a part per measurement."""
     import dsr_compiler as dsr
+
+    def part(label: str) -> None:
+        if progress is not None:
+            progress.part(label)
+
+    part("eager ATen count")
     eager = count_eager(wl.module, wl.example_inputs)
     with tempfile.TemporaryDirectory() as d, knobs.scoped(DSR_CACHE_DIR=d):
+        part("cold compile")
         t0 = time.perf_counter()
-        cm = dsr.compile(wl.module, wl.example_inputs, fp8=fp8, target=target, dynamic=wl.dynamic, name=wl.name)
+        cm = dsr.compile(wl.module, wl.example_inputs, fp8=fp8, target=target, dynamic=wl.dynamic, name=wl.name,
+                         progress=progress)
         cold = time.perf_counter() - t0
+        part("warm compile")
         t0 = time.perf_counter()
-        dsr.compile(wl.module, wl.example_inputs, fp8=fp8, target=target, dynamic=wl.dynamic, name=wl.name)
+        dsr.compile(wl.module, wl.example_inputs, fp8=fp8, target=target, dynamic=wl.dynamic, name=wl.name,
+                    progress=progress)
         warm = time.perf_counter() - t0
     rep = cm.report()
     kbytes = rep["totals"]["bytes"]
@@ -79,6 +90,7 @@ def bench_workload(wl, fp8: bool = False, target: str = "sm_90a") -> str:
         f"  modeled DRAM bytes: compiled {kbytes} vs eager {eager.bytes}: ratio {kbytes / max(eager.bytes, 1):.2f}",
         f"  compile time: cold {cold * 1e3:.0f} ms, warm (cache) {warm * 1e3:.0f} ms: warm/cold {warm / cold:.2f}",
     ]
+    part("torch.compile (inductor)")
     try:
         torch._dynamo.reset()
         t0 = time.perf_counter()

@@ -292,7 +292,13 @@ def cmd_bench(args) -> int:
     from dsr_compiler.bench import bench_workload
     wl = _workload(args)
     _require_weights(wl, "bench")
-    print(bench_workload(wl, fp8=args.fp8, target=args.target))
+    from dsr_compiler.progress import Progress
+    progress = Progress.for_cli(quiet=getattr(args, "quiet", False))
+    try:
+        text = bench_workload(wl, fp8=args.fp8, target=args.target, progress=progress)
+    finally:
+        progress.done()
+    print(text)
     return 0
 
 

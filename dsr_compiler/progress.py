@@ -5,6 +5,7 @@ work has taken `after_s` seconds (short compiles print nothing), and never with 
     p = Progress.for_cli(quiet=args.quiet)
     p.stage("trace")                     # [dsrc 2.1 s] trace
     p.step("codegen", 3, 29, "k3_gemm")  # [dsrc 4.0 s] codegen 3/29 k3_gemm
+    p.part("cold compile")               # [dsrc 9.0 s] cold compile: start (then "cold compile: trace", ...)
     p.done()                             # clears the line
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ class Progress:
         self.t0 = time.perf_counter()
         self._shown = False
         self._width = 0
+        self.label = ""             # what the stages belong to (`dsrc bench`: "cold compile", ...)
 
     @classmethod
     def for_cli(cls, quiet: bool = False, stream: TextIO | None = None) -> "Progress":
@@ -38,7 +40,7 @@ class Progress:
         elapsed = time.perf_counter() - self.t0
         if elapsed < self.after_s:
             return
-        line = f"[dsrc {elapsed:.1f} s] {text}"[:160]
+        line = f"[dsrc {elapsed:.1f} s] {self.label + ': ' if self.label else ''}{text}"[:160]
         pad = " " * max(0, self._width - len(line))
         try:
             self.stream.write("\r" + line + pad)
@@ -50,6 +52,11 @@ class Progress:
 
     def stage(self, name: str) -> None:
         self._line(name)
+
+    def part(self, label: str) -> None:
+        """Start a part of a longer job (`dsrc bench`): later stages and steps read `label: stage`."""
+        self.label = label
+        self._line("start")
 
     def step(self, stage: str, i: int, n: int, what: str = "") -> None:
         self._line(f"{stage} {i}/{n} {what}".rstrip())

@@ -59,3 +59,18 @@ def test_dsrc_compile_reports_stages_and_kernels(monkeypatch, quiet):
         assert f"] {stage}" in out
     assert "codegen 1/3 k1_" in out and "codegen 3/3 k3_" in out
     assert out.rsplit("\r", 2)[-2].strip() == ""    # cleared before the summary
+
+
+def test_dsrc_bench_names_each_measurement(monkeypatch, capsys):
+    s = FakeTTY()
+
+    def for_cli(cls, quiet: bool = False, stream=None):
+        return cls(s, enabled=not quiet, after_s=0.0)
+    monkeypatch.setattr(Progress, "for_cli", classmethod(for_cli))
+    assert cli.main(["bench", "--module", "mlp", "--seq", "4", "--no-fp8"]) == 0
+    out = s.getvalue()
+    for part in ("eager ATen count", "cold compile", "warm compile", "torch.compile (inductor)"):
+        assert f"] {part}: start" in out, part
+    assert "cold compile: trace" in out and "cold compile: codegen 1/" in out and "warm compile: passes" in out
+    assert out.rsplit("\r", 2)[-2].strip() == ""    # cleared before the figures are printed
+    assert "compile time: cold" in capsys.readouterr().out

@@ -113,3 +113,18 @@ def test_report_command_rerenders_and_refuses_non_dumps(dumps, tmp_path, capsys)
     assert cli.main(["report", str(tmp_path)]) == 2
     assert "is not a dsr dump" in capsys.readouterr().err
 
+
+
+def test_the_full_width_v3_decoder_page_stays_under_5_mb(tmp_path):
+    """DeepSeek-V3's own widths (bf16, meta weights: compile-only): 29 kernels with their Triton
+    source and PTX, every pass's IR and diff. The page must stay small enough to open (< 5 MB)."""
+    out = tmp_path / "v3"
+    assert cli.main(["compile", "--model", "deepseek-v3", "--module", "decoder", "--dtype", "bf16",
+                     "--quiet", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    text, c = _page(out / "report.html")
+    assert c.errors == [] and c.stack == []
+    assert all(f"kernel-{k['name']}" in c.ids for k in rep["kernels"]) and len(rep["kernels"]) >= 20
+    assert all(f"pass-{p['name']}" in c.ids for p in rep["passes"])
+    size = len(text.encode())
+    assert size < 5 << 20, f"report.html of the V3 decoder is {size / 2**20:.2f} MiB"
