@@ -34,9 +34,9 @@ pre{background:#f8f8f8;padding:6px;overflow:auto;max-height:40em;font-size:12px}
 details{margin:2px 0}summary{cursor:pointer}.muted{color:#777}svg text{font:10px monospace}
 """
 _JS = """
-document.querySelectorAll('table.sortable th').forEach(function(th, col){
+document.querySelectorAll('table.sortable th').forEach(function(th){
   th.addEventListener('click', function(){
-    var table = th.closest('table'), body = table.tBodies[0];
+    var table = th.closest('table'), body = table.tBodies[0], col = th.cellIndex;
     var rows = Array.prototype.slice.call(body.rows);
     var asc = th.getAttribute('data-asc') !== '1';
     table.querySelectorAll('th').forEach(function(h){ h.removeAttribute('data-asc'); });
@@ -45,7 +45,7 @@ document.querySelectorAll('table.sortable th').forEach(function(th, col){
       var x = a.cells[col].getAttribute('data-v') || a.cells[col].textContent;
       var y = b.cells[col].getAttribute('data-v') || b.cells[col].textContent;
       var nx = parseFloat(x), ny = parseFloat(y);
-      var c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
+      var c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y, undefined, {numeric: true});
       return asc ? c : -c;
     });
     rows.forEach(function(r){ body.appendChild(r); });
