@@ -86,7 +86,7 @@ def kernel_bytes(g: Graph) -> tuple[str, str]:
     vals = g.values()
     r = sum((v.type.nbytes for v in g.inputs), sympy.Integer(0))
     w = sum((vals[o].type.nbytes for o in g.outputs), sympy.Integer(0))
-    return dim_str(sympy.simplify(r)), dim_str(sympy.simplify(w))
+    return dim_str(sympy.expand(r)), dim_str(sympy.expand(w))
 
 
 def pointwise_flops(g: Graph, numel: sympy.Expr, skip: Iterable[Node] = ()) -> sympy.Expr:

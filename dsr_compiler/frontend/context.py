@@ -28,7 +28,7 @@ from dsr_compiler.ir.graph import Node, Value, canon_attr
 from dsr_compiler.ir.ops import OPS, TypeRuleError
 from dsr_compiler.ir.types import DType, TensorType, to_expr
 
-from .origins import ROOT_ATTR, class_name, fn_name, location_from_frames, location_from_stack_trace
+from .origins import ROOT_ATTR, USER_FRAME, class_name, fn_name, location_from_frames, location_from_user_frame
 from .registry import (DERIVED_PARAMS, FUNCTION_HANDLERS, FUNCTION_LOWERINGS, LEAF_LOWERINGS, METHOD_HANDLERS,
                        MODULE_HANDLERS, Handler, function_op, supported_hint)
 
@@ -166,7 +166,7 @@ class TraceContext:
         parts = [self.describe_module(*self.module_of(node))]
         if node is not None:
             parts.append(f"node %{node.name}")
-            loc = location_from_stack_trace(node.stack_trace)
+            loc = location_from_user_frame(node.meta.get(USER_FRAME))
             if loc:
                 parts.append(f"at {loc}")
         return ", ".join(parts)

@@ -6,8 +6,10 @@ user's code, never torch's or the frontend's own), and `tracer` to place trace-t
 """
 from __future__ import annotations
 
+import functools
+import linecache
 import os
-import re
+import sys
 import traceback
 from typing import Any, Sequence
 
@@ -19,6 +21,8 @@ import torch.nn as nn
 ROOT_ATTR = "_dsr_root"
 _ROOT_FILE = "<dsr_compiler.frontend root>"
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+#: FX node meta key of the user frame `user_frame` recorded at trace time
+USER_FRAME = "dsr_user_frame"
 #: the frontend's own sources: their frames are never the user's code
 FRONTEND_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -48,10 +52,42 @@ def class_name(cls: Any) -> str:
     return cls.__name__
 
 
+@functools.lru_cache(maxsize=4096)
 def is_user_file(path: str) -> bool:
     """Whether a frame's file is the user's code (not torch, the frontend, or generated code)."""
-    return not (os.path.abspath(path).startswith(_TORCH_DIR) or os.path.abspath(path).startswith(FRONTEND_DIR)
-                or path == _ROOT_FILE or path.startswith("<"))
+    if path == _ROOT_FILE or path.startswith("<"):
+        return False
+    full = os.path.abspath(path)
+    return not (full.startswith(_TORCH_DIR) or full.startswith(FRONTEND_DIR))
+
+
+#: how many frames `user_frame` walks out at most (a trace is a few dozen deep; bounded all the same)
+_MAX_FRAMES = 512
+
+
+def user_frame() -> tuple[str, int, str] | None:
+    """(file, line, function) of the innermost frame of the user's code on the live stack, or None.
+
+    What FX's `record_stack_traces` would store, without formatting the whole stack per node (FX
+    symbolizes it through `torch._inductor`, an import of ~1.5 s and a cost per node)."""
+    f = sys._getframe(1)
+    for _ in range(_MAX_FRAMES):
+        if f is None:
+            return None
+        code = f.f_code
+        if is_user_file(code.co_filename):
+            return code.co_filename, f.f_lineno, code.co_name
+        f = f.f_back
+    return None
+
+
+def location_from_user_frame(frame: tuple[str, int, str] | None) -> str:
+    """`file:line in fn: code` for what `user_frame` recorded (the code line read only now, for a message)."""
+    if frame is None:
+        return ""
+    path, line, fn = frame
+    code = linecache.getline(path, line).strip()
+    return f"{short_path(path)}:{line} in {fn}: `{code}`"
 
 
 def short_path(path: str) -> str:
@@ -61,18 +97,6 @@ def short_path(path: str) -> str:
     except ValueError:
         return path
     return rel if not rel.startswith("..") else path
-
-
-_FRAME_RE = re.compile(r'File "([^"]+)", line (\d+), in ([^\n]+)\n[ \t]*([^\n]*)')
-
-
-def location_from_stack_trace(stack_trace: str | None) -> str:
-    """`file:line in fn: code` of the innermost user frame of an FX node's recorded stack trace."""
-    frames = [f for f in _FRAME_RE.findall(stack_trace or "") if is_user_file(f[0])]
-    if not frames:
-        return ""
-    path, line, fn, code = frames[-1]
-    return f"{short_path(path)}:{line} in {fn}: `{code.strip()}`"
 
 
 def location_from_frames(frames: Sequence[traceback.FrameSummary]) -> str:

@@ -71,7 +71,7 @@ from dsr_compiler.ir.verifier import verify
 
 from . import lowerings  # noqa: F401  (fills the registry's tables: every supported op)
 from .context import ConcreteValueNeeded, TensorRef, TraceContext, sanitize
-from .origins import ROOT_ATTR, is_user_file, short_path
+from .origins import ROOT_ATTR, USER_FRAME, is_user_file, short_path, user_frame
 from .registry import DERIVED_PARAMS, wrapped_function_objects
 
 __all__ = ["derived_declaration", "derived_declarations", "dsr_op_functions", "evaluate_declaration", "named_tensors",
@@ -119,7 +119,7 @@ class _DsrTracer(fx.Tracer):
         wrapped = tuple(wrapped_function_objects()) + tuple(dsr_op_functions(cx.root))
         super().__init__(autowrap_modules=(math,), autowrap_functions=wrapped)
         self.cx = cx
-        self.record_stack_traces = True
+        self.record_stack_traces = False    # create_node records the one user frame messages need
         self.proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -130,6 +130,7 @@ class _DsrTracer(fx.Tracer):
     def create_node(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
                     type_expr: Any | None = None) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        node.meta[USER_FRAME] = user_frame()
         self.cx.lower(node)
         return node
 
