@@ -62,3 +62,22 @@ def test_fused_block_matches_unfused():
         want = run_graph(g, inputs)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=TOL[torch.float32]["atol"] * 10)
+
+
+def test_reduction_reading_a_slice_of_a_gemm_output_matches_unfused():
+    """The fuser lets a reduction read a slice of a stored value in place (the MLA KV latent)."""
+    kb = KB("latent", "graph")
+    x = kb.input("x", DType.f32, T, 64)
+    w = kb.input("w", DType.f32, 80, 64)
+    nw = kb.input("norm.weight", DType.f32, 64)
+    a = kb.op("linear", x, w)
+    s = kb.op("slice", a, dim=1, start=8, end=72, step=1)
+    g = kb.b.build([kb.op("rms_norm", s, nw, eps=1e-6, name="out")])
+    fused = run_passes(g, PIPELINE, PassContext())[-1].graph
+    red = [k for k in fused.kernels if k.family == "reduction"]
+    assert len(fused.kernels) == 2 and [n.op for n in red[0].body.nodes] == ["slice", "rms_norm"]
+    for t in (1, 5):
+        inputs = random_inputs(g, {"T": t}, seed=t)
+        (want,) = run_graph(g, inputs)
+        (got,) = run_fused(fused, inputs)
+        torch.testing.assert_close(got, want, rtol=TOL[torch.float32]["rtol"], atol=TOL[torch.float32]["atol"])

@@ -43,7 +43,7 @@ def test_every_hypothesis_example_is_counted_once():
     p = ExampleProgress(lines.append, every_s=1e9)
     seen: list[int] = []
 
-    @settings(max_examples=7, database=None, derandomize=True)
+    @settings(database=None, derandomize=True)
     @given(st.integers())
     def prop(x):
         seen.append(x)

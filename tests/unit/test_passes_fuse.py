@@ -488,3 +488,61 @@ def test_rope_of_a_computed_value_starts_its_own_kernel():
         }
     """)
     assert text.count("kernel @") == 2  # the pair partner of %e must come from memory
+
+
+def test_a_slice_of_a_stored_value_is_read_in_place_by_a_reduction():
+    """The KV latent: rms_norm of a slice of the wkv_a GEMM's output reads the slice through strides."""
+    text, ctx = fused("""
+        graph g(%x : f32[T,8], param %w : f32[10,8], param %nw : f32[8]) {
+          %a : f32[T,10] = linear(%x, %w)
+          %s : f32[T,8] = slice(%a, dim=1, start=0, end=8, step=1)
+          %n : f32[T,8] = rms_norm(%s, %nw, eps=1e-06)
+          %p : f32[T,2] = slice(%a, dim=1, start=8, end=None, step=1)
+          %e : f32[T,2] = exp(%p)
+          return %n, %e
+        }
+    """)
+    assert text == ir_text("""
+        kernel @k1_gemm_linear(%x : f32[T,8], %w : f32[10,8]) family="gemm" {
+          %a : f32[T,10] = linear(%x, %w)
+          return %a
+        }
+
+        kernel @k2_reduction_rms_norm(%a : f32[T,10], %nw : f32[8]) family="reduction" {
+          %s : f32[T,8] = slice(%a, dim=1, start=0, end=8, step=1)
+          %n : f32[T,8] = rms_norm(%s, %nw, eps=1e-06)
+          return %n
+        }
+
+        kernel @k3_pointwise_slice_exp(%a : f32[T,10]) family="pointwise" {
+          %p : f32[T,2] = slice(%a, dim=1, start=8, end=None, step=1)
+          %e : f32[T,2] = exp(%p)
+          return %e
+        }
+
+        graph g(%x : f32[T,8], param %w : f32[10,8], param %nw : f32[8]) {
+          %a : f32[T,10] = call @k1_gemm_linear(%x, %w)
+          %n : f32[T,8] = call @k2_reduction_rms_norm(%a, %nw)
+          %e : f32[T,2] = call @k3_pointwise_slice_exp(%a)
+          return %n, %e
+        }
+    """)
+    assert ctx.notes == []
+
+
+def test_a_view_of_a_value_the_prologue_computes_is_not_read_in_place():
+    """permute(%e) + %e: %e is computed in the prologue, so its permute cannot be an index map (only
+    memory can be re-indexed); whichever the fuser meets first, the kernel stays lowerable."""
+    for first, second in (("%p, %e", "p_first"), ("%e, %p", "e_first")):
+        text, _ = fused(f"""
+            graph g(%x : f32[8,8], param %nw : f32[8]) {{
+              %e : f32[8,8] = exp(%x)
+              %p : f32[8,8] = permute(%e, dims=(1, 0))
+              %y : f32[8,8] = add({first})
+              %n : f32[8,8] = rms_norm(%y, %nw, eps=1e-06)
+              return %n
+            }}
+        """)
+        kernels = [b.split("}", 1)[0] for b in text.split("kernel @")[1:]]
+        assert len(kernels) == 2, (second, text)          # exp, then permute + add + rms_norm
+        assert "permute(%e" in kernels[1] and "= exp(" not in kernels[1], (second, text)

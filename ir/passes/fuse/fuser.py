@@ -57,12 +57,15 @@ class Fuser:
     def preds(self, i: int) -> set[int]:
         return {self.index_of[x] for x in self.nodes[i].inputs if x in self.index_of}
 
-    def _reaches_via_outside(self, members: set[int], target: int, own: Group | None = None) -> bool:
-        """Is there a path members -> (node outside members) -> ... -> target?
+    def _reaches_via_outside(self, members: set[int], target: int, own: Group | None = None,
+                             start: set[int] | None = None) -> bool:
+        """Is there a path members -> (node outside members) -> ... -> target? (`start`: leave from
+        these members only; the others still count as inside.)
 
         Another group runs as one kernel, so reaching any of its members reaches all of them
         (kernel-level edges, not only node-level ones, can close a cycle)."""
-        stack = [u for m in members for u in self.users[m] if u not in members and u != target]
+        stack = [u for m in (members if start is None else start) for u in self.users[m]
+                 if u not in members and u != target]
         seen: set[int] = set()
         while stack:
             x = stack.pop()
@@ -90,7 +93,8 @@ class Fuser:
                           f"outside the kernel from the kernel's own results (would create a cycle)")
             return False
         for m in members:
-            if self._reaches_via_outside({i}, m, grp):
+            # from i to a member through nodes outside the group (i's own users in the group are inside)
+            if self._reaches_via_outside({i} | members, m, grp, start={i}):
                 self.ctx.note(f"cannot fuse {self.name(i)} into {why_prefix}: the kernel needs a value computed "
                               f"outside it from this node's result (would create a cycle)")
                 return False
@@ -165,12 +169,24 @@ class Fuser:
         return src is None or src not in grp.members
 
     def absorb_prologue(self, grp: Group, start: str, row_type: TensorType, what: str) -> None:
-        """Pull the pointwise producers of the reduction input (with the row's shape) into the group."""
+        """Pull the pointwise producers of the reduction input (with the row's shape) into the group,
+        and views (slice/permute/expand) of values that stay in memory: the kernel reads those
+        through strides (e.g. the KV latent, a slice of the wkv_a GEMM's output, is normalized in
+        place instead of being copied out first)."""
         stack = [start]
+        from_memory: set[str] = set()      # values read through a view: they must stay outside the group
         while stack:
             v = stack.pop()
             j = self.index_of.get(v)
             if j is None or j in self.group_of:
+                continue
+            n = self.nodes[j]
+            if n.op in VIEW_OPS and dims_equal(n.out.type.shape, row_type.shape) \
+                    and self.index_of.get(n.inputs[0]) not in grp.members and self.can_join(grp, j, what):
+                self.add(grp, j)
+                from_memory.add(n.inputs[0])
+                continue
+            if v in from_memory:
                 continue
             if self.op_kind(j) != POINTWISE or self.nodes[j].op == "rope":
                 if self.op_kind(j) not in (SOURCE,):
