@@ -95,7 +95,7 @@ def _rms_norm(cx: TraceContext, x: Any, weight: Any, eps: Any, normalized_shape:
     return cx.emit("rms_norm", [x, cx.tensor(weight, f"{what}: weight")], {"eps": float(eps)})
 
 
-@lowers(F.rms_norm)
+@lowers(F.rms_norm, torch.rms_norm)     # torch.rms_norm: what TorchDynamo records for nn.RMSNorm
 def _f_rms_norm(cx: TraceContext, input: Any, normalized_shape: Any, weight: Any = None, eps: Any = None) -> TensorRef:
     return _rms_norm(cx, input, weight, eps, normalized_shape, "F.rms_norm")
 
