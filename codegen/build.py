@@ -13,12 +13,13 @@ import dataclasses
 import hashlib
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from dsr_compiler.ir.graph import Graph
 
-from .compile import CompiledKernel, compile_triton
+from .compile import CompiledKernel, compile_jobs, compile_timeout, compile_triton, stop_workers
 from .lower import lower_kernel
 from .ptx import CompiledPtx, PtxUnsupported, compile_ptx_kernel
 from .render import codegen_fingerprint, render
@@ -56,13 +57,20 @@ def build_kernels(g: Graph, target: str = "sm_90a", ptx_families: Sequence[str] 
                   on_kernel: Callable[[int, int, str], None] | None = None) -> list[KernelArtifact]:
     """Lower, render and compile (through `cache`, if any) every kernel of a fused graph; kernels of
     `ptx_families` are also emitted as direct PTX (codegen/ptx.py) next to their Triton twin.
-    `on_kernel(i, n, name)` is called before each kernel (progress lines)."""
-    out = []
+
+    Lowering and rendering run here in order; the Triton compiles run `compile_jobs()` at a time,
+    each in its own worker process (DSR_COMPILE_JOBS; one at a time when DSR_COMPILE_TIMEOUT=0
+    compiles in this process). The result is in kernel order whatever order the compiles finish in,
+    and the first failing kernel (in kernel order) is the error. `on_kernel(i, n, name)` is called
+    as each kernel is done (progress lines)."""
+    n = len(g.kernels)
+    rendered = []
     for i, k in enumerate(g.kernels, start=1):
-        if on_kernel is not None:
-            on_kernel(i, len(g.kernels), k.name)
         spec = lower_kernel(k, i)
-        source = render(spec)
+        rendered.append((spec, render(spec)))
+    jobs = 1 if compile_timeout() == 0 else min(compile_jobs(), n)
+
+    def build_one(spec: KernelSpec, source: str) -> KernelArtifact:
         t = time.perf_counter()
         compiled, cached = compile_cached(spec, source, target, cache)
         ptx, note = None, ""
@@ -71,8 +79,51 @@ def build_kernels(g: Graph, target: str = "sm_90a", ptx_families: Sequence[str] 
                 ptx = compile_ptx_kernel(spec, target)
             except PtxUnsupported as e:
                 note = e.what
-        out.append(KernelArtifact(spec, source, compiled, (time.perf_counter() - t) * 1e3, cached, ptx, note))
-    return out
+        return KernelArtifact(spec, source, compiled, (time.perf_counter() - t) * 1e3, cached, ptx, note)
+
+    if jobs <= 1:
+        out = []
+        for i, (spec, source) in enumerate(rendered, start=1):
+            if on_kernel is not None:
+                on_kernel(i, n, spec.name)
+            out.append(build_one(spec, source))
+        return out
+    return _build_parallel(rendered, build_one, jobs, on_kernel)
+
+
+def _build_parallel(rendered: list[tuple[KernelSpec, str]], build_one: Callable[[KernelSpec, str], KernelArtifact],
+                    jobs: int, on_kernel: Callable[[int, int, str], None] | None) -> list[KernelArtifact]:
+    """`build_one` over the kernels on `jobs` threads (each drives one compile worker process)."""
+    n = len(rendered)
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="dsr-compile")
+    futures: list[Future] = []
+    ok = False
+    try:
+        futures = [pool.submit(build_one, spec, source) for spec, source in rendered]
+        index = {f: i for i, f in enumerate(futures)}
+        failed = None
+        for done, f in enumerate(as_completed(futures), start=1):
+            if on_kernel is not None:
+                on_kernel(done, n, rendered[index[f]][0].name)
+            if f.exception() is not None:
+                failed = index[f]
+                break
+        if failed is not None:              # the first failure in kernel order is the error
+            for f in futures[:failed]:
+                if f.exception() is not None:
+                    raise f.exception()
+            raise futures[failed].exception()
+        out = [f.result() for f in futures]
+        ok = True
+        return out
+    finally:
+        if not ok:                          # an error or Ctrl-C: drop queued compiles, end running ones
+            for f in futures:
+                f.cancel()
+            stop_workers()
+        pool.shutdown(wait=True, cancel_futures=True)
+        if not ok:
+            stop_workers()                  # one started by a compile that was taking its worker just then
 
 
 CACHE_FILES = ("meta.json", "kernel.ptx", "kernel.cubin", "kernel.ttir", "kernel.ttgir", "kernel.llir")

@@ -346,30 +346,73 @@ def _compile_here(spec: KernelSpec, source: str, arch: int, options: dict) -> tu
 
 # ----------------------------------------------------------------------------- the compile worker
 
-_WORKER: list[subprocess.Popen] = []      # at most one warm worker, reused across kernels
+_WORKER: list[subprocess.Popen] = []      # every live worker (the build compiles on several at once)
+_IDLE: list[subprocess.Popen] = []        # the warm ones not compiling now, reused across kernels
 
 
-def _worker() -> subprocess.Popen:
-    if _WORKER and _WORKER[0].poll() is None:
-        return _WORKER[0]
-    _WORKER.clear()
-    script = Path(__file__).with_name("compile_worker.py")
-    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-    _WORKER.append(proc)
-    return proc
+def compile_jobs() -> int:
+    """How many kernels the build compiles at once (DSR_COMPILE_JOBS; 0: this machine's CPUs, at most 8)."""
+    try:
+        jobs = int(knobs.get("DSR_COMPILE_JOBS"))
+    except DsrError as e:
+        raise CodegenError(e.what, hint=e.hint) from None
+    if jobs == 0:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+        jobs = min(cpus, 8)
+    return max(1, jobs)
 
 
-def _stop_worker() -> None:
-    """End the worker (a stuck compile, Ctrl-C, or exit): it holds no state worth waiting for."""
-    while _WORKER:
-        proc = _WORKER.pop()
-        with contextlib.suppress(OSError):
-            proc.kill()
-        with contextlib.suppress(Exception):
-            proc.wait(timeout=10)
+def _take_worker() -> subprocess.Popen:
+    with _LOCK:
+        while _IDLE:
+            proc = _IDLE.pop()
+            if proc.poll() is None:
+                return proc
+            _forget(proc)
+        script = Path(__file__).with_name("compile_worker.py")
+        proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                bufsize=0)
+        _WORKER.append(proc)
+        return proc
 
 
-atexit.register(_stop_worker)
+def _give_back(proc: subprocess.Popen) -> None:
+    with _LOCK:
+        if proc.poll() is None and proc in _WORKER:
+            _IDLE.append(proc)
+
+
+def _forget(proc: subprocess.Popen) -> None:
+    if proc in _WORKER:
+        _WORKER.remove(proc)
+    if proc in _IDLE:
+        _IDLE.remove(proc)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """End one worker (a stuck compile, or an error mid-exchange): it holds no state worth waiting for."""
+    with _LOCK:
+        _forget(proc)
+    with contextlib.suppress(OSError):
+        proc.kill()
+    with contextlib.suppress(Exception):
+        proc.wait(timeout=10)
+
+
+def stop_workers() -> None:
+    """End every worker (Ctrl-C or exit); a compile waiting on one then sees it end."""
+    while True:
+        with _LOCK:
+            if not _WORKER:
+                return
+            proc = _WORKER[-1]
+        _kill(proc)
+
+
+atexit.register(stop_workers)
 
 
 def _compile_in_worker(spec: KernelSpec, source: str, arch: int, options: dict,
@@ -379,27 +422,27 @@ def _compile_in_worker(spec: KernelSpec, source: str, arch: int, options: dict,
     attrs = [[list(k), v] for k, v in specialization_attrs(spec).items()]
     req = {"env": knobs.environ(), "path": str(path), "module": modname, "kernel": spec.name,
            "signature": spec.signature(), "attrs": attrs, "options": options, "arch": arch}
-    with _LOCK:
-        proc = _worker()
-        assert proc.stdin is not None and proc.stdout is not None
-        try:
-            cw.send(proc.stdin.fileno(), req)
-            ready, _, _ = select.select([proc.stdout], [], [], timeout)
-            if not ready:
-                _stop_worker()
-                raise CodegenError(f"codegen: compiling {spec.name} took longer than {timeout:g} s "
-                                   "(DSR_COMPILE_TIMEOUT); the compile worker was stopped",
-                                   where=f"kernel {spec.name} ({spec.family}, template {spec.template})",
-                                   hint="a kernel this slow to compile is a codegen bug worth reporting (DSR_DEBUG=4 "
-                                        "shows its source); raise DSR_COMPILE_TIMEOUT to wait longer")
-            reply = cw.recv(proc.stdout.fileno())
-        except BaseException:          # Ctrl-C or a timeout: the worker may be mid-compile
-            _stop_worker()
-            raise
+    proc = _take_worker()
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        cw.send(proc.stdin.fileno(), req)
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        if not ready:
+            _kill(proc)
+            raise CodegenError(f"codegen: compiling {spec.name} took longer than {timeout:g} s "
+                               "(DSR_COMPILE_TIMEOUT); the compile worker was stopped",
+                               where=f"kernel {spec.name} ({spec.family}, template {spec.template})",
+                               hint="a kernel this slow to compile is a codegen bug worth reporting (DSR_DEBUG=4 "
+                                    "shows its source); raise DSR_COMPILE_TIMEOUT to wait longer")
+        reply = cw.recv(proc.stdout.fileno())
+    except BaseException:          # Ctrl-C, a timeout or a broken pipe: the worker may be mid-compile
+        _kill(proc)
+        raise
     if reply is None:
-        _stop_worker()
+        _kill(proc)
         raise CodegenError(f"codegen: the compile worker ended while compiling {spec.name} (exit {proc.poll()})",
                            hint="rerun with DSR_COMPILE_TIMEOUT=0 to compile in this process and see the error")
+    _give_back(proc)
     if not reply["ok"]:
         raise _triton_failed(spec, reply["error"])
     asm = dict(reply["asm"])
@@ -407,5 +450,6 @@ def _compile_in_worker(spec: KernelSpec, source: str, arch: int, options: dict,
     return asm, reply["meta"]
 
 
-__all__ = ["CompiledKernel", "InterpretedKernel", "compile_timeout", "compile_triton", "load_interpreted", "load_jit",
-           "parse_ptxas_log", "parse_target", "ptxas_path", "run_ptxas", "specialization_attrs"]
+__all__ = ["CompiledKernel", "InterpretedKernel", "compile_jobs", "compile_timeout", "compile_triton", "load_interpreted",
+           "load_jit", "parse_ptxas_log", "parse_target", "ptxas_path", "run_ptxas", "specialization_attrs",
+           "stop_workers"]

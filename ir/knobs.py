@@ -75,6 +75,8 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
                                         "caches), checked before building; 0: the machine's physical memory"),
     Knob("DSR_COMPILE_TIMEOUT", _count, 600, "seconds one kernel's Triton compile may take (it runs in a reused "
                                              "worker process; past the limit: an error); 0: in process, no limit"),
+    Knob("DSR_COMPILE_JOBS", _ranged(0, 64), 0, "kernels compiled at once, each in its own worker process; "
+                                                 "0: the CPUs this process may use, at most 8"),
     Knob("DSR_PTX", str, "", "kernel families emitted as direct PTX instead of Triton: 1/all (pointwise, "
                              "reduction, quant_fp8) or a comma list; unset/0: Triton for everything"),
 )}
