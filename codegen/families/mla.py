@@ -65,13 +65,17 @@ P_DTYPES = {DType.bf16: "tl.bfloat16", DType.f16: "tl.float16"}
 
 # ----------------------------------------------------------------------------- shared helpers
 
-def _the_op(k: Kernel, op: str, views_ok: bool = False) -> tuple[Node, dict[str, tuple[str, View]]]:
-    """The kernel's one `op` node and the strided views of its operands (layout ops on inputs)."""
+def _the_op(k: Kernel, op: str, views_ok: bool = False,
+            iota_ok: bool = False) -> tuple[Node, dict[str, tuple[str, View]]]:
+    """The kernel's one `op` node and the strided views of its operands (layout ops on inputs);
+    with `iota_ok`, `iota` nodes too (the caller reads them as indices: see `_iota_inputs`)."""
     g = k.body
     views: dict[str, tuple[str, View]] = {v.name: (v.name, View.contiguous(v.type.shape)) for v in g.inputs}
+    views.update({n.out.name: ("", View.contiguous(n.out.type.shape)) for n in g.nodes
+                  if iota_ok and n.op == "iota"})
     main = [n for n in g.nodes if n.op == op]
     others = [n for n in g.nodes if n.op != op and OPS[n.op].kind != SOURCE
-              and not (views_ok and n.op in INDEX_MAP_OPS)]
+              and not (views_ok and n.op in INDEX_MAP_OPS) and not (iota_ok and n.op == "iota")]
     if len(main) != 1 or others:
         bad = others[0] if others else (main[1] if len(main) > 1 else None)
         extra = " and index-map layout ops on its inputs" if views_ok else ""
@@ -243,7 +247,7 @@ def lower_mla_attention(k: Kernel, index: int) -> KernelSpec:
 # ----------------------------------------------------------------------------- mla_decode (absorbed, split-KV)
 
 def lower_mla_decode(k: Kernel, index: int) -> KernelSpec:
-    n, views = _the_op(k, "mla_decode", views_ok=True)
+    n, views = _the_op(k, "mla_decode", views_ok=True, iota_ok=True)
     g = k.body
     vals = g.values()
     names = arg_names(g)
@@ -264,6 +268,14 @@ def lower_mla_decode(k: Kernel, index: int) -> KernelSpec:
 
     def base(i: int) -> tuple[str, str]:
         return names[("in", views[n.inputs[i]][0])], lit(views[n.inputs[i]][1].offset)
+
+    def positions(i: int, size: sympy.Expr) -> tuple[str, ...]:
+        if views[n.inputs[i]][0] == "":           # an iota in the kernel: the position is the index itself
+            return ("", "0", "1")
+        return base(i) + st(i, (size,))
+    for i in range(4):
+        if views[n.inputs[i]][0] == "":
+            raise fail(k, f"operand %{n.inputs[i]} is an iota; only positions may be", n)
     f32 = ql.dtype is DType.f32
     # Tiles: every row of a program (a (query, head) pair) scores the same [BLOCK_N, kv_lora] latent
     # tile, so a program is a [BLOCK_H, kv_lora] x [kv_lora, BLOCK_N] MMA. ptxas for sm_90a at
@@ -280,7 +292,7 @@ def lower_mla_decode(k: Kernel, index: int) -> KernelSpec:
         ("PRECISION", "ieee" if f32 else ""), ("P_DTYPE", P_DTYPES.get(ql.dtype, "tl.float32")),
         ("QL", base(0) + st(0, ql.shape)), ("QP", base(1) + st(1, qp.shape)),
         ("KV", base(2) + st(2, kv.shape)), ("PE", base(3) + st(3, pe.shape)),
-        ("QPOS", base(4) + st(4, (sq,))), ("KPOS", base(5) + st(5, (t,))),
+        ("QPOS", positions(4, sq)), ("KPOS", positions(5, t)),
         ("O", _out_ptr(k, n, 0)), ("LSE", _out_ptr(k, n, 1)),
     )
     if not params[-2][1] or not params[-1][1]:

@@ -167,6 +167,9 @@ def _rewrite(b: GraphBuilder, m: _Match, prod: dict[str, Node], types: dict[str,
     q_lat = emit("matmul", (q4, w_uk), "q_lat")
     ql4 = emit("reshape", (q_lat,), "q_lat4", shape=(bb, s, h, c))
     split = int(ctx.options.get("mla_split") or choose_split(t))
+    kp = prod.get(k_pos)
+    if kp is not None and kp.op == "iota":    # arange(T), often shared by every layer: an own copy per
+        k_pos = emit("iota", (), "k_pos", **kp.attr_dict)   # decode, which its kernel reads as the key index
     o_part, lse = emit("mla_decode", (ql4, q_pe, m.latent, k_pe, q_pos, k_pos), ("o_part", "lse"),
                        scale=n.attr("scale"), split=split)
     o_lat = emit("mla_combine", (o_part, lse), "o_lat", dtype=dt)

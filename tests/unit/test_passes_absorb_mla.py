@@ -201,3 +201,23 @@ def test_absorb_keeps_outputs_on_random_shapes(shape, data):
     args = _inputs(g, shape["b"], start, seed=start)
     (want,), (got,) = run_graph(g, args), run_graph(out, args)
     torch.testing.assert_close(got, want, **F32)
+
+
+def _with_iota_positions(extra_user: bool) -> str:
+    text = ABSORBED.replace(", %k_pos : i64[20], param", ", param").replace(
+        "      %o.o_part,", "      %k_pos : i64[20] = iota(n=20, dtype=i64)\n      %o.o_part,", 1)
+    if extra_user:
+        text = text.replace("return %o\n", "return %o, %k_pos\n")
+    return text
+
+
+def test_decode_key_positions_from_an_iota_are_the_key_index():
+    fused = apply_pass(parse(ir_text(_with_iota_positions(False))), "fuse", fuse)
+    assert [k.family for k in fused.kernels] == ["gemm", "mla_decode", "mla_combine", "gemm"]
+    assert [n.op for n in fused.kernels[1].body.nodes] == ["iota", "mla_decode"]
+    assert "k_pos" not in [v.name for v in fused.kernels[1].body.inputs]
+    # another reader (here: a graph output) keeps the iota its own kernel
+    shared = apply_pass(parse(ir_text(_with_iota_positions(True))), "fuse", fuse)
+    assert [k.family for k in shared.kernels].count("pointwise") == 1
+    decode = next(k for k in shared.kernels if k.family == "mla_decode")
+    assert [n.op for n in decode.body.nodes] == ["mla_decode"] and "k_pos" in [v.name for v in decode.body.inputs]

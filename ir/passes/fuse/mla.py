@@ -12,10 +12,18 @@ from .fuser import Fuser
 
 
 def group_mla_operands(f: Fuser) -> None:
-    """An mla_attention / mla_decode kernel with the views of its operands that only it reads."""
+    """An mla_attention / mla_decode kernel with the views of its operands that only it reads; an
+    mla_decode also takes the `iota` of its key positions (`arange(T)`, read by nothing else): the
+    kernel uses the key index itself instead of loading positions another kernel wrote."""
     for i, n in enumerate(f.nodes):
         if n.op in ("mla_attention", "mla_decode") and i not in f.group_of:
-            f.absorb_operand_views(f.new_group(OPS[n.op].kind, i), i, f"{n.op} kernel of {f.name(i)}")
+            grp = f.new_group(OPS[n.op].kind, i)
+            f.absorb_operand_views(grp, i, f"{n.op} kernel of {f.name(i)}")
+            if n.op == "mla_decode":
+                j = f.index_of.get(n.inputs[5])
+                if (j is not None and j not in f.group_of and f.nodes[j].op == "iota"
+                        and f.users[j] == {i} and n.inputs[5] not in f.graph_outputs):
+                    f.add(grp, j)
 
 
 MLA_TAGS = {"mla_attention": "flash", "mla_decode": "splitkv", "mla_combine": "splits", "rope_table": "cos_sin",
