@@ -153,10 +153,16 @@ def lower_rope_table(k: Kernel, index: int) -> KernelSpec:
 # ----------------------------------------------------------------------------- index_copy
 
 def lower_index_copy(k: Kernel, index: int) -> KernelSpec:
-    n, _views = _the_op(k, "index_copy")
+    n, views = _the_op(k, "index_copy", views_ok=True)
     names = arg_names(k.body)
     vals = k.body.values()
     xt, it, _st = (vals[i].type for i in n.inputs)
+    for pos, name in enumerate(n.inputs):
+        base, view = views[name]
+        if not view.is_contiguous() or (pos > 0 and base != name):
+            raise fail(k, f"index_copy reads %{name} through a view that is not one contiguous block", n,
+                       "only the cache may be a view: a leading-dim slice of a stacked cache")
+    x_base, x_view = views[n.inputs[0]]
     d = n.attr("dim") % xt.rank
     outer, rows, inner = prod(xt.shape[:d]), xt.shape[d], prod(xt.shape[d + 1:])
     length = it.shape[0]
@@ -167,7 +173,7 @@ def lower_index_copy(k: Kernel, index: int) -> KernelSpec:
     bn = attr_int(k, "block_n", 32)
     params = (("BLOCK_N", bn), ("BLOCK_J", bj), ("BLOCK_Q", bq), ("N", pool.lit(rows)), ("L", pool.lit(length)),
               ("Q", pool.lit(inner)),
-              ("X", names[("in", n.inputs[0])]), ("IDX", names[("in", n.inputs[1])]),
+              ("X", names[("in", x_base)]), ("X_OFF", pool.lit(x_view.offset)), ("IDX", names[("in", n.inputs[1])]),
               ("SRC", names[("in", n.inputs[2])]), ("OUT", names[("out", 0)]), ("ERR", "err_check"))
     grid = outer * sympy.ceiling(rows / bn)
     # An index outside [0, N) would silently drop its row (torch raises): the kernel flags it in a

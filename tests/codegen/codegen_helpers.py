@@ -95,6 +95,8 @@ def run_interpreted(k: Kernel, inputs: list[torch.Tensor], spec: KernelSpec | No
         if a.role == "scratch":
             junk = float("nan") if a.dtype.is_float else 12345   # int workspaces: a count no test reaches
             buffers[a.value] = torch.full(tuple(eval_expr(d, env) for d in a.shape), junk, dtype=a.dtype.torch)
+        elif a.role == "check":  # the runtime-owned error flag (index_copy): zero means no error
+            buffers[a.value] = torch.zeros(tuple(eval_expr(d, env) for d in a.shape), dtype=a.dtype.torch)
     grid, args = launch_args(spec, buffers, env)
     fn[grid](*args)
     return outs

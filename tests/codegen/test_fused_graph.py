@@ -81,3 +81,25 @@ def test_reduction_reading_a_slice_of_a_gemm_output_matches_unfused():
         (want,) = run_graph(g, inputs)
         (got,) = run_fused(fused, inputs)
         torch.testing.assert_close(got, want, rtol=TOL[torch.float32]["rtol"], atol=TOL[torch.float32]["atol"])
+
+
+def test_cache_write_into_one_layer_of_a_stacked_cache_matches_unfused():
+    """index_copy reads layer 1 of a [2, B, S, C] cache at an offset (no slice copy kernel)."""
+    from dsr_compiler.ir import parse
+    g = parse("""
+        graph g(%caches : f32[2,B,8,4], %pos : i64[1], %new : f32[B,1,4]) {
+          %c0 : f32[1,B,8,4] = slice(%caches, dim=0, start=1, end=2, step=1)
+          %c : f32[B,8,4] = reshape(%c0, shape=(B, 8, 4))
+          %w : f32[B,8,4] = index_copy(%c, %pos, %new, dim=1)
+          return %w
+        }
+    """)
+    fused = run_passes(g, PIPELINE, PassContext())[-1].graph
+    assert len(fused.kernels) == 1 and fused.kernels[0].family == "index_copy"
+    gen = torch.Generator().manual_seed(0)
+    for b, p in ((1, 0), (3, 5)):
+        inputs = [torch.randn(2, b, 8, 4, generator=gen), torch.tensor([p]), torch.randn(b, 1, 4, generator=gen)]
+        (want,) = run_graph(g, inputs)
+        (got,) = run_fused(fused, inputs)
+        assert torch.equal(got, want)
+        assert torch.equal(got[:, p], inputs[2][:, 0]) and torch.equal(got[:, p + 1], inputs[0][1, :, p + 1])

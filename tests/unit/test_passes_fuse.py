@@ -546,3 +546,34 @@ def test_a_view_of_a_value_the_prologue_computes_is_not_read_in_place():
         kernels = [b.split("}", 1)[0] for b in text.split("kernel @")[1:]]
         assert len(kernels) == 2, (second, text)          # exp, then permute + add + rms_norm
         assert "permute(%e" in kernels[1] and "= exp(" not in kernels[1], (second, text)
+
+
+STACKED_CACHE = """
+    graph g(%caches : f32[2,B,8,4], %pos : i64[1], %new : f32[B,1,4]) {
+      %c0 : f32[1,B,8,4] = slice(%caches, dim=0, start=1, end=2, step=1)
+      %c : f32[B,8,4] = reshape(%c0, shape=(B, 8, 4))
+      %w : f32[B,8,4] = index_copy(%c, %pos, %new, dim=1)
+      return %w
+    }
+"""
+
+
+def test_a_cache_write_reads_one_layer_of_a_stacked_cache_in_place():
+    text, ctx = fused(STACKED_CACHE)
+    assert text == ir_text("""
+        kernel @k1_index_copy_rows(%caches : f32[2,B,8,4], %pos : i64[1], %new : f32[B,1,4]) family="index_copy" {
+          %c0 : f32[1,B,8,4] = slice(%caches, dim=0, start=1, end=2, step=1)
+          %c : f32[B,8,4] = reshape(%c0, shape=(B, 8, 4))
+          %w : f32[B,8,4] = index_copy(%c, %pos, %new, dim=1)
+          return %w
+        }
+
+        graph g(%caches : f32[2,B,8,4], %pos : i64[1], %new : f32[B,1,4]) {
+          %w : f32[B,8,4] = call @k1_index_copy_rows(%caches, %pos, %new)
+          return %w
+        }
+    """)
+    # a slice along another dim is not one block: it stays a copy kernel
+    other = fused(STACKED_CACHE.replace("f32[2,B,8,4]", "f32[B,2,8,4]").replace("f32[1,B,8,4] = slice(%caches, dim=0",
+                                                                                 "f32[B,1,8,4] = slice(%caches, dim=1"))[0]
+    assert other.count("kernel @") == 2

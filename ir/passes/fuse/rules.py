@@ -14,6 +14,7 @@ from .fuser import Fuser
 
 GROUP_RULES: tuple[Callable[[Fuser], None], ...] = (
     mla.group_mla_operands,     # mla_attention / mla_decode read their operands' views in place
+    mla.group_index_copy,       # a cache write reads one layer of a stacked cache in place
     fp8.group_gemm_fp8,         # gemm_fp8 (dual SwiGLU pair), epilogue, quant epilogue
     fp8.group_quant_fp8,        # quant_fp8 with its rms_norm / pointwise prologue; dequant_fp8 alone
     core.group_gemm,            # linear / matmul (SwiGLU pair), operand views, epilogue
