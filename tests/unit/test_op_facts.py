@@ -46,7 +46,7 @@ def test_derivative_rules_live_on_the_ops():
 def test_fusion_rules_are_one_ordered_tuple():
     assert isinstance(GROUP_RULES, tuple)
     assert [r.__name__ for r in GROUP_RULES] == [
-        "group_mla_operands", "group_gemm_fp8", "group_quant_fp8", "group_gemm", "group_reduction",
+        "group_mla_operands", "group_index_copy", "group_gemm_fp8", "group_quant_fp8", "group_gemm", "group_reduction",
         "group_attention", "group_pointwise"]
     assert set(TAGGERS) == {"mla_attention", "mla_decode", "mla_combine", "rope_table", "index_copy", "gemm_fp8",
                             "quant_fp8", "moe_gemm_fp8"}
