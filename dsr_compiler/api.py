@@ -64,6 +64,7 @@ class CompiledModule:
     signature: Any = None          # dsr_compiler.signature.CallSignature: what a call must pass
     position_guards: tuple = ()    # signature.PositionGuard: decode positions checked on the host
     compile_options: CompileOptions | None = None
+    ep: Any = None                 # dsr_compiler.ep.ExpertParallel when the experts are spread over ranks
     _plans: dict[str, Any] = field(default_factory=dict)
     _device_params: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
@@ -72,7 +73,7 @@ class CompiledModule:
         from dsr_compiler.runtime.launch import build_plan
         be = resolve_backend(backend or self.options["backend"])
         if be not in self._plans:
-            self._plans[be] = build_plan(self.graph, self.kernels, be)
+            self._plans[be] = build_plan(self.graph, self.kernels, be, self.ep)
             dev = self._plans[be].device
             self._device_params[be] = [p.detach().to(dev).contiguous() for p in self.params]
         return be, self._plans[be]
@@ -129,7 +130,7 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
             backend: str | None = None, dynamic: dict | None = None, name: str | None = None,
             on_pass: Callable[[PassRecord], None] | None = None,
             grad_wrt: Sequence[str] | None = None, mla: str = "absorb", ptx_families: Any = None,
-            options: CompileOptions | None = None, progress: Any = None) -> CompiledModule:
+            options: CompileOptions | None = None, progress: Any = None, ep: Any = None) -> CompiledModule:
     """Compile `module` for `target`; the result runs on `backend` (auto | cuda | interpret).
 
     With `grad_wrt` (forward parameter names; the forward must return one scalar loss) the
@@ -137,12 +138,16 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
     `example_inputs` is a tuple of forward's arguments (a bare tensor is one), `kwargs` more of them by
     name; the compiled module is called with the same arguments (dsr_compiler/signature.py).
     `options` (dsr_compiler/options.py), when given, replaces fp8/target/backend/mla/ptx_families.
-    `progress` (dsr_compiler/progress.py `Progress`, as `dsrc` passes it) gets a line per stage and kernel."""
+    `progress` (dsr_compiler/progress.py `Progress`, as `dsrc` passes it) gets a line per stage and kernel.
+    `ep` (a torch.distributed ProcessGroup, an int N for the initialised default group, or
+    dsr_compiler.ep.EpPlan) spreads the routed experts over the group's ranks (dsr_compiler/ep.py)."""
     from dsr_compiler.codegen.build import build_kernels
     from dsr_compiler.frontend import param_tensors
     from dsr_compiler.runtime.cache import ArtifactCache
     if options is None:
         options = CompileOptions.make(fp8=fp8, target=target, backend=backend, mla=mla, ptx_families=ptx_families)
+    from dsr_compiler import ep as _ep
+    ep_info = _ep.resolve(ep)                       # before the trace: a bad `ep` costs nothing
     from dsr_compiler.signature import CallSignature, position_guards
     signature, example_inputs = CallSignature.from_example(module, _example_tuple(example_inputs), kwargs)
     t0 = time.perf_counter()
@@ -157,10 +162,12 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
     ctx = PassContext(options=options.pass_options())
     if wrt:
         ctx.options["grad_wrt"] = wrt
+    if ep_info is not None:
+        ctx.options["ep"] = ep_info.pass_option()
     t1 = time.perf_counter()
     if progress is not None:
         progress.stage("passes")
-    records = run_passes(g, list(PIPELINE), ctx, on_pass=on_pass)
+    records = run_passes(g, _ep.pipeline(list(PIPELINE), ep_info), ctx, on_pass=on_pass)
     if trace_notes:       # the frontend's notes (e.g. a print() in forward) belong to the trace record
         import dataclasses
         records[0] = dataclasses.replace(records[0], notes=tuple(trace_notes))
@@ -182,7 +189,8 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
     derived = [dict(d.to_json(), source=param_origin.get(d.outputs[0], "unused")) for d in declared]
     cm = CompiledModule(
         graph=final, passes=records, kernels=kernels,
-        options=options.to_dict(dynamic, wrt), compile_options=options,
+        options={**options.to_dict(dynamic, wrt), **({"ep": ep_info.to_dict()} if ep_info else {})},
+        compile_options=options, ep=ep_info,
         params=params, example_env={str(k): v for k, v in env.items()}, derived_params=derived, signature=signature,
         position_guards=position_guards(g),
         compile_ms={"trace": t_trace, "passes": t_passes, "codegen": t_codegen,

@@ -77,6 +77,8 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
                                              "worker process; past the limit: an error); 0: in process, no limit"),
     Knob("DSR_COMPILE_JOBS", _ranged(0, 64), 0, "kernels compiled at once, each in its own worker process; "
                                                  "0: the CPUs this process may use, at most 8"),
+    Knob("DSR_EP_TIMEOUT_S", _ranged(1, 86400), 300, "seconds an expert-parallel rank waits for the others in "
+                                                       "one exchange (the process group's timeout) before failing"),
     Knob("DSR_PTX", str, "", "kernel families emitted as direct PTX instead of Triton: 1/all (pointwise, "
                              "reduction, quant_fp8) or a comma list; unset/0: Triton for everything"),
 )}

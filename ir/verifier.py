@@ -22,6 +22,7 @@ KERNEL_FAMILIES: tuple[str, ...] = (
     "moe_router", "moe_dispatch", "moe_gemm", "moe_gemm_fp8", "moe_combine",
     "rope_table", "index_copy", "mla_attention", "mla_decode", "mla_combine",
     "vocab_logprobs", "vocab_grad_hidden", "vocab_grad_weight", "gather",
+    "ep_route", "gather_rows",                                           # expert parallelism
 )
 
 

@@ -15,12 +15,14 @@ from dsr_compiler.codegen.build import KernelArtifact
 from dsr_compiler.codegen.compile import load_interpreted, load_jit
 from dsr_compiler.ir.errors import RuntimeLaunchError
 from dsr_compiler.ir.graph import Graph
-from dsr_compiler.ir.ops import OPS, SOURCE
+from dsr_compiler.ir.ops import COLLECTIVE, OPS, SOURCE
 
+from .collective import CollectiveStep
 from .plan import ConstStep, KernelStep, LaunchPlan, ViewStep
 
 
-def build_plan(g: Graph, kernels: list[KernelArtifact], backend: str) -> LaunchPlan:
+def build_plan(g: Graph, kernels: list[KernelArtifact], backend: str, ep=None) -> LaunchPlan:
+    """`ep` (dsr_compiler.ep.ExpertParallel) carries the process group of the plan's all_to_all nodes."""
     by_name = {k.spec.name: k for k in kernels}
     device = torch.device("cuda" if backend == "cuda" else "cpu")
     steps: list = []
@@ -39,9 +41,11 @@ def build_plan(g: Graph, kernels: list[KernelArtifact], backend: str) -> LaunchP
             steps.append(KernelStep(spec.name, spec, fn, list(n.outputs), kw))
         elif n.op == "reshape":
             steps.append(ViewStep(n))
+        elif OPS[n.op].kind == COLLECTIVE:
+            steps.append(CollectiveStep(n, ep, g.name))
         elif OPS[n.op].kind == SOURCE:
             steps.append(ConstStep(n))
         else:
             raise RuntimeLaunchError(f"plan: top-level op {n.op} is not a kernel call",
                                      hint="the fuse pass must place every compute op in a kernel")
-    return LaunchPlan(g, steps, device)
+    return LaunchPlan(g, steps, device, ep)

@@ -1,7 +1,7 @@
 """Launch plan: the compiled graph's top level as a list of steps over buffers.
 
 Steps are kernel launches (a generated kernel, its argument binding and grid), free views
-(`reshape` of a contiguous buffer) and constants. Symbolic sizes are bound once per call
+(`reshape` of a contiguous buffer), constants and collectives (runtime/collective.py). Symbolic sizes are bound once per call
 from the input shapes; scalar arguments and grids are sympy expressions compiled to
 Python functions when the plan is built. Nothing here reads device memory back to the host.
 """
@@ -17,6 +17,8 @@ from dsr_compiler.codegen.spec import eval_expr, launch_args
 from dsr_compiler.ir.errors import RuntimeLaunchError
 from dsr_compiler.ir.graph import Graph, Node, Value
 from dsr_compiler.ir.interp import bind_symbols, concrete_attr
+
+from .collective import CollectiveStep, agree
 
 
 @dataclass
@@ -39,8 +41,10 @@ class ConstStep:
 
 
 class LaunchPlan:
-    def __init__(self, graph: Graph, steps: list, device: torch.device):
+    def __init__(self, graph: Graph, steps: list, device: torch.device, ep: Any = None):
         self.graph = graph
+        self.ep = ep                      # dsr_compiler.ep.ExpertParallel of the collective steps, or None
+        self._agreed: set[tuple] = set()  # symbol values every rank has been seen to call with
         self.steps = steps
         self.device = device
         syms: set[sympy.Symbol] = set()
@@ -91,6 +95,10 @@ class LaunchPlan:
         self._last_env = names_env
         for _, a, buf in self.flags:
             env[a.value] = buf
+        collectives = [st for st in self.steps if isinstance(st, CollectiveStep)]
+        if collectives and (key := tuple(sorted(names_env.items()))) not in self._agreed:
+            agree(self.ep, names_env, g.name)          # once per new shape: the ranks' sizes must match
+            self._agreed.add(key)
         for step in self.steps:
             if isinstance(step, KernelStep):
                 for o in step.outputs:
@@ -111,6 +119,10 @@ class LaunchPlan:
                 n = step.node
                 shape = concrete_attr(n.attr("shape"), env_sym)
                 env[n.out.name] = env[n.inputs[0]].view(shape)
+            elif isinstance(step, CollectiveStep):
+                outs = step.run([env[i] for i in step.node.inputs])
+                for o, t in zip(step.node.outputs, outs):
+                    env[o.name] = t
             elif isinstance(step, ConstStep):
                 n = step.node
                 env[n.out.name] = torch.tensor(n.attr("value"), dtype=n.attr("dtype").torch, device=self.device)

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 from dsr_compiler.ir.errors import CodegenError
 from dsr_compiler.ir.verifier import KERNEL_FAMILIES
 
-from . import attention, gemm, gemm_fp8, mla, moe, moe_gemm_fp8, pointwise, quant_fp8, reduction, vocab_loss
+from . import attention, ep, gemm, gemm_fp8, mla, moe, moe_gemm_fp8, pointwise, quant_fp8, reduction, vocab_loss
 from .record import PEAKS, TEMPLATE_DIR, KernelFamily, Lowering, PtxProgram
 
 FAMILIES: tuple[KernelFamily, ...] = (
@@ -39,6 +39,8 @@ FAMILIES: tuple[KernelFamily, ...] = (
     vocab_loss.VOCAB_GRAD_HIDDEN_FAMILY,
     vocab_loss.VOCAB_GRAD_WEIGHT_FAMILY,
     vocab_loss.GATHER_FAMILY,
+    ep.EP_ROUTE_FAMILY,                  # expert parallelism (README "Expert parallelism")
+    ep.GATHER_ROWS_FAMILY,
     mla.ROPE_TABLE_FAMILY,               # MLA (DESIGN.md section 4)
     mla.INDEX_COPY_FAMILY,
     mla.MLA_ATTENTION_FAMILY,

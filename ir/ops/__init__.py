@@ -13,6 +13,7 @@ listed before it, never a later one):
     core   pointwise, reductions, GEMMs, attention, layout, const, call
     fp8    quant_fp8, dequant_fp8, gemm_fp8 and the FP8 constants (E4M3_MAX, SCALE_FLOOR)
     moe    router, dispatch, grouped GEMMs (bf16 and FP8), combine
+    ep     expert parallelism: ep_route, gather_rows, all_to_all (a collective, run by the runtime)
     mla    iota, rope_table, index_copy, mla_attention, mla_decode, mla_combine
     loss   token_logprobs and its gradients, gather, stop_gradient
 """
@@ -20,6 +21,7 @@ from ..graph import float_repr  # the printer's; re-exported where it used to li
 from ._def import (
     ATTENTION,
     CALL,
+    COLLECTIVE,
     GEMM,
     LAYOUT,
     OPS,
@@ -46,12 +48,13 @@ from ._def import (
 from . import core  # noqa: E402,F401  (the op modules register into OPS, in this order)
 from . import fp8  # noqa: E402,F401
 from . import moe  # noqa: E402,F401
+from . import ep  # noqa: E402,F401
 from . import mla  # noqa: E402,F401
 from . import loss  # noqa: E402,F401
 
-MODULES = ("core", "fp8", "moe", "mla", "loss")
+MODULES = ("core", "fp8", "moe", "ep", "mla", "loss")
 
-__all__ = ["ATTENTION", "CALL", "GEMM", "LAYOUT", "MODULES", "OPS", "POINTWISE", "REDUCTION", "SOURCE", "AttrSpec",
+__all__ = ["ATTENTION", "CALL", "COLLECTIVE", "GEMM", "LAYOUT", "MODULES", "OPS", "POINTWISE", "REDUCTION", "SOURCE", "AttrSpec",
            "GradBuilder", "OpDef", "TypeRuleError", "Vjp", "differentiable_ops", "dims_equal", "fit", "float_repr",
            "flops_per_element", "get_op", "index_map_ops", "is_commutative", "last_dim_reductions", "norm_dim",
            "register", "single_output_vjp"]

@@ -27,6 +27,7 @@ ATTENTION = "attention"
 LAYOUT = "layout"
 SOURCE = "source"
 CALL = "call"
+COLLECTIVE = "collective"      # no kernel family takes it: the runtime runs it between kernels (all_to_all)
 
 
 class TypeRuleError(Exception):

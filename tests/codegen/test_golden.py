@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dsr_compiler.ep import EpPlan
+
 GOLDEN = Path(__file__).parent / "golden"
 # (module, fp8, phase, mla): the plans whose kernels cover every family, cheapest first.
 PLANS = (
@@ -47,7 +49,7 @@ def _graphs():
     cfg = ModelConfig.named("deepseek-v3-tiny")
     for module, fp8, phase, mla in PLANS:
         wl = build(cfg, module, 1, 8, "f32", 0, phase=phase)
-        yield dsr.trace(wl.module, wl.example_inputs, dynamic=wl.dynamic, name=wl.name), fp8, mla, wl.grad_wrt
+        yield dsr.trace(wl.module, wl.example_inputs, dynamic=wl.dynamic, name=wl.name), fp8, mla, wl.grad_wrt, None
     sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
     try:
         from dense_attention import DYNAMIC, DenseAttentionBlock, init_weights
@@ -56,22 +58,31 @@ def _graphs():
     from dsr_compiler.models.layers import precompute_rope
     block = init_weights(DenseAttentionBlock(64, 2, 32), 0).eval()
     cos, sin = precompute_rope(32, 10000.0, 8)
-    yield dsr.trace(block, (torch.randn(1, 8, 64), cos, sin), dynamic=DYNAMIC, name="dense_attention"), False, "absorb", ()
+    yield dsr.trace(block, (torch.randn(1, 8, 64), cos, sin), dynamic=DYNAMIC, name="dense_attention"), False, "absorb", \
+        (), None
     yield (dsr.trace(_Gather(), (torch.randn(4, 16), torch.zeros(4, 3, dtype=torch.int64)),
-                     dynamic={"x": {0: "T"}, "idx": {0: "T"}}, name="gather"), False, "absorb", ())
+                     dynamic={"x": {0: "T"}, "idx": {0: "T"}}, name="gather"), False, "absorb", (), None)
+    wl = build(cfg, "moe", 1, 8, "f32", 0)          # expert parallelism: rank 1 of 2 (ep_route, gather_rows)
+    yield (dsr.trace(wl.module, wl.example_inputs, dynamic=wl.dynamic, name="moe_ep"), True, "absorb", (),
+           EpPlan(2, 1))
 
 
 @lru_cache(maxsize=1)
 def representative_kernels() -> dict[str, object]:
-    """family -> KernelSpec of its first kernel over PLANS (then the dense attention block and a gather)."""
+    """family -> KernelSpec of its first kernel over PLANS (then the dense attention block, a gather and an
+    expert-parallel MoE)."""
+    from dsr_compiler import ep as ep_mod
     from dsr_compiler.codegen.lower import lower_kernel
     from dsr_compiler.ir.passes import PIPELINE, Fp8Policy, PassContext, run_passes
     out: dict[str, object] = {}
-    for g, fp8, mla, grad_wrt in _graphs():
+    for g, fp8, mla, grad_wrt, ep in _graphs():
         opts = {"fp8": Fp8Policy.from_option(fp8) or False, "mla": mla}
         if grad_wrt:
             opts["grad_wrt"] = tuple(grad_wrt)
-        final = run_passes(g, list(PIPELINE), PassContext(options=opts))[-1].graph
+        info = ep_mod.resolve(ep)
+        if info is not None:
+            opts["ep"] = info.pass_option()
+        final = run_passes(g, ep_mod.pipeline(list(PIPELINE), info), PassContext(options=opts))[-1].graph
         for i, k in enumerate(final.kernels, start=1):
             if k.family not in out:
                 out[k.family] = lower_kernel(k, i)

@@ -13,7 +13,7 @@ rules (which claim their nodes first). Families (what codegen/lower.py accepts):
 from __future__ import annotations
 
 from ...graph import Node
-from ...ops import ATTENTION, LAYOUT, OPS, POINTWISE, REDUCTION, SOURCE
+from ...ops import ATTENTION, COLLECTIVE, LAYOUT, OPS, POINTWISE, REDUCTION, SOURCE
 from ...types import dims_equal
 from .fuser import VIEW_OPS, Fuser
 
@@ -67,6 +67,8 @@ def group_pointwise(f: Fuser) -> None:
         kind = OPS[n.op].kind
         if kind == SOURCE:
             continue  # constants are copied into the kernels that use them
+        if kind == COLLECTIVE:
+            continue  # all_to_all stays at the top level: the runtime runs it between kernels
         if kind in (POINTWISE, LAYOUT):
             grp = f.new_group("pointwise", i)
             what = f"pointwise kernel of {f.name(i)}"

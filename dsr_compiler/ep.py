@@ -1,0 +1,103 @@
+"""Expert parallelism at the front door: what `dsr.compile(..., ep=...)` accepts (README "Expert parallelism").
+
+`ep` is one of:
+- a `torch.distributed` ProcessGroup: its ranks share the experts (this process is rank
+  `dist.get_rank(group)` of `dist.get_world_size(group)`);
+- an int N: the initialised default group, which must have N ranks;
+- `EpPlan(n_ranks, rank)`: compile rank `rank`'s plan without any group (`dsrc compile --ep N`: IR,
+  kernels and report of one rank on one machine); calling it is an error.
+
+The result, `ExpertParallel`, names the group in the IR (`group="ep4"`; the all_to_all ops carry
+it) and registers it where the reference interpreter and the runtime find it (ir/ops/ep.py
+PROCESS_GROUPS). The rewrite itself is ir/passes/expert_parallel.py; the exchange is
+runtime/collective.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from dsr_compiler.errors import DsrError
+
+PASS = ("expert_parallel", "quantize_fp8")    # (the pass, the pass it follows in the pipeline)
+
+
+@dataclass(frozen=True)
+class EpPlan:
+    """Rank `rank` of `n_ranks`, compiled without a process group (for inspection: IR, report, sizes)."""
+
+    n_ranks: int
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class ExpertParallel:
+    n_ranks: int
+    rank: int
+    name: str            # the group's name in the IR
+    group: Any = None    # the ProcessGroup, or None for a plan compiled without one
+    backend: str = ""    # "gloo" | "nccl" | "" (no group)
+
+    def pass_option(self) -> dict[str, Any]:
+        return {"n_ranks": self.n_ranks, "rank": self.rank, "group": self.name}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.pass_option(), "backend": self.backend or None}
+
+
+def _check_int(v: Any, what: str, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise DsrError(f"ep: {what} must be an int >= {lo}, got {v!r}",
+                       hint="ep=N (ranks of the initialised default group), a ProcessGroup, or EpPlan(N, rank)")
+    return v
+
+
+def resolve(ep: Any) -> ExpertParallel | None:
+    """The ExpertParallel of a compile's `ep` argument (None: one process holds every expert)."""
+    if ep is None:
+        return None
+    from torch import distributed as dist
+    if isinstance(ep, EpPlan):
+        n = _check_int(ep.n_ranks, "the rank count", 1)
+        r = _check_int(ep.rank, "the rank", 0)
+        if r >= n:
+            raise DsrError(f"ep: rank {r} is not one of the {n} ranks", hint=f"use a rank in 0..{n - 1}")
+        return ExpertParallel(n, r, f"ep{n}")
+    if isinstance(ep, int) and not isinstance(ep, bool):
+        n = _check_int(ep, "the rank count", 1)
+        if not (dist.is_available() and dist.is_initialized()):
+            raise DsrError(f"ep={n}: torch.distributed is not initialised in this process",
+                           hint="call torch.distributed.init_process_group first (or run under torchrun / "
+                                "`dsrc run --ep N`), pass a ProcessGroup, or EpPlan(N, rank) to compile without one")
+        group = dist.group.WORLD
+    elif dist.is_available() and isinstance(ep, dist.ProcessGroup):
+        group, n = ep, None
+    else:
+        raise DsrError(f"ep: expected an int, a torch.distributed ProcessGroup or EpPlan, got {type(ep).__name__}",
+                       hint="ep=N (ranks of the initialised default group), a ProcessGroup, or EpPlan(N, rank)")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if n is not None and world != n:
+        raise DsrError(f"ep={n}: the default process group has {world} ranks",
+                       hint=f"use ep={world}, or pass the ProcessGroup of the {n} ranks that share the experts")
+    if rank < 0:
+        raise DsrError("ep: this process is not a member of the given process group")
+    backend = str(dist.get_backend(group))
+    from dsr_compiler.ir.ops.ep import PROCESS_GROUPS
+    name = f"ep{world}" if group is dist.group.WORLD else f"ep{world}.g{getattr(group, 'group_name', id(group))}"
+    name = name.replace(" ", "")
+    PROCESS_GROUPS[name] = group
+    return ExpertParallel(world, rank, name, group, backend)
+
+
+def pipeline(passes: list, ep: ExpertParallel | None) -> list:
+    """The PIPELINE with expert_parallel inserted after quantize_fp8 when `ep` is set."""
+    if ep is None:
+        return list(passes)
+    from dsr_compiler.ir.passes.expert_parallel import expert_parallel
+    out = list(passes)
+    at = [name for name, _ in out].index(PASS[1]) + 1
+    out.insert(at, (PASS[0], expert_parallel))
+    return out
+
+
+__all__ = ["EpPlan", "ExpertParallel", "pipeline", "resolve"]
