@@ -42,6 +42,35 @@ def _count(text: str) -> int:
     return n
 
 
+def _rank(text: str) -> int:
+    """--ep-rank: a whole number >= 0 (checked against --ep later)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= n < 1 << 16:
+        raise argparse.ArgumentTypeError(f"{n} is outside 0 .. {(1 << 16) - 1}")
+    return n
+
+
+def _ep_options(p: argparse.ArgumentParser, run: bool) -> None:
+    g = p.add_argument_group("expert parallelism (README \"Expert parallelism\")")
+    g.add_argument("--ep", type=_count, default=None, metavar="N",
+                   help=("spread the routed experts over N ranks: starts N local processes (gloo; under torchrun the "
+                         "launch's ranks) and checks each rank against one process and eager" if run else
+                         "compile one rank's plan of N (with --ep-rank): IR, kernels and the exchanges' sizes"))
+    if not run:
+        g.add_argument("--ep-rank", type=_rank, default=0, metavar="R", help="the rank whose plan to build (default 0)")
+
+
+def _ep_plan(args):
+    """EpPlan(--ep, --ep-rank) of `dsrc compile|ir`, or None."""
+    if not getattr(args, "ep", None):
+        return None
+    from dsr_compiler.ep import EpPlan
+    return EpPlan(args.ep, args.ep_rank)
+
+
 def _selectors(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("selectors")
     src = g.add_mutually_exclusive_group()
@@ -112,13 +141,14 @@ def _options(args):
                                mla=args.mla)
 
 
-def _compile(args, wl):
+def _compile(args, wl, ep=None):
     import dsr_compiler as dsr
     from dsr_compiler.progress import Progress
     progress = Progress.for_cli(quiet=getattr(args, "quiet", False))
     try:
         return dsr.compile(wl.module, wl.example_inputs, dynamic=wl.dynamic, name=wl.name,
-                           grad_wrt=getattr(wl, "grad_wrt", None) or None, options=_options(args), progress=progress)
+                           grad_wrt=getattr(wl, "grad_wrt", None) or None, options=_options(args), progress=progress,
+                           ep=ep)
     finally:
         progress.done()
 
@@ -133,7 +163,7 @@ def cmd_compile(args) -> int:
         from dsr_compiler.dump import check_out_dir
         check_out_dir(args.out)
     wl = _workload(args)
-    cm = _compile(args, wl)
+    cm = _compile(args, wl, _ep_plan(args))
     print(_summary(cm))
     if args.out:
         out = cm.dump(args.out)
@@ -162,14 +192,21 @@ def _check_fp8_output(label: str, o, ref, sim, pinned, stages: int, routed: bool
 
 
 def cmd_run(args) -> int:
-    import torch
-    from dsr_compiler.errors import CheckFailed
-    from dsr_compiler.tolerance import compare
+    if args.ep:                             # N ranks: dsr_compiler/ep_run.py launches or runs one of them
+        from dsr_compiler.ep_run import run_ep
+        return run_ep(args)
     wl = _workload(args, seed=args.seed)
     _require_weights(wl, "run")
     cm = _compile(args, wl)
+    return run_and_check(args, wl, cm, wl.make_inputs(args.batch * args.seq, args.seed))
+
+
+def run_and_check(args, wl, cm, inputs) -> int:
+    """Run `cm` on `inputs`, print what ran and, with --check, the comparisons with eager; 0, or CheckFailed."""
+    import torch
+    from dsr_compiler.errors import CheckFailed
+    from dsr_compiler.tolerance import compare
     be, _ = cm.plan(args.backend)
-    inputs = wl.make_inputs(args.batch * args.seq, args.seed)
     dev = "cuda" if be == "cuda" else "cpu"
     out = cm(*[x.to(dev) for x in inputs], backend=be)
     if args.check:
@@ -264,7 +301,10 @@ def cmd_ir(args) -> int:
     from dsr_compiler.ir.passes import PIPELINE
     from dsr_compiler.ir.printer import header_line, print_graph
     import dsr_compiler as dsr
-    names = ["trace"] + [n for n, _ in PIPELINE]
+    from dsr_compiler import ep as ep_mod
+    info = ep_mod.resolve(_ep_plan(args))
+    pipeline = ep_mod.pipeline(list(PIPELINE), info)
+    names = ["trace"] + [n for n, _ in pipeline]
     if args.after and args.after not in names:
         from dsr_compiler.errors import DsrError
         raise DsrError(f"unknown pass {args.after!r} for --after", hint=f"passes: {', '.join(names)}")
@@ -273,7 +313,10 @@ def cmd_ir(args) -> int:
     from dsr_compiler.ir.passes import PassContext, run_passes
     g = dsr.trace(wl.module, wl.example_inputs, dynamic=wl.dynamic, name=wl.name)
     grad_wrt = tuple(getattr(wl, "grad_wrt", None) or ())
-    records = run_passes(g, list(PIPELINE), PassContext(options=options.pass_options(grad_wrt)))
+    popts = options.pass_options(grad_wrt)
+    if info is not None:
+        popts["ep"] = info.pass_option()
+    records = run_passes(g, pipeline, PassContext(options=popts))
     total = len(records) - 1
     if args.dot:
         from dsr_compiler.ir.dot import to_dot
@@ -307,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     c = sub.add_parser("compile", help="trace, optimize, generate and compile; write the dump with --out")
     _selectors(c)
+    _ep_options(c, run=False)
     c.add_argument("--out", default=None, help="dump folder: ir/, kernels/, report.json")
     c.set_defaults(fn=cmd_compile)
     r = sub.add_parser("run", help="compile and run on seeded random inputs; --check compares with eager")
@@ -315,10 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runtime backend (default: the DSR_BACKEND knob, itself auto by default)")
     r.add_argument("--check", action="store_true", help="compare with eager PyTorch; exit 1 beyond tolerance")
     r.add_argument("--seed", type=int, default=0)
+    _ep_options(r, run=True)
     r.set_defaults(fn=cmd_run)
     i = sub.add_parser("ir", help="print the IR after each pass (or after --after PASS)")
     _selectors(i)
-    i.add_argument("--after", default=None, help="pass name (trace, cse, fold_constants, dce, absorb_mla, quantize_fp8, fuse)")
+    i.add_argument("--after", default=None, help="pass name (trace, cse, fold_constants, dce, absorb_mla, quantize_fp8, "
+                                                 "[expert_parallel with --ep,] fuse)")
+    _ep_options(i, run=False)
     i.add_argument("--dot", action="store_true",
                    help="print the graph after --after (default: the last pass) in Graphviz dot instead of text")
     i.set_defaults(fn=cmd_ir)
@@ -341,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from dsr_compiler.interrupts import watch_interrupts   # light: torch is imported inside the guard below
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)     # what `dsrc run --ep N` starts its ranks with
     try:
         with warnings.catch_warnings(), watch_interrupts():
             warnings.showwarning = _show_warning

@@ -100,4 +100,41 @@ def pipeline(passes: list, ep: ExpertParallel | None) -> list:
     return out
 
 
-__all__ = ["EpPlan", "ExpertParallel", "pipeline", "resolve"]
+def exchanges(graph: Any, env: dict[str, int]) -> list[dict[str, Any]]:
+    """The expert-parallel exchanges of a graph (fused or not), with sizes at `env` (symbol name -> int).
+
+    Per all_to_all: the tensors and bytes of one row, the capacity C (rows per destination rank), the
+    buffer (N*C rows, the same size sent and received), `sent_bytes` = what leaves this rank in
+    fixed-capacity mode ((N-1)*C rows: every block but its own), and `payload_rows` = the T*k slot rows
+    routing actually fills (spread over the N ranks, own rank included)."""
+    import sympy
+
+    def ev(e: Any) -> int:
+        e = sympy.sympify(e)
+        return int(e.subs({s: env[s.name] for s in e.free_symbols if s.name in env}))
+    routes = [n for n in graph.nodes if n.op == "ep_route"] + \
+        [n for k in graph.kernels for n in k.body.nodes if n.op == "ep_route"]
+    found = [n for n in graph.nodes if n.op == "all_to_all"]
+    out = []
+    for i, n in enumerate(found):
+        ranks = int(n.attr("n_ranks"))
+        rows = n.outputs[0].type.shape[0]
+        cap = sympy.simplify(rows / ranks)
+        tensors = [{"name": o.name, "dtype": o.type.dtype.value,
+                    "row_bytes": int(o.type.dtype.itemsize * sympy.Mul(*o.type.shape[1:]))} for o in n.outputs]
+        row_bytes = sum(t["row_bytes"] for t in tensors)
+        entry: dict[str, Any] = {
+            "name": ", ".join("%" + o.name for o in n.outputs), "group": n.attr("group"), "n_ranks": ranks,
+            "direction": "dispatch" if i % 2 == 0 else "combine", "origin": n.origin, "tensors": tensors,
+            "row_bytes": row_bytes, "capacity_expr": str(cap), "capacity": ev(cap),
+            "buffer_bytes_expr": str(sympy.expand(rows * row_bytes)), "buffer_bytes": ev(rows * row_bytes),
+            "sent_bytes_expr": str(sympy.expand((ranks - 1) * cap * row_bytes)),
+            "sent_bytes": ev((ranks - 1) * cap * row_bytes)}
+        if len(routes) * 2 == len(found):        # the pass emits route, dispatch exchange, combine exchange per layer
+            slots = routes[i // 2].outputs[2].type.shape[0]
+            entry.update(payload_rows_expr=str(slots), payload_rows=ev(slots), payload_bytes=ev(slots * row_bytes))
+        out.append(entry)
+    return out
+
+
+__all__ = ["EpPlan", "ExpertParallel", "exchanges", "pipeline", "resolve"]

@@ -48,7 +48,7 @@ def init_group(n_ranks: int, backend: str = "gloo"):
     from torch import distributed as dist
     world = _env_int("WORLD_SIZE", 1, 1 << 16)
     rank = _env_int("RANK", 0, world - 1)
-    _env_int("MASTER_PORT", 1, 65535)
+    _env_int("MASTER_PORT", 1, 65535)        # 0 (torchrun --master-port 0) leaves the ranks unable to meet
     if not os.environ.get("MASTER_ADDR"):
         raise DsrError("environment variable MASTER_ADDR is not set", hint="set by torchrun or `dsrc run --ep N`")
     if world != n_ranks:
@@ -57,7 +57,7 @@ def init_group(n_ranks: int, backend: str = "gloo"):
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=knobs.get("DSR_EP_TIMEOUT_S"))
         try:
-            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+            dist.init_process_group(backend, init_method="env://", timeout=timeout)
         except Exception as e:
             raise DsrError(f"rank {rank} of {world}: cannot join the process group ({backend}): "
                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",

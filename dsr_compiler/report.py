@@ -61,7 +61,21 @@ def build_report(cm: Any) -> dict[str, Any]:
                    "roofline_us_h200": sum(k["roofline_us_h200"] for k in kernels)},
         "h200": H200,
         "derived_params": cm.derived_params,
+        **_collectives(cm),
     }
+
+
+def _collectives(cm: Any) -> dict[str, Any]:
+    """report.json's `collectives` (expert parallelism: dsr_compiler/ep.py `exchanges`), when there are any."""
+    if not any(n.op == "all_to_all" for n in cm.graph.nodes):
+        return {}
+    from dsr_compiler.ep import exchanges
+    ex = exchanges(cm.graph, cm.example_env)
+    return {"collectives": ex,
+            "collective_totals": {"exchanges": len(ex), "buffer_bytes": sum(e["buffer_bytes"] for e in ex),
+                                  "sent_bytes": sum(e["sent_bytes"] for e in ex),
+                                  "payload_bytes": sum(e.get("payload_bytes", 0) for e in ex),
+                                  "mode": "fixed capacity (no host sync): every exchange moves its whole buffer"}}
 
 
 def _ptx_template(name: str) -> str:
@@ -118,6 +132,11 @@ def summary(rep: dict[str, Any]) -> str:
     lines.append(f"{t['kernels']} kernels, {t['bytes']} bytes, {t['flops'] / 1e6:.2f} MFLOP, "
                  f"roofline {t['roofline_us_h200']:.2f} us on H200 (sizes {rep['example_sizes']}); "
                  f"compile {rep['compile_ms']['total']:.0f} ms")
+    for e in rep.get("collectives", ()):
+        pay = f", payload {e['payload_bytes']} bytes ({e['payload_rows']} slot rows)" if "payload_bytes" in e else ""
+        lines.append(f"exchange {e['direction']} over {e['group']} ({e['n_ranks']} ranks): buffer {e['buffer_bytes']} bytes "
+                     f"({e['n_ranks']} x C={e['capacity']} rows of {e['row_bytes']} B), this rank sends {e['sent_bytes']} "
+                     f"bytes per step{pay}")
     return "\n".join(lines)
 
 

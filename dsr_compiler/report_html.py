@@ -75,7 +75,7 @@ def render_dump_html(folder: str | Path) -> str:
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>dsr report: "
              f"{_e(rep.get('graph', ''))}</title><style>{_CSS}</style></head><body>",
              f"<h1>dsr_compiler report: {_e(rep.get('graph', ''))}</h1>",
-             _summary(rep), _passes(folder, rep), _graph_svg(folder, kernels), _kernel_table(kernels),
+             _summary(rep), _passes(folder, rep), _graph_svg(folder, kernels), _kernel_table(kernels), _exchanges(rep),
              _kernel_sources(folder, kernels, budget), _roofline_svg(rep, kernels), _refusals(rep),
              f"<script>{_JS}</script></body></html>\n"]
     return "\n".join(parts)
@@ -183,6 +183,26 @@ _COLUMNS = (("name", "kernel"), ("family", "family"), ("backend", "backend"), ("
             ("num_warps", "warps"), ("registers", "regs"), ("spills", "spills"), ("shared_mem", "smem"),
             ("bytes_read", "bytes read"), ("bytes_written", "bytes written"), ("flops", "FLOPs"),
             ("roofline_us_h200", "roofline us"), ("roofline_peak", "peak"))
+
+
+def _exchanges(rep: dict) -> str:
+    """The expert-parallel exchanges (report.json `collectives`), when the plan has any."""
+    ex = rep.get("collectives")
+    if not isinstance(ex, list) or not ex:
+        return ""
+    cols = ("direction", "group", "n_ranks", "row_bytes", "capacity", "buffer_bytes", "sent_bytes", "payload_bytes")
+    rows = []
+    for e in ex:
+        if not isinstance(e, dict):
+            continue
+        cells = "".join(f"<td data-v=\"{v}\">{_num(v)}</td>" if isinstance(v := e.get(c), (int, float))
+                        and not isinstance(v, bool) else f"<td class=l>{_e(v if v is not None else '')}</td>"
+                        for c in cols)
+        rows.append(f"<tr>{cells}<td class=l>{_e(e.get('name', ''))}</td></tr>")
+    head = "".join(f"<th>{_e(c)}</th>" for c in cols) + "<th>values</th>"
+    return (f"<h2 id=exchanges>Expert-parallel exchanges</h2><table class=sortable><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table><p class=muted>fixed capacity: each exchange moves its whole "
+            f"buffer (sent_bytes leave this rank); payload_bytes are the slot rows routing fills</p>")
 
 
 def _kernel_table(kernels: list[dict]) -> str:
