@@ -130,7 +130,8 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
             backend: str | None = None, dynamic: dict | None = None, name: str | None = None,
             on_pass: Callable[[PassRecord], None] | None = None,
             grad_wrt: Sequence[str] | None = None, mla: str = "absorb", ptx_families: Any = None,
-            options: CompileOptions | None = None, progress: Any = None, ep: Any = None) -> CompiledModule:
+            options: CompileOptions | None = None, progress: Any = None, ep: Any = None,
+            ep_mode: str = "fixed") -> CompiledModule:
     """Compile `module` for `target`; the result runs on `backend` (auto | cuda | interpret).
 
     With `grad_wrt` (forward parameter names; the forward must return one scalar loss) the
@@ -140,14 +141,16 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
     `options` (dsr_compiler/options.py), when given, replaces fp8/target/backend/mla/ptx_families.
     `progress` (dsr_compiler/progress.py `Progress`, as `dsrc` passes it) gets a line per stage and kernel.
     `ep` (a torch.distributed ProcessGroup, an int N for the initialised default group, or
-    dsr_compiler.ep.EpPlan) spreads the routed experts over the group's ranks (dsr_compiler/ep.py)."""
+    dsr_compiler.ep.EpPlan) spreads the routed experts over the group's ranks (dsr_compiler/ep.py);
+    `ep_mode` "fixed" (default: fixed-capacity exchanges, no host sync) or "exact" (only the routed rows
+    move, one host sync per exchange)."""
     from dsr_compiler.codegen.build import build_kernels
     from dsr_compiler.frontend import param_tensors
     from dsr_compiler.runtime.cache import ArtifactCache
     if options is None:
         options = CompileOptions.make(fp8=fp8, target=target, backend=backend, mla=mla, ptx_families=ptx_families)
     from dsr_compiler import ep as _ep
-    ep_info = _ep.resolve(ep)                       # before the trace: a bad `ep` costs nothing
+    ep_info = _ep.resolve(ep, ep_mode)                       # before the trace: a bad `ep` costs nothing
     from dsr_compiler.signature import CallSignature, position_guards
     signature, example_inputs = CallSignature.from_example(module, _example_tuple(example_inputs), kwargs)
     t0 = time.perf_counter()

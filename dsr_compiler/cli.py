@@ -59,6 +59,9 @@ def _ep_options(p: argparse.ArgumentParser, run: bool) -> None:
                    help=("spread the routed experts over N ranks: starts N local processes (gloo; under torchrun the "
                          "launch's ranks) and checks each rank against one process and eager" if run else
                          "compile one rank's plan of N (with --ep-rank): IR, kernels and the exchanges' sizes"))
+    g.add_argument("--ep-mode", default="fixed", choices=("fixed", "exact"),
+                   help="fixed: fixed-capacity exchanges, no host sync (default); exact: only the routed rows move, "
+                        "one host sync per exchange")
     if not run:
         g.add_argument("--ep-rank", type=_rank, default=0, metavar="R", help="the rank whose plan to build (default 0)")
 
@@ -148,7 +151,7 @@ def _compile(args, wl, ep=None):
     try:
         return dsr.compile(wl.module, wl.example_inputs, dynamic=wl.dynamic, name=wl.name,
                            grad_wrt=getattr(wl, "grad_wrt", None) or None, options=_options(args), progress=progress,
-                           ep=ep)
+                           ep=ep, ep_mode=getattr(args, "ep_mode", "fixed") if ep is not None else "fixed")
     finally:
         progress.done()
 
@@ -193,8 +196,11 @@ def _check_fp8_output(label: str, o, ref, sim, pinned, stages: int, routed: bool
 
 def cmd_run(args) -> int:
     if args.ep:                             # N ranks: dsr_compiler/ep_run.py launches or runs one of them
+        from types import SimpleNamespace
+
         from dsr_compiler.ep_run import run_ep
-        return run_ep(args)
+        return run_ep(args, SimpleNamespace(workload=_workload, require_weights=_require_weights, compile=_compile,
+                                            run_and_check=run_and_check))
     wl = _workload(args, seed=args.seed)
     _require_weights(wl, "run")
     cm = _compile(args, wl)
@@ -302,7 +308,7 @@ def cmd_ir(args) -> int:
     from dsr_compiler.ir.printer import header_line, print_graph
     import dsr_compiler as dsr
     from dsr_compiler import ep as ep_mod
-    info = ep_mod.resolve(_ep_plan(args))
+    info = ep_mod.resolve(_ep_plan(args), getattr(args, "ep_mode", "fixed"))
     pipeline = ep_mod.pipeline(list(PIPELINE), info)
     names = ["trace"] + [n for n, _ in pipeline]
     if args.after and args.after not in names:

@@ -7,6 +7,9 @@
 - `EpPlan(n_ranks, rank)`: compile rank `rank`'s plan without any group (`dsrc compile --ep N`: IR,
   kernels and report of one rank on one machine); calling it is an error.
 
+`ep_mode` is "fixed" (fixed-capacity exchanges: the whole buffers move, nothing is read back) or
+"exact" (the row counts first, then only the routed rows: one host sync per exchange).
+
 The result, `ExpertParallel`, names the group in the IR (`group="ep4"`; the all_to_all ops carry
 it) and registers it where the reference interpreter and the runtime find it (ir/ops/ep.py
 PROCESS_GROUPS). The rewrite itself is ir/passes/expert_parallel.py; the exchange is
@@ -37,9 +40,10 @@ class ExpertParallel:
     name: str            # the group's name in the IR
     group: Any = None    # the ProcessGroup, or None for a plan compiled without one
     backend: str = ""    # "gloo" | "nccl" | "" (no group)
+    mode: str = "fixed"  # fixed (capacity buffers move whole, no host sync) | exact (counts first, one sync each)
 
     def pass_option(self) -> dict[str, Any]:
-        return {"n_ranks": self.n_ranks, "rank": self.rank, "group": self.name}
+        return {"n_ranks": self.n_ranks, "rank": self.rank, "group": self.name, "mode": self.mode}
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.pass_option(), "backend": self.backend or None}
@@ -52,10 +56,23 @@ def _check_int(v: Any, what: str, lo: int) -> int:
     return v
 
 
-def resolve(ep: Any) -> ExpertParallel | None:
-    """The ExpertParallel of a compile's `ep` argument (None: one process holds every expert)."""
+MODES = ("fixed", "exact")
+
+
+def resolve(ep: Any, mode: str = "fixed") -> ExpertParallel | None:
+    """The ExpertParallel of a compile's `ep` and `ep_mode` arguments (None: one process holds every expert)."""
+    if mode not in MODES:
+        raise DsrError(f"ep_mode: expected one of {', '.join(MODES)}, got {mode!r}",
+                       hint="fixed: fixed-capacity buffers, no host sync; exact: only the routed rows move, one "
+                            "host sync per exchange")
     if ep is None:
         return None
+    import dataclasses
+    info = _resolve(ep)
+    return dataclasses.replace(info, mode=mode)
+
+
+def _resolve(ep: Any) -> ExpertParallel:
     from torch import distributed as dist
     if isinstance(ep, EpPlan):
         n = _check_int(ep.n_ranks, "the rank count", 1)
@@ -102,6 +119,8 @@ def pipeline(passes: list, ep: ExpertParallel | None) -> list:
 
 def exchanges(graph: Any, env: dict[str, int]) -> list[dict[str, Any]]:
     """The expert-parallel exchanges of a graph (fused or not), with sizes at `env` (symbol name -> int).
+    In exact mode (split="counts") `sent_bytes` is a model: the slot rows bound for other ranks under uniform
+    routing, plus the counts.
 
     Per all_to_all: the tensors and bytes of one row, the capacity C (rows per destination rank), the
     buffer (N*C rows, the same size sent and received), `sent_bytes` = what leaves this rank in
@@ -109,8 +128,10 @@ def exchanges(graph: Any, env: dict[str, int]) -> list[dict[str, Any]]:
     routing actually fills (spread over the N ranks, own rank included)."""
     import sympy
 
+    from dsr_compiler.ir.types import to_expr
+
     def ev(e: Any) -> int:
-        e = sympy.sympify(e)
+        e = to_expr(e)
         return int(e.subs({s: env[s.name] for s in e.free_symbols if s.name in env}))
     routes = [n for n in graph.nodes if n.op == "ep_route"] + \
         [n for k in graph.kernels for n in k.body.nodes if n.op == "ep_route"]
@@ -120,11 +141,12 @@ def exchanges(graph: Any, env: dict[str, int]) -> list[dict[str, Any]]:
         ranks = int(n.attr("n_ranks"))
         rows = n.outputs[0].type.shape[0]
         cap = sympy.simplify(rows / ranks)
+        data = n.outputs[:-1] if n.attr("split", "even") == "counts" else n.outputs   # not the received counts
         tensors = [{"name": o.name, "dtype": o.type.dtype.value,
-                    "row_bytes": int(o.type.dtype.itemsize * sympy.Mul(*o.type.shape[1:]))} for o in n.outputs]
+                    "row_bytes": int(o.type.dtype.itemsize * sympy.Mul(*o.type.shape[1:]))} for o in data]
         row_bytes = sum(t["row_bytes"] for t in tensors)
         entry: dict[str, Any] = {
-            "name": ", ".join("%" + o.name for o in n.outputs), "group": n.attr("group"), "n_ranks": ranks,
+            "name": ", ".join("%" + o.name for o in data), "group": n.attr("group"), "n_ranks": ranks,
             "direction": "dispatch" if i % 2 == 0 else "combine", "origin": n.origin, "tensors": tensors,
             "row_bytes": row_bytes, "capacity_expr": str(cap), "capacity": ev(cap),
             "buffer_bytes_expr": str(sympy.expand(rows * row_bytes)), "buffer_bytes": ev(rows * row_bytes),
@@ -133,6 +155,15 @@ def exchanges(graph: Any, env: dict[str, int]) -> list[dict[str, Any]]:
         if len(routes) * 2 == len(found):        # the pass emits route, dispatch exchange, combine exchange per layer
             slots = routes[i // 2].outputs[2].type.shape[0]
             entry.update(payload_rows_expr=str(slots), payload_rows=ev(slots), payload_bytes=ev(slots * row_bytes))
+        if n.attr("split", "even") == "counts":   # exact size: the counts, then only the routed rows
+            entry["mode"] = "exact"
+            if "payload_rows" in entry:           # rows that leave this rank under uniform routing: (N-1)/N of them
+                sent = sympy.expand(slots * row_bytes * (ranks - 1) / ranks + 8 * ranks)
+                entry.update(sent_bytes_expr=str(sent), sent_bytes=int(round(float(sent.subs(
+                    {s: env[s.name] for s in sent.free_symbols if s.name in env})))),
+                    sent_model="exact size: counts (8 B per rank) + the slot rows for other ranks, uniform routing")
+        else:
+            entry["mode"] = "fixed"
         out.append(entry)
     return out
 

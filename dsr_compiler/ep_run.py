@@ -25,12 +25,12 @@ from dsr_compiler.ep_launch import in_group_env, init_group, launch
 RANK_SEED = 7919      # inputs of rank r: seed + r * RANK_SEED
 
 
-def run_ep(args) -> int:
+def run_ep(args, cli) -> int:
+    """`cli`: the helpers of dsr_compiler/cli.py this needs (workload, require_weights, compile, run_and_check)."""
     if not in_group_env():
         return launch(args.ep, args.argv)
     import torch
     from torch import distributed as dist
-    from dsr_compiler import cli
     from dsr_compiler.runtime.device import resolve_backend
     be = resolve_backend(args.backend or "auto")
     if be == "cuda":
@@ -40,10 +40,10 @@ def run_ep(args) -> int:
     out, err = io.StringIO(), None
     try:
         with contextlib.redirect_stdout(out):
-            wl = cli._workload(args, seed=args.seed)
-            cli._require_weights(wl, "run")
-            cm = cli._compile(args, wl, ep=n)
-            one = cli._compile(args, wl) if args.check else None
+            wl = cli.workload(args, seed=args.seed)
+            cli.require_weights(wl, "run")
+            cm = cli.compile(args, wl, ep=n)
+            one = cli.compile(args, wl) if args.check else None
     except DsrError as e:
         err = e
     oks = [None] * n

@@ -75,7 +75,9 @@ def _collectives(cm: Any) -> dict[str, Any]:
             "collective_totals": {"exchanges": len(ex), "buffer_bytes": sum(e["buffer_bytes"] for e in ex),
                                   "sent_bytes": sum(e["sent_bytes"] for e in ex),
                                   "payload_bytes": sum(e.get("payload_bytes", 0) for e in ex),
-                                  "mode": "fixed capacity (no host sync): every exchange moves its whole buffer"}}
+                                  "mode": ("exact size: the row counts first, one host sync per exchange"
+                                           if any(e.get("mode") == "exact" for e in ex) else
+                                           "fixed capacity (no host sync): every exchange moves its whole buffer")}}
 
 
 def _ptx_template(name: str) -> str:

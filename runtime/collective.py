@@ -1,11 +1,13 @@
 """The runtime's collectives: `all_to_all` nodes of an expert-parallel plan, run on torch.distributed.
 
 Where it sits: a LaunchPlan step (runtime/plan.py) between kernel launches; the op and its layout
-are ir/ops/ep.py, the front door's group handling dsr_compiler/ep.py. One node is one exchange:
-every input is viewed as N blocks of C rows of bytes, the blocks are put side by side (one uint8
-buffer [N, C, row bytes]), and `torch.distributed.all_to_all_single` sends block i to rank i with
-equal splits, so the sizes are known from the shapes alone: nothing is read back from device
-memory (fixed capacity, no host sync). On CUDA the NCCL collective runs on the current stream.
+are ir/ops/ep.py, the front door's group handling dsr_compiler/ep.py. One node is one exchange
+(`ir/ops/ep.py` `exchange`): every input is viewed as N blocks of C rows of bytes, the blocks are put
+side by side (one uint8 buffer [N, C, row bytes]), and `torch.distributed.all_to_all_single` sends
+block i to rank i. Split "even" (fixed capacity): equal splits, the sizes are known from the shapes
+alone and nothing is read back from device memory. Split "counts" (`ep_mode="exact"`): the rows to
+send per rank travel first and the host reads them (one synchronisation per exchange), then only those
+rows move. On CUDA the NCCL collectives run on the current stream.
 
 Every rank must call with the same symbol values (the same token count T): the buffers have T in
 their size. The first call with new sizes checks that across the ranks (`agree`, one small
@@ -52,35 +54,22 @@ class CollectiveStep:
         return ep.group
 
     def run(self, ins: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        from torch import distributed as dist
+        from dsr_compiler.ir.ops.ep import exchange
         group = self._group()
         n = self.n_ranks
-        rows = ins[0].shape[0]
+        counts = self.node.attr("split", "even") == "counts"
+        data = ins[:-1] if counts else ins
+        rows = data[0].shape[0]
         if rows % n:
             raise RuntimeLaunchError(f"{self.graph_name}: {rows} rows do not split over {n} ranks", where=self.where())
-        cap = rows // n
-        if cap == 0:                      # every rank has no token (sizes agree): nothing to exchange
-            return [torch.empty_like(x) for x in ins]
-        parts = [_bytes(x.contiguous().reshape(n, cap, -1)) for x in ins]
-        widths = [p.shape[2] for p in parts]
-        send = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-        recv = torch.empty_like(send)
         try:
-            dist.all_to_all_single(recv, send, group=group)
-        except Exception as e:   # gloo/NCCL errors: connection closed, timeout, ...
+            out, recv_counts = exchange(data, group, n, ins[-1] if counts else None)
+        except ValueError as e:            # a row count outside the capacity: a corrupted plan, not a peer's failure
+            raise RuntimeLaunchError(f"{self.graph_name}: rank {self.ep.rank} of {n}: {e}", where=self.where()) from None
+        except Exception as e:             # gloo/NCCL errors: connection closed, timeout, ...
             raise RuntimeLaunchError(f"{self.graph_name}: rank {self.ep.rank} of {n}: the token exchange failed: "
                                      f"{_first_line(e)}", where=self.where(), hint=HINT) from None
-        out, at = [], 0
-        for x, w in zip(ins, widths):
-            piece = recv[:, :, at:at + w].contiguous()
-            at += w
-            out.append(piece.view(x.dtype).reshape(x.shape))
-        return out
-
-
-def _bytes(x: torch.Tensor) -> torch.Tensor:
-    """[N, C, W] of any dtype as [N, C, W * itemsize] uint8 (a view: same memory)."""
-    return x.view(torch.uint8)
+        return [*out, recv_counts] if counts else out
 
 
 def _first_line(e: BaseException) -> str:

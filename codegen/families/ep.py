@@ -42,9 +42,9 @@ def lower_route(k: Kernel, index: int) -> KernelSpec:
         ("BLOCK_N", attr_int(k, "block_n", min(1024, max(16, next_pow2(ranks))))),
         ("N", ranks), ("EL", el), ("NSLOTS", pool.lit(slots)), ("NROWS", pool.lit(ranks * cap)), ("CAP", pool.lit(cap)),
         ("IDS", names[("in", n.inputs[0])]), ("SEND", out_ptr(k, n, 0)), ("EID", out_ptr(k, n, 1)),
-        ("POS", out_ptr(k, n, 2)), ("WS", ws.name),
+        ("POS", out_ptr(k, n, 2)), ("COUNTS", out_ptr(k, n, 3)), ("WS", ws.name),
     )
-    if not all(v for _, v in params[-4:-1]):
+    if not all(v for _, v in params[-5:-2]):
         raise fail(k, "ep_route must return its three outputs (send rows, expert ids, slot rows)", n)
     flops = slots * bs * 6 + ranks * 4
     # 8 warps: the [64, 64] comparison's reductions, as in moe_dispatch

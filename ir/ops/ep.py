@@ -7,7 +7,7 @@ expert range [r*El, (r+1)*El), El = E/N). `codegen/families/ep.py` lowers `ep_ro
 `gather_rows` to one kernel each; `all_to_all` is no kernel: it stays at the top level of the fused
 graph and the runtime calls `torch.distributed.all_to_all_single` for it (runtime/collective.py).
 
-    %send, %eid, %pos : i32[N*C], i32[N*C], i32[T*k] = ep_route(%ids, n_ranks=N, local_experts=El)
+    %send, %eid, %pos, %counts : i32[N*C], i32[N*C], i32[T*k], i32[N] = ep_route(%ids, n_ranks=N, local_experts=El)
     %xs               : f32[N*C,H]                    = gather_rows(%x, %send, div=k)
     %rx, %reid, ...   : f32[N*C,H], i32[N*C], ...     = all_to_all(%xs, %eid, ..., n_ranks=N, group="ep")
     (moe_dispatch + grouped GEMMs of the El local experts over the N*C received rows, k = 1)
@@ -25,6 +25,10 @@ contract shared by the ops and checked by the tests:
 * `pos[s]` is the send row of slot s (-1 for an id outside 0..N*El-1: that slot gets zeros);
 * the exchange sends rows `d*C ..` to rank d and receives rank s's rows at `s*C ..`, so the second
   exchange brings each slot's expert output back to the row it was sent from.
+
+Exact size (`ep_mode="exact"`): `all_to_all(..., split="counts")` takes the rows to send per rank
+(`%counts`, the rows used of each run) as its last input and returns the rows received per rank as an
+extra output; only those rows move, after the counts, which the host reads (one sync per exchange).
 """
 from __future__ import annotations
 
@@ -63,7 +67,7 @@ def _route_rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple[TensorT
         raise TypeRuleError(f"{op}: k (ids.shape[1]) must be static, got {k}")
     c = ep_capacity(ids.shape[0], int(k), el)
     return (TensorType(DType.i32, (n * c,)), TensorType(DType.i32, (n * c,)),
-            TensorType(DType.i32, (ids.shape[0] * k,)))
+            TensorType(DType.i32, (ids.shape[0] * k,)), TensorType(DType.i32, (n,)))
 
 
 def ep_route_ref(ids: torch.Tensor, *, n_ranks: int, local_experts: int):
@@ -75,21 +79,23 @@ def ep_route_ref(ids: torch.Tensor, *, n_ranks: int, local_experts: int):
     send = torch.full((n_ranks * c,), -1, dtype=torch.int32)
     eid = torch.full((n_ranks * c,), -1, dtype=torch.int32)
     pos = torch.full((t * k,), -1, dtype=torch.int32)
+    counts = torch.zeros(n_ranks, dtype=torch.int32)
     for d in range(n_ranks):
         slots = torch.nonzero(dest == d).flatten()            # ascending slot ids
         rows = d * c + torch.arange(slots.numel())
         send[rows] = slots.to(torch.int32)
         eid[rows] = (flat[slots] - d * local_experts).to(torch.int32)
         pos[slots] = rows.to(torch.int32)
-    return send, eid, pos
+        counts[d] = slots.numel()
+    return send, eid, pos, counts
 
 
 register(OpDef(
-    EP_ROUTE, EP_ROUTE, (1, 1), _route_rule, ep_route_ref, n_outputs=3,
+    EP_ROUTE, EP_ROUTE, (1, 1), _route_rule, ep_route_ref, n_outputs=4,
     attrs={"n_ranks": AttrSpec((int,), doc="ranks of the expert-parallel group"),
            "local_experts": AttrSpec((int,), doc="experts per rank (contiguous ranges)")},
     doc="send plan of the slots: per destination rank C = T*min(k, El) rows of slot ids (ascending, -1 pads), "
-        "the expert index on that rank, and each slot's send row"))
+        "the expert index on that rank, each slot's send row, and the rows used per rank"))
 
 
 def _gather_rows_rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple[TensorType, ...]:
@@ -120,40 +126,101 @@ register(OpDef(
     doc="out[p] = src[index[p] // div] for 0 <= index[p] < M*div, else a row of zeros (any dtype, bits copied)"))
 
 
+SPLITS = ("even", "counts")
+
+
 def _a2a_rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple[TensorType, ...]:
     op = "all_to_all"
-    n = a["n_ranks"]
+    n, split = a["n_ranks"], a["split"]
     if n < 1:
         raise TypeRuleError(f"{op}: n_ranks must be >= 1, got {n}")
-    rows = ts[0].shape[0] if ts[0].rank else None
-    for t in ts:
+    if split not in SPLITS:
+        raise TypeRuleError(f"{op}: split must be one of {SPLITS}, got {split!r}")
+    data = ts
+    if split == "counts":
+        c = ts[-1]
+        if len(ts) < 2 or c.rank != 1 or c.dtype is not DType.i32 or not dims_equal(c.shape[0], n):
+            raise TypeRuleError(f"{op}: split='counts' takes the rows to send per rank last, as i32[{n}], got "
+                                f"{ts[-1]}")
+        data = ts[:-1]
+    rows = data[0].shape[0] if data[0].rank else None
+    for t in data:
         if t.rank < 1 or not dims_equal(t.shape[0], rows):
             raise TypeRuleError(f"{op}: every tensor must have the same first dim {rows} (N*C rows), got {t}")
     if sympy.simplify(to_expr(rows) / n).is_integer is not True:
         raise TypeRuleError(f"{op}: {rows} rows are not a multiple of n_ranks={n}")
-    return tuple(ts)
+    return tuple(data) + ((TensorType(DType.i32, (n,)),) if split == "counts" else ())
 
 
-def all_to_all_ref(*xs: torch.Tensor, n_ranks: int, group: str):
+def exchange(xs: Sequence[torch.Tensor], group: Any, n_ranks: int, send_counts: torch.Tensor | None = None
+             ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The exchange of `all_to_all` (the reference and the runtime both call it): every tensor viewed as
+    N blocks of C rows of bytes, the blocks side by side in one uint8 buffer, one all_to_all_single.
+    Without counts the whole buffer moves (equal splits: nothing read back). With `send_counts` only the
+    first send_counts[d] rows of block d go to rank d, after a first exchange of the counts, which the
+    host reads (the one synchronisation); rows not received are zeros (-1 in integer tensors).
+    Returns the received tensors and, with counts, the rows received from each rank (i32[N])."""
     from torch import distributed as dist
+    n = n_ranks
+    rows = xs[0].shape[0]
+    cap = rows // n
+    recv_counts = None
+    if send_counts is not None:
+        sc_t = send_counts.to(torch.int64)
+        rc_t = torch.empty_like(sc_t)
+        dist.all_to_all_single(rc_t, sc_t, group=group)
+        sc, rc = sc_t.tolist(), rc_t.tolist()             # the host reads the counts: exact mode's sync
+        bad = [c for c in sc + rc if not 0 <= c <= cap]
+        if bad:
+            raise ValueError(f"row count {bad[0]} outside 0..{cap} (the capacity per rank)")
+        recv_counts = rc_t.to(torch.int32)
+    if cap == 0:                                         # no token on any rank (the sizes agree)
+        return [torch.empty_like(x) for x in xs], recv_counts
+    parts = [x.contiguous().reshape(n, cap, -1).view(torch.uint8) for x in xs]
+    widths = [p.shape[2] for p in parts]
+    full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    if send_counts is None:
+        got = torch.empty_like(full)
+        dist.all_to_all_single(got, full, group=group)
+    else:
+        send = torch.cat([full[d, :sc[d]] for d in range(n)])
+        recv = full.new_empty((sum(rc), full.shape[2]))
+        dist.all_to_all_single(recv, send, output_split_sizes=rc, input_split_sizes=sc, group=group)
+        got = torch.zeros_like(full)
+        at = 0
+        for x, w in zip(xs, widths):                      # pads of integer tensors: -1 (no expert)
+            if not (x.dtype.is_floating_point or x.dtype == torch.float8_e4m3fn):
+                got[:, :, at:at + w] = 255
+            at += w
+        at = 0
+        for s in range(n):
+            got[s, :rc[s]] = recv[at:at + rc[s]]
+            at += rc[s]
+    out, at = [], 0
+    for x, w in zip(xs, widths):
+        out.append(got[:, :, at:at + w].contiguous().view(x.dtype).reshape(x.shape))
+        at += w
+    return out, recv_counts
+
+
+def all_to_all_ref(*xs: torch.Tensor, n_ranks: int, group: str, split: str = "even"):
     pg = PROCESS_GROUPS.get(group)
     if pg is None:
         raise RuntimeError(f"all_to_all: no process group {group!r} is registered in this process")
-    out = []
-    for x in xs:
-        x = x.contiguous()
-        raw = x.view(torch.uint8) if x.element_size() == 1 else x
-        y = torch.empty_like(raw)
-        dist.all_to_all_single(y, raw, group=pg)
-        out.append(y.view(x.dtype))
-    return tuple(out)
+    if split == "counts":
+        out, rc = exchange(xs[:-1], pg, n_ranks, xs[-1])
+        return (*out, rc)
+    return tuple(exchange(xs, pg, n_ranks)[0])
 
 
 register(OpDef(
-    "all_to_all", COLLECTIVE, (1, 16), _a2a_rule, all_to_all_ref,
-    attrs={"n_ranks": AttrSpec((int,)), "group": AttrSpec((str,), doc="the process group's name (PROCESS_GROUPS)")},
-    doc="rows i*C .. i*C+C-1 of every tensor go to rank i; rank j's rows arrive at j*C ..; equal splits "
-        "(torch.distributed.all_to_all_single), one exchange for all the tensors"))
+    "all_to_all", COLLECTIVE, (1, 17), _a2a_rule, all_to_all_ref,
+    attrs={"n_ranks": AttrSpec((int,)), "group": AttrSpec((str,), doc="the process group's name (PROCESS_GROUPS)"),
+           "split": AttrSpec((str,), required=False, default="even",
+                             doc="even: every block of C rows moves (no host sync); counts: the last input holds "
+                                 "the rows to send per rank, the rows received per rank are an extra output")},
+    doc="rows i*C .. i*C+C-1 of every tensor go to rank i; rank j's rows arrive at j*C ..; one exchange for all "
+        "the tensors (torch.distributed.all_to_all_single)"))
 
-__all__ = ["COLLECTIVE", "EP_ROUTE", "GATHER_ROWS", "PROCESS_GROUPS", "all_to_all_ref", "ep_capacity",
-           "ep_route_ref", "gather_rows_ref"]
+__all__ = ["EP_ROUTE", "GATHER_ROWS", "PROCESS_GROUPS", "SPLITS", "all_to_all_ref", "ep_capacity", "ep_route_ref",
+           "exchange", "gather_rows_ref"]

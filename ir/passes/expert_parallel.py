@@ -21,6 +21,9 @@ Rewritten (ops and layout: ir/ops/ep.py):
     %back             = all_to_all(%y_recv, n_ranks=N, group=g)         # each row back to its sender
     %y_slots          = gather_rows(%back, %pos, div=1)                  # same name, same [T*k, H] rows
 
+With option mode "exact", `ep_route` also gives the rows used per rank (`%counts`, i32[N]) and both
+exchanges take split="counts": only the used rows move, after the counts (one host sync each).
+
 The weights `%w13.local` etc. are derived params (`expert_slice` of the stacked tensors). Every
 value a received row meets is the one it meets on one process (same row, same expert weights,
 same routing weight, the same kernels), and the combine still sums the k slots in order: the output
@@ -37,14 +40,16 @@ from ..types import DType, TensorType
 from .manager import PassContext
 
 GATE_UP = ("moe_gemm_gate_up", "moe_gemm_gate_up_fp8")
+MODES = ("fixed", "exact")
 DOWN = ("moe_gemm_down", "moe_gemm_down_fp8")
 
 
 class _Rewriter:
     """The state of one run of the pass: names in use, the graph's lookups, this rank's weight slices."""
 
-    def __init__(self, g: Graph, ctx: PassContext, n_ranks: int, rank: int, group: str):
+    def __init__(self, g: Graph, ctx: PassContext, n_ranks: int, rank: int, group: str, mode: str):
         self.g, self.ctx, self.n_ranks, self.rank, self.group = g, ctx, n_ranks, rank, group
+        self.split = "counts" if mode == "exact" else "even"
         self.vals, self.producers, self.users = g.values(), g.producers(), g.users()
         self.names = set(self.vals)
         self.params = set(g.params)
@@ -110,10 +115,12 @@ class _Rewriter:
         hidden = dn.outputs[0].type.shape[1]
         self.out, self.origin = [], dn.origin
         i32, f32 = DType.i32, DType.f32
-        send, eid, pos = node("ep_route", (ids,), [("ep.send", TensorType(i32, (nrows,))),
-                                                   ("ep.eid", TensorType(i32, (nrows,))),
-                                                   ("ep.pos", TensorType(i32, (tokens * k,)))],
-                              {"n_ranks": n_ranks, "local_experts": el})
+        send, eid, pos, counts = node("ep_route", (ids,), [("ep.send", TensorType(i32, (nrows,))),
+                                                           ("ep.eid", TensorType(i32, (nrows,))),
+                                                           ("ep.pos", TensorType(i32, (tokens * k,))),
+                                                           ("ep.counts", TensorType(i32, (n_ranks,)))],
+                                      {"n_ranks": n_ranks, "local_experts": el})
+        exact = self.split == "counts"      # exact-size exchanges: the counts go along, one host sync each
         acts = list(gu.inputs[:na])
         sent = [node("gather_rows", (a, send), [(f"{a}.send", TensorType(t(a).dtype, (nrows, t(a).shape[1])))],
                      {"div": int(k)})[0] for a in acts]
@@ -122,8 +129,10 @@ class _Rewriter:
         (sw,) = node("gather_rows", (wflat, send), [(f"{w}.send", TensorType(f32, (nrows, 1)))], {"div": 1})
         ex_types = [*(TensorType(t(x).dtype, (nrows, t(x).shape[1])) for x in acts),
                     TensorType(i32, (nrows,)), TensorType(f32, (nrows, 1))]
-        recv = node("all_to_all", (*sent, eid, sw), [(f"{x}.recv", ty) for x, ty in zip((*sent, eid, sw), ex_types)],
-                    {"n_ranks": n_ranks, "group": self.group})
+        ins = (*sent, eid, sw) + ((counts,) if exact else ())
+        outs = [(f"{x}.recv", ty) for x, ty in zip((*sent, eid, sw), ex_types)] + \
+            ([(f"{counts}.recv", TensorType(i32, (n_ranks,)))] if exact else [])
+        recv = node("all_to_all", ins, outs, {"n_ranks": n_ranks, "group": self.group, "split": self.split})
         rx, reid, rw = recv[:na], recv[na], recv[na + 1]
         (reid2,) = node("reshape", (reid,), [(f"{reid}.col", TensorType(i32, (nrows, 1)))], {"shape": (nrows, 1)})
         local_rows = moe_rows(nrows, 1, el, bm)
@@ -137,14 +146,18 @@ class _Rewriter:
         dw = [self.slice_param(p, e, el, where) for p in dn.inputs[na + 2:-1]]
         (y_recv,) = node(dn.op, (*act, lrows, lblk, *dw, rw),
                          [(f"{dn.outputs[0].name}.recv", TensorType(f32, (nrows, hidden)))], dn.attr_dict)
-        (back,) = node("all_to_all", (y_recv,), [(f"{y_recv}.back", TensorType(f32, (nrows, hidden)))],
-                       {"n_ranks": n_ranks, "group": self.group})
+        back = node("all_to_all", (y_recv,) + ((recv[-1],) if exact else ()),
+                    [(f"{y_recv}.back", TensorType(f32, (nrows, hidden)))] +
+                    ([(f"{counts}.back", TensorType(i32, (n_ranks,)))] if exact else []),
+                    {"n_ranks": n_ranks, "group": self.group, "split": self.split})[0]
         y = dn.outputs[0]
         self.out.append(Node((y,), "gather_rows", (back, pos), {"div": 1}, dn.origin))
         self.ctx.count("expert_parallel.moe_layers")
         self.ctx.note(f"expert_parallel: {dn.origin or y.name}: rank {self.rank} of {n_ranks} holds experts "
                       f"{self.rank * el}..{(self.rank + 1) * el - 1} of {e}; send/receive buffers {n_ranks} x C rows, "
-                      f"C = {cap} (T*min(k, E/N), no slot dropped)")
+                      f"C = {cap} (T*min(k, E/N), no slot dropped); "
+                      + ("exact-size exchanges: the row counts travel first, one host sync per exchange" if exact
+                         else "fixed capacity: every exchange moves the whole buffer, no host sync"))
         return self.out, dp, gu
 
 
@@ -154,7 +167,10 @@ def expert_parallel(g: Graph, ctx: PassContext) -> Graph:
     if not ep or g.kernels:
         return g.replace()
     n_ranks, rank = int(ep["n_ranks"]), int(ep["rank"])
-    rw = _Rewriter(g, ctx, n_ranks, rank, str(ep["group"]))
+    mode = str(ep.get("mode", "fixed"))
+    if mode not in MODES:
+        raise DsrError(f"expert parallelism: unknown ep_mode {mode!r}", hint=f"use one of {', '.join(MODES)}")
+    rw = _Rewriter(g, ctx, n_ranks, rank, str(ep["group"]), mode)
     downs = [n for n in g.nodes if n.op in DOWN]
     if not downs:
         raise DsrError(f"expert parallelism: graph {g.name} has no routed MoE layer (no moe_gemm_down)",

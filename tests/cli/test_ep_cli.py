@@ -27,10 +27,11 @@ def test_run_ep2_under_torchrun():
     from dsr_compiler.ep_launch import free_port
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                         "--master-port", str(free_port()),
-                        "-m", "dsr_compiler", "run", "--module", "moe", "--ep", "2", "--check"],
+                        "-m", "dsr_compiler", "run", "--module", "moe", "--ep", "2", "--ep-mode", "exact", "--check"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert r.stdout.count("bitwise equal") == 2 and "check passed on every rank" in r.stdout
+    assert r.stdout.count("exchange dispatch: buffer") == 2
 
 
 def test_errors_come_from_every_rank_with_exit_2():

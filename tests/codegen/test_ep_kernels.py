@@ -45,8 +45,9 @@ def test_route_kernel_matches_reference(n, el, k, tokens, mode, seed):
     k = min(k, n * el)
     kern = one_op_kernel("ep_route", "ep_route", [("ids", TensorType(DType.i32, (T, k)))],
                          {"n_ranks": n, "local_experts": el})
-    send, eid, pos = check_kernel(kern, [_ids(tokens, k, n, el, mode, seed)])
+    send, eid, pos, counts = check_kernel(kern, [_ids(tokens, k, n, el, mode, seed)])
     assert send.shape == (n * tokens * min(k, el),)
+    assert int(counts.sum()) == int((send >= 0).sum())          # rows used per rank: what an exact exchange sends
 
 
 def test_route_layout_contract():
@@ -55,14 +56,15 @@ def test_route_layout_contract():
     n, el, k, tokens = 3, 2, 2, 3
     ids = torch.tensor([[0, 1], [1, 0], [0, 3], ], dtype=torch.int32)
     ids[2, 1] = 9                                           # outside 0..E-1: no rank
-    send, eid, pos = ep_route_ref(ids, n_ranks=n, local_experts=el)
+    send, eid, pos, counts = ep_route_ref(ids, n_ranks=n, local_experts=el)
     c = tokens * min(k, el)
     assert int(ep_capacity(tokens, k, el)) == c == 6
     assert send.tolist() == [0, 1, 2, 3, 4, -1] + [-1] * 6 + [-1] * 6
     assert eid.tolist() == [0, 1, 1, 0, 0, -1] + [-1] * 12
     assert pos.tolist() == [0, 1, 2, 3, 4, -1]
+    assert counts.tolist() == [5, 0, 0]
     ids[2, 1] = 3
-    send, eid, pos = ep_route_ref(ids, n_ranks=n, local_experts=el)
+    send, eid, pos, counts = ep_route_ref(ids, n_ranks=n, local_experts=el)
     assert send[6:8].tolist() == [5, -1] and eid[6] == 1 and pos[5] == 6
 
 

@@ -50,31 +50,34 @@ class _Recorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def moe(rank: int, n: int, fp8: bool, token_counts: tuple[int, ...], skew: bool, extras: bool) -> dict:
-    """Per token count: the EP output vs the single-process compiled MoE (bitwise) and vs eager."""
+def moe(rank: int, n: int, fp8: bool, token_counts: tuple[int, ...], skew: bool, extras: bool,
+        modes: tuple[str, ...] = ("fixed",)) -> dict:
+    """Per ep_mode and token count: the EP output vs the single-process compiled MoE (bitwise) and vs eager."""
     wl = build(CFG, "moe", 1, 8, "f32", 0)
     kw = dict(dynamic=wl.dynamic, fp8=fp8, backend="interpret")
-    cm = dsr.compile(wl.module, wl.example_inputs, ep=n, **kw)
     one = dsr.compile(wl.module, wl.example_inputs, **kw)
-    out: dict = {"params": {p: tuple(t.shape) for p, t in zip(cm.graph.params, cm.params) if "local" in p}}
-    for t in token_counts:
-        x = _inputs(wl, t, rank, 1)
-        y = cm(x)
-        out[f"bitwise T={t}"] = torch.equal(y, one(x))
-        out[f"eager T={t}"] = _eager_ok(wl.module, x, y, fp8) if t else (y.shape == (0, CFG.hidden_size), 0.0)
+    out: dict = {}
+    for mode in modes:
+        cm = dsr.compile(wl.module, wl.example_inputs, ep=n, ep_mode=mode, **kw)
+        out[f"{mode} params"] = {p: tuple(t.shape) for p, t in zip(cm.graph.params, cm.params) if "local" in p}
+        for t in token_counts:
+            x = _inputs(wl, t, rank, 1)
+            y = cm(x)
+            out[f"{mode} bitwise T={t}"] = torch.equal(y, one(x))
+            out[f"{mode} eager T={t}"] = _eager_ok(wl.module, x, y, fp8) if t else (y.shape == (0, CFG.hidden_size), 0.0)
+        if extras and mode == "fixed":
+            out.update(_extras(cm, one, wl, rank, n))
     if skew:                             # every token of every rank goes to rank 0's experts
         m = _skewed(wl.module, 0, n)
-        cm_s = dsr.compile(m, wl.example_inputs, ep=n, **kw)
         one_s = dsr.compile(m, wl.example_inputs, **kw)
         x = _inputs(wl, 8, rank, 2)
-        y = cm_s(x)
         with torch.no_grad():
             ids = m.gate(x)[1]
         out["skew: experts hit"] = sorted(set(ids.flatten().tolist()))
-        out["bitwise skew"] = torch.equal(y, one_s(x))
-        out["eager skew"] = _eager_ok(m, x, y, fp8)
-    if extras:
-        out.update(_extras(cm, one, wl, rank, n))
+        for mode in modes:
+            y = dsr.compile(m, wl.example_inputs, ep=n, ep_mode=mode, **kw)(x)
+            out[f"{mode} bitwise skew"] = torch.equal(y, one_s(x))
+            out[f"{mode} eager skew"] = _eager_ok(m, x, y, fp8)
     return out
 
 

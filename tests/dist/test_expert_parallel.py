@@ -3,7 +3,8 @@
 Each rank compiles the zoo MoE with `ep=N` and runs its own tokens; the output must be bitwise equal
 to the single-process compiled MoE on the same tokens (the expert_parallel pass keeps every value a
 row meets) and within the tolerance table of eager PyTorch (f32; FP8: the FP8-recipe eager). Also:
-routing skewed onto one rank, zero tokens, no host sync, ranks calling with different token counts,
+routing skewed onto one rank, zero tokens, both ep_modes (fixed capacity and exact size), no host sync
+(fixed), ranks calling with different token counts,
 and a rank that dies (a clear error on the others, not a hang). Workers: ep_workers.py.
 """
 from __future__ import annotations
@@ -20,34 +21,41 @@ pytestmark = pytest.mark.dist
 CFG = ModelConfig.named("deepseek-v3-tiny")
 
 
-def _warm(n: int, fp8: bool) -> None:
-    """Compile rank 0's plan here first: the ranks then share the kernel cache instead of compiling at once."""
+def _warm(n: int, fp8: bool, modes: tuple[str, ...] = ("fixed",)) -> None:
+    """Compile rank 0's plans here first: the ranks then share the kernel cache instead of compiling at once."""
     wl = build(CFG, "moe", 1, 8, "f32", 0)
-    dsr.compile(wl.module, wl.example_inputs, dynamic=wl.dynamic, fp8=fp8, backend="interpret", ep=EpPlan(n, 0))
+    for mode in modes:
+        dsr.compile(wl.module, wl.example_inputs, dynamic=wl.dynamic, fp8=fp8, backend="interpret", ep=EpPlan(n, 0),
+                    ep_mode=mode)
     dsr.compile(wl.module, wl.example_inputs, dynamic=wl.dynamic, fp8=fp8, backend="interpret")
 
 
-def _check(res: dict[int, dict], n: int, keys: list[str]) -> None:
+def _check(res: dict[int, dict], n: int, modes: tuple[str, ...], counts: tuple[int, ...], skew: bool) -> None:
     el = CFG.n_routed_experts // n
     for r, out in res.items():
-        assert out["params"] == {"experts.w13.local": (el, 2 * CFG.moe_intermediate_size, CFG.hidden_size),
-                                 "experts.w2.local": (el, CFG.hidden_size, CFG.moe_intermediate_size)} or \
-            set(out["params"]) == {"experts.w13.q.local", "experts.w13.s.local", "experts.w2.q.local",
-                                   "experts.w2.s.local"}, out["params"]
-        for k in keys:
-            v = out[k]
-            ok = v[0] if isinstance(v, tuple) else v
-            assert ok is True, f"rank {r}: {k}: {v}"
+        for mode in modes:
+            assert out[f"{mode} params"] == {"experts.w13.local": (el, 2 * CFG.moe_intermediate_size, CFG.hidden_size),
+                                             "experts.w2.local": (el, CFG.hidden_size, CFG.moe_intermediate_size)} or \
+                set(out[f"{mode} params"]) == {"experts.w13.q.local", "experts.w13.s.local", "experts.w2.q.local",
+                                               "experts.w2.s.local"}, out[f"{mode} params"]
+            keys = [f"{mode} {what} T={t}" for t in counts for what in ("bitwise", "eager")]
+            keys += [f"{mode} bitwise skew", f"{mode} eager skew"] if skew else []
+            for k in keys:
+                v = out[k]
+                ok = v[0] if isinstance(v, tuple) else v
+                assert ok is True, f"rank {r}: {k}: {v}"
+        if skew:
+            assert max(out["skew: experts hit"]) < el, out["skew: experts hit"]    # all on rank 0's experts
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["f32", "fp8"])
 def test_two_ranks_match_one_process(fp8):
-    _warm(2, fp8)
     counts = (8, 1) if fp8 else (8, 1, 0, 13)        # the FP8 kernels interpret slowly: fewer calls
-    res = run_ranks(2, "ep_workers:moe", (fp8, counts, True, not fp8))
-    _check(res, 2, [f"{what} T={t}" for t in counts for what in ("bitwise", "eager")] + ["bitwise skew", "eager skew"])
-    for r, out in res.items():
-        assert max(out["skew: experts hit"]) < 8, out["skew: experts hit"]      # all on rank 0's experts 0..7
+    modes = ("fixed",) if fp8 else ("fixed", "exact")
+    _warm(2, fp8, modes)
+    res = run_ranks(2, "ep_workers:moe", (fp8, counts, True, not fp8, modes))
+    _check(res, 2, modes, counts, True)
+    for out in res.values():
         if not fp8:
             assert out["no sync: bitwise"] is True
             assert not any("local_scalar" in o or "nonzero" in o for o in out["no sync: ops"]), out["no sync: ops"]
@@ -59,13 +67,11 @@ def test_two_ranks_match_one_process(fp8):
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["f32", "fp8"])
 def test_four_ranks_match_one_process(fp8):
-    _warm(4, fp8)
     counts = (8,) if fp8 else (8, 3)
-    res = run_ranks(4, "ep_workers:moe", (fp8, counts, not fp8, False))
-    _check(res, 4, [f"{what} T={t}" for t in counts for what in ("bitwise", "eager")] +
-           ([] if fp8 else ["bitwise skew", "eager skew"]))
-    for out in res.values():
-        assert fp8 or max(out["skew: experts hit"]) < 4, out["skew: experts hit"]
+    modes = ("exact",) if fp8 else ("fixed",)      # both modes on 2 ranks; here one each keeps the suite short
+    _warm(4, fp8, modes)
+    res = run_ranks(4, "ep_workers:moe", (fp8, counts, not fp8, False, modes))
+    _check(res, 4, modes, counts, not fp8)
 
 
 def test_a_dead_rank_is_an_error_not_a_hang():

@@ -2,7 +2,8 @@
 
 A family's kernel is taken from a real compiled plan (the default `dsrc run` module, a decoder layer
 with FP8, in its decode phase; the MLA prefill; an unquantized MoE; the GRPO loss with gradients) or,
-for the two families no zoo plan uses by default (`attention`, `gather`), built by hand. Its rendered
+for the families no one-process zoo plan uses (`attention`, `gather`, and the expert-parallel `ep_route`
+and `gather_rows`), built by hand. Its rendered
 Triton source is rewritten:
 - "scale": every value a kernel stores is multiplied by 0.5 (converted back to the stored dtype, so
   integer outputs such as expert ids and slot maps change too);
@@ -126,13 +127,40 @@ def _gather_case() -> Case:
     return _hand_case(k, [torch.randn(7, 30, generator=gen), torch.randint(0, 30, (7, 3), generator=gen)])
 
 
+def _ep_route_case() -> Case:
+    t = sympy.Symbol("T", integer=True, positive=True)
+    b = GraphBuilder("k1_ep_route_ep_route")
+    b.add_input("ids", TensorType(DType.i32, (t, 3)))
+    outs = tuple(Value(n, ty) for n, ty in zip(("send", "eid", "pos", "counts"),
+                                               OPS["ep_route"].infer([TensorType(DType.i32, (t, 3))],
+                                                                     {"n_ranks": 4, "local_experts": 2})))
+    b.add(Node(outs, "ep_route", ("ids",), {"n_ranks": 4, "local_experts": 2}, "test"))
+    k = Kernel("k1_ep_route_ep_route", "ep_route", verify(b.build(tuple(o.name for o in outs))))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.stack([torch.randperm(8, generator=gen)[:3] for _ in range(7)]).to(torch.int32)
+    return _hand_case(k, [ids])
+
+
+def _gather_rows_case() -> Case:
+    t = sympy.Symbol("T", integer=True, positive=True)
+    b = GraphBuilder("k1_gather_rows_gather_rows")
+    b.add_input("src", TensorType(DType.f32, (t, 24)))
+    b.add_input("index", TensorType(DType.i32, (9,)))
+    b.add(Node((Value("out", TensorType(DType.f32, (9, 24))),), "gather_rows", ("src", "index"), {"div": 3}, "test"))
+    k = Kernel("k1_gather_rows_gather_rows", "gather_rows", verify(b.build(("out",))))
+    gen = torch.Generator().manual_seed(0)
+    return _hand_case(k, [torch.randn(5, 24, generator=gen),
+                          torch.tensor([0, 14, -1, 3, 7, 2, 13, -1, 9], dtype=torch.int32)])
+
+
 # Where each family's case comes from; the default decoder plan first (those run in `make test`).
 SOURCES: dict[str, Any] = {
     "decoder": lambda: _plan_cases("decoder", True, phase="decode"),
     "mla_prefill": lambda: _plan_cases("mla", True, phase="prefill"),
     "moe": lambda: _plan_cases("moe", False),
     "grpo": lambda: _plan_cases("grpo", False),
-    "hand": lambda: {"attention": _attention_case(), "gather": _gather_case()},
+    "hand": lambda: {"attention": _attention_case(), "gather": _gather_case(), "ep_route": _ep_route_case(),
+                     "gather_rows": _gather_rows_case()},
 }
 
 
@@ -143,7 +171,7 @@ SOURCE_OF: dict[str, str] = {
                               "mla_decode", "mla_combine")},
     "mla_attention": "mla_prefill", "moe_gemm": "moe",
     **{f: "grpo" for f in ("vocab_logprobs", "vocab_grad_hidden", "vocab_grad_weight")},
-    "attention": "hand", "gather": "hand",
+    "attention": "hand", "gather": "hand", "ep_route": "hand", "gather_rows": "hand",
 }
 
 

@@ -45,13 +45,32 @@ def test_plan_of_one_rank(n, rank, fp8):
     disp = next(nd for k in g.kernels for nd in k.body.nodes if nd.op == "moe_dispatch")
     assert disp.attr("n_experts") == el
     rep = cm.report()
-    assert rep["options"]["ep"] == {"n_ranks": n, "rank": rank, "group": f"ep{n}", "backend": None}
+    assert rep["options"]["ep"] == {"n_ranks": n, "rank": rank, "group": f"ep{n}", "backend": None, "mode": "fixed"}
+    assert dsr.ir.parse(str(g)) == g                       # the plan's text IR reads back
     # the slice really is this rank's experts of the full stacked weight
     full = dsr.compile(wl.module, wl.example_inputs, dynamic=wl.dynamic, fp8=fp8, backend="interpret")
     fshapes = dict(zip(full.graph.params, full.params))
     assert torch.equal(dict(zip(g.params, cm.params))[w13], fshapes[w13.removesuffix(".local")][rank * el:(rank + 1) * el])
     with pytest.raises(RuntimeLaunchError, match="without a process group"):
         cm(wl.make_inputs(3, 1)[0])
+
+
+def test_exact_mode_sends_the_counts_along():
+    wl = _moe()
+    cm = dsr.compile(wl.module, wl.example_inputs, dynamic=wl.dynamic, backend="interpret", ep=EpPlan(4, 1),
+                     ep_mode="exact")
+    ex = [nd for nd in cm.graph.nodes if nd.op == "all_to_all"]
+    assert [nd.attr("split") for nd in ex] == ["counts", "counts"]
+    assert ex[0].inputs[-1].startswith("ep.counts") and ex[1].inputs[-1] == ex[0].outputs[-1].name
+    route = next(k for k in cm.kernels if k.spec.family == "ep_route")
+    assert "COUNTS" in dict(route.spec.params) and dict(route.spec.params)["COUNTS"]
+    rep = cm.report()
+    assert {e["mode"] for e in rep["collectives"]} == {"exact"} and "one host sync" in rep["collective_totals"]["mode"]
+    fixed = dsr.compile(wl.module, wl.example_inputs, dynamic=wl.dynamic, backend="interpret", ep=EpPlan(4, 1))
+    assert rep["collective_totals"]["sent_bytes"] < fixed.report()["collective_totals"]["sent_bytes"]
+    assert dsr.ir.parse(str(cm.graph)) == cm.graph
+    with pytest.raises(DsrError, match="ep_mode: expected one of fixed, exact"):
+        dsr.compile(wl.module, wl.example_inputs, dynamic=wl.dynamic, ep=EpPlan(4, 1), ep_mode="fast")
 
 
 def test_decoder_plan_keeps_attention_replicated():
@@ -91,9 +110,11 @@ def test_one_rank_group_runs_the_exchange(tmp_path):
         wl = _moe()
         cm = dsr.compile(wl.module, wl.example_inputs, dynamic=wl.dynamic, backend="interpret", ep=1)
         one = dsr.compile(wl.module, wl.example_inputs, dynamic=wl.dynamic, backend="interpret")
+        exact = dsr.compile(wl.module, wl.example_inputs, dynamic=wl.dynamic, backend="interpret", ep=1,
+                            ep_mode="exact")
         for t in (5, 0, 9):
             x = wl.make_inputs(t, 3)[0]
-            assert torch.equal(cm(x), one(x))
+            assert torch.equal(cm(x), one(x)) and torch.equal(exact(x), one(x))
         with pytest.raises(DsrError, match="the default process group has 1 ranks"):
             dsr.compile(wl.module, wl.example_inputs, dynamic=wl.dynamic, backend="interpret", ep=2)
     finally:
