@@ -14,7 +14,8 @@ pytestmark = pytest.mark.dist
 
 
 def test_run_ep2_checks_every_rank():
-    r = run_cli("run", "--module", "moe", "--ep", "2", "--check", "--no-fp8")
+    """A decoder layer (one decode step): attention replicated per rank, the MoE expert-parallel."""
+    r = run_cli("run", "--module", "decoder", "--ep", "2", "--check", "--no-fp8")
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     for rank, experts in ((0, "0..7"), (1, "8..15")):

@@ -112,6 +112,25 @@ def _extras(cm, one, wl, rank: int, n: int) -> dict:
     return out
 
 
+def stalls(rank: int, n: int, stall_s: float) -> dict:
+    """The last rank stays alive but stops calling; the others must fail at the group's timeout, not hang."""
+    from dsr_compiler.errors import DsrError
+    import time
+    wl = build(CFG, "moe", 1, 8, "f32", 0)
+    cm = dsr.compile(wl.module, wl.example_inputs, ep=n, dynamic=wl.dynamic, backend="interpret")
+    x = _inputs(wl, 4, rank, 6)
+    cm(x)
+    if rank == n - 1:
+        time.sleep(stall_s)
+        return {"stalled": True}
+    t0 = time.monotonic()
+    try:
+        cm(x)
+        return {"error text": "no error", "seconds": time.monotonic() - t0}
+    except DsrError as e:
+        return {"error text": str(e), "seconds": time.monotonic() - t0}
+
+
 def dies(rank: int, n: int) -> dict:
     """The last rank exits abruptly before a call; every other rank must get a clear error, not hang."""
     from dsr_compiler.errors import DsrError

@@ -9,6 +9,8 @@ and a rank that dies (a clear error on the others, not a hang). Workers: ep_work
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 
 import dsr_compiler as dsr
@@ -72,6 +74,16 @@ def test_four_ranks_match_one_process(fp8):
     _warm(4, fp8, modes)
     res = run_ranks(4, "ep_workers:moe", (fp8, counts, not fp8, False, modes))
     _check(res, 4, modes, counts, not fp8)
+
+
+def test_a_stalled_rank_is_a_timeout_error_on_the_others():
+    _warm(2, False)
+    t0 = time.monotonic()
+    res = run_ranks(2, "ep_workers:stalls", (9.0,), timeout_s=3)
+    out = res[0]
+    assert "rank 0 of 2" in out["error text"] and "failed" in out["error text"], out
+    assert 2 <= out["seconds"] < 8, out                      # the group's 3 s timeout, not the 9 s stall
+    assert res[1] == {"stalled": True} and time.monotonic() - t0 < 120
 
 
 def test_a_dead_rank_is_an_error_not_a_hang():
