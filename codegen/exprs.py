@@ -99,6 +99,8 @@ POINTWISE_EXPRS: dict[str, Expr] = {
     "neg": "-{0}",
     "abs": _abs,
     "exp": "tl.exp({0})",
+    "cos": "tl.cos({0})",                 # accurate (range-reduced) on CUDA, not cos.approx
+    "sin": "tl.sin({0})",
     "log": "tl.log({0})",
     "sqrt": "tl.sqrt_rn({0})",
     "rsqrt": "tl.rsqrt({0})",

@@ -25,7 +25,7 @@ from .views import Axis, IndexBuilder, ScalarPool, View, ViewError, apply_layout
 
 _KIND_ORDER = {"i1": 0, "i32": 1, "i64": 2, "f32": 3}
 _COMPARE = ("lt", "le", "gt", "ge", "eq")
-_FLOAT_ONLY = ("exp", "log", "sqrt", "rsqrt", "reciprocal", "sigmoid", "silu", "tanh", "gelu", "pow", "div")
+_FLOAT_ONLY = ("exp", "log", "sqrt", "rsqrt", "reciprocal", "sigmoid", "silu", "tanh", "gelu", "pow", "div", "cos", "sin")
 
 
 class Body:

@@ -184,6 +184,8 @@ _UNARY_META = {
     "tanh": lambda m: Meta(min(m.bound, 1.0), math.tanh(m.lo) if m.lo else None),
     "relu": lambda m: Meta(m.bound),
     "gelu": lambda m: Meta(m.bound),
+    "cos": lambda m: Meta(1.0),
+    "sin": lambda m: Meta(min(m.bound, 1.0)),
 }
 
 

@@ -505,7 +505,7 @@ class TraceContext:
             if fn is operator.setitem:
                 raise self.fail("in-place op operator.setitem (x[...] = y) is not supported",
                                 hint="build the tensor with torch.cat / torch.where instead of assigning into it")
-            raise self.fail(f"unsupported op {fn_name(fn)}", hint=supported_hint())
+            raise self.fail(f"unsupported op {fn_name(fn)}", hint=supported_hint(fn_name(fn)))
         return self._bind(h, fn_name(fn), args, kwargs)
 
     def _call_method(self, name: str, args: tuple, kwargs: dict) -> Any:
@@ -516,7 +516,7 @@ class TraceContext:
             raise self.fail(f"method .{name}() called on the trace-time value {args[0] if args else None!r}")
         h = METHOD_HANDLERS.get(name)
         if h is None:
-            raise self.fail(f"unsupported op Tensor.{name}", hint=supported_hint())
+            raise self.fail(f"unsupported op Tensor.{name}", hint=supported_hint(f"Tensor.{name}"))
         return self._bind(h, f"Tensor.{name}", args, kwargs)
 
     def _call_module(self, target: str, args: tuple, kwargs: dict) -> Any:

@@ -159,11 +159,29 @@ def lowers_module(*classes: type) -> Callable[[Callable], Callable]:
     return deco
 
 
-def supported_hint() -> str:
-    """The hint of an "unsupported op" error: every registered function and Tensor method."""
-    fns = sorted({fn_name(f) for f in FUNCTION_HANDLERS if not isinstance(f, str)})
-    meths = sorted(METHOD_HANDLERS)
-    return ("supported ops: " + ", ".join(fns) + "; Tensor methods: " + ", ".join("." + m for m in meths)
-            + "; or wrap a helper with torch.fx.wrap and register its lowering in FUNCTION_LOWERINGS")
+NEAREST = 10          # supported ops an "unsupported op" hint names
+
+
+def supported_names() -> list[str]:
+    """Every registered function (`torch.x`, `F.x`, ...) and Tensor method (`Tensor.x`), sorted."""
+    fns = {fn_name(f) for f in FUNCTION_HANDLERS if not isinstance(f, str)}
+    return sorted(fns | {"Tensor." + m for m in METHOD_HANDLERS})
+
+
+def supported_hint(requested: str = "") -> str:
+    """The hint of an "unsupported op" error: the NEAREST supported ops to `requested` by name (the
+    part after the last dot weighs most: `Tensor.cos` is near `torch.cos`), not all of them."""
+    import difflib
+    names = supported_names()
+    short = requested.rsplit(".", 1)[-1].lower()
+
+    def score(n: str) -> float:
+        tail = n.rsplit(".", 1)[-1].lower()
+        return 2 * difflib.SequenceMatcher(None, short, tail).ratio() + \
+            difflib.SequenceMatcher(None, requested.lower(), n.lower()).ratio()
+    near = sorted(names, key=lambda n: (-score(n), n))[:NEAREST]
+    return (f"the {len(near)} nearest of the {len(names)} supported ops: " + ", ".join(near)
+            + "; or wrap a helper with torch.fx.wrap and register its lowering in FUNCTION_LOWERINGS "
+              "(dsr_compiler.frontend.registry.supported_names() lists them all)")
 
 

@@ -129,6 +129,19 @@ def _sigmoid_vjp(b: GradBuilder, n: Node, g: str, zero: str) -> list:
 
 
 @single_output_vjp
+def _cos_vjp(b: GradBuilder, n: Node, g: str, zero: str) -> list:
+    hint = _hint(n)
+    d = b.emit("neg", (b.emit("sin", (n.inputs[0],), hint=hint),), hint=hint)
+    return [fit(b, n, 0, b.emit("mul", (g, d), hint=hint))]
+
+
+@single_output_vjp
+def _sin_vjp(b: GradBuilder, n: Node, g: str, zero: str) -> list:
+    hint = _hint(n)
+    return [fit(b, n, 0, b.emit("mul", (g, b.emit("cos", (n.inputs[0],), hint=hint)), hint=hint))]
+
+
+@single_output_vjp
 def _tanh_vjp(b: GradBuilder, n: Node, g: str, zero: str) -> list:
     out, hint = n.out.name, _hint(n)
     one = b.const(1.0, b.types[out].dtype)
@@ -249,6 +262,8 @@ _unary("reciprocal", torch.reciprocal, "1/x", vjp=_reciprocal_vjp)
 _unary("sigmoid", torch.sigmoid, "1/(1+e^-x)", flops=3, vjp=_sigmoid_vjp)
 _unary("silu", F.silu, "x*sigmoid(x)", flops=4)
 _unary("tanh", torch.tanh, "tanh", flops=4, vjp=_tanh_vjp)
+_unary("cos", torch.cos, "cosine (rotary embeddings computed in the graph)", flops=8, vjp=_cos_vjp)
+_unary("sin", torch.sin, "sine (rotary embeddings computed in the graph)", flops=8, vjp=_sin_vjp)
 _unary("relu", torch.relu, "max(x, 0)", float_only=False)
 _unary("gelu", lambda x: F.gelu(x), "exact (erf) GELU", flops=8)
 

@@ -3,18 +3,17 @@ from __future__ import annotations
 
 import copy
 import os
-from collections import Counter
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsr_compiler as dsr
 from dsr_compiler.models import ModelConfig
 from dsr_compiler.tolerance import compare, compare_fp8
 from dsr_compiler.workloads import build
 
+from dispatch_recorder import SYNC_METHODS, DispatchRecorder
+
 CFG = ModelConfig.named("deepseek-v3-tiny")          # 16 routed experts, top-4, 4 groups (top-2 kept)
-SYNC = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
 
 
 def _inputs(wl, tokens: int, rank: int, salt: int) -> torch.Tensor:
@@ -38,16 +37,6 @@ def _skewed(module, rank_of_all: int, n: int):
     with torch.no_grad():
         m.gate.e_score_correction_bias[rank_of_all * el:(rank_of_all + 1) * el] += 10.0
     return m
-
-
-class _Recorder(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def moe(rank: int, n: int, fp8: bool, token_counts: tuple[int, ...], skew: bool, extras: bool,
@@ -86,14 +75,14 @@ def _extras(cm, one, wl, rank: int, n: int) -> dict:
     out: dict = {}
     x = _inputs(wl, 6, rank, 3)
     cm(x)                                            # sizes agreed once for T=6
-    orig = {name: getattr(torch.Tensor, name) for name in SYNC}
+    orig = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
 
     def sync(*a, **k):
         raise AssertionError("host sync inside the expert-parallel MoE")
     try:
-        for name in SYNC:
+        for name in SYNC_METHODS:
             setattr(torch.Tensor, name, sync)
-        with _Recorder() as rec:
+        with DispatchRecorder() as rec:
             y = cm(x)
     finally:
         for name, f in orig.items():

@@ -13,7 +13,6 @@ slow part and is covered once by `test_full_compile_*` and by tests/codegen/test
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 import pytest
 import torch
@@ -22,8 +21,8 @@ from dsr_compiler.ir.passes import PIPELINE, PassContext, run_passes
 from dsr_compiler.runtime.launch import build_plan
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from dispatch_recorder import SYNC_METHODS, DispatchRecorder
 from strategies import examples  # noqa: E402  per-test budget from the active profile
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsr_compiler as dsr
 from dsr_compiler.codegen.build import KernelArtifact
@@ -151,16 +150,6 @@ def test_full_compile_runs_every_token_count():
     assert rep["totals"]["kernels"] == 7
 
 
-class _Recorder(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_no_host_sync(monkeypatch):
     """The compiled call reads nothing back from device memory: no .item()/.tolist()/bool()/.cpu(),
     and the only ATen ops it issues are buffer allocation and the interpreter's argument staging
@@ -173,9 +162,9 @@ def test_no_host_sync(monkeypatch):
     def sync(*a, **k):
         raise AssertionError("host sync inside the compiled MoE")
     with monkeypatch.context() as mp:
-        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"):
+        for name in SYNC_METHODS:
             mp.setattr(torch.Tensor, name, sync)
-        with _Recorder() as rec:
+        with DispatchRecorder() as rec:
             y = cm(x)
     allowed = {"aten.empty.memory_format", "aten.new_empty.default", "aten.set_.source_Storage",
                "aten.set_.source_Storage_storage_offset", "aten.copy_.default", "aten.view.default"}

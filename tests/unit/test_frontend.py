@@ -372,7 +372,19 @@ def test_unsupported_op_names_op_and_module_path():
     assert "torch.cumsum" in text
     assert "blk.inner" in text and "Inner" in text
     assert re.search(r"test_frontend\.py:\d+ in forward: `[^`]*cumsum", text), text   # the user's source line
-    assert "supported ops:" in text
+    assert "nearest of the" in text and "supported ops:" in text
+    hint = text.split("supported ops:", 1)[1].split(";")[0]
+    named = [n.strip() for n in hint.split(",")]
+    assert len(named) == 10 and "torch.cummax" not in named           # ten names, not all ~230
+    assert any(n.endswith("sum") for n in named), named              # the nearest by name: torch.sum and kin
+
+
+def test_unsupported_method_hint_names_the_nearest():
+    from dsr_compiler.frontend.registry import supported_hint, supported_names
+    assert len(supported_names()) > 100
+    hint = supported_hint("Tensor.cosh")
+    named = [n.strip() for n in hint.split("supported ops:", 1)[1].split(";")[0].split(",")]
+    assert len(named) == 10 and len(set(named)) == 10
 
 
 def test_tracing_records_locations_without_importing_inductor():

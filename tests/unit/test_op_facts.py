@@ -18,7 +18,7 @@ def test_codegen_reads_index_maps_and_reductions_from_the_table():
 
 def test_flops_of_the_cost_model():
     """The modeled FLOPs per element (report.json's MFLOP): 1 unless the op is several instructions."""
-    many = {"rope": 3, "silu": 4, "sigmoid": 3, "gelu": 8, "tanh": 4, "pow": 4, "cast": 0}
+    many = {"rope": 3, "silu": 4, "sigmoid": 3, "gelu": 8, "tanh": 4, "pow": 4, "cast": 0, "cos": 8, "sin": 8}
     for name, op in OPS.items():
         if op.kind == POINTWISE:
             assert ops.flops_per_element(name) == many.get(name, 1), name
@@ -37,7 +37,7 @@ def test_commutative_ops():
 
 def test_derivative_rules_live_on_the_ops():
     assert set(ops.differentiable_ops()) == {
-        "add", "sub", "neg", "mul", "div", "exp", "log", "sqrt", "reciprocal", "sigmoid", "tanh", "pow",
+        "add", "sub", "neg", "mul", "div", "exp", "log", "sqrt", "reciprocal", "sigmoid", "tanh", "pow", "cos", "sin",
         "maximum", "minimum", "where", "cast", "sum", "mean", "reshape", "expand", "permute", "stop_gradient",
         "token_logprobs"}
     assert OPS["softmax"].vjp is None

@@ -114,6 +114,8 @@ _unary("reciprocal", torch.reciprocal, "reciprocal")
 _unary("sigmoid", torch.sigmoid, F.sigmoid, "sigmoid")
 _unary("tanh", torch.tanh, F.tanh, "tanh")
 _unary("relu", torch.relu, "relu")
+_unary("cos", torch.cos, "cos")
+_unary("sin", torch.sin, "sin")
 
 
 @lowers(operator.pos, "contiguous", "clone", torch.clone)
