@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dsr_compiler.ir.types import DType, dims_equal, to_expr
 from ..context import TensorRef, TraceContext, bound_args, canon, module_attr, same
 from ..registry import lowers, lowers_function, lowers_leaf, lowers_module
 from .arith import f_dropout, f_gelu
@@ -100,6 +101,51 @@ def _f_rms_norm(cx: TraceContext, input: Any, normalized_shape: Any, weight: Any
     return _rms_norm(cx, input, weight, eps, normalized_shape, "F.rms_norm")
 
 
+def _layer_norm(cx: TraceContext, x: Any, normalized_shape: Any, weight: Any, bias: Any, eps: Any,
+                what: str) -> TensorRef:
+    """LayerNorm over the last dim, as existing ops: mean, centred square mean, rsqrt, affine; in fp32 for a
+    16-bit input (as torch computes it), one cast back at the end."""
+    x = cx.tensor(x, what)
+    ns = tuple(normalized_shape) if isinstance(normalized_shape, (tuple, list, torch.Size)) else (normalized_shape,)
+    if len(ns) != 1 or x.type.rank < 1 or not dims_equal(to_expr(cx.number(ns[0], f"{what}: normalized_shape")),
+                                                       x.type.shape[-1]):
+        raise cx.fail(f"{what} over normalized_shape={list(ns)} of a {x.type} input is not supported",
+                      hint="normalize the last dim only: normalized_shape=(x.shape[-1],)")
+    if not x.type.dtype.is_float:
+        raise cx.fail(f"{what}: input must be float, got {x.type}")
+    dt = x.type.dtype
+    xf = cx.cast(x, DType.f32)
+    d = x.type.rank - 1
+    mean = cx.emit("mean", [xf], {"dim": d, "keepdim": True})
+    xc = cx.binary("sub", xf, mean)
+    var = cx.emit("mean", [cx.binary("mul", xc, xc)], {"dim": d, "keepdim": True})
+    y = cx.binary("mul", xc, cx.emit("rsqrt", [cx.binary("add", var, float(cx.number(eps, f"{what}: eps")))]))
+    if weight is not None:
+        y = cx.binary("mul", y, cx.cast(cx.tensor(weight, f"{what}: weight"), DType.f32))
+    if bias is not None:
+        y = cx.binary("add", y, cx.cast(cx.tensor(bias, f"{what}: bias"), DType.f32))
+    return cx.cast(y, dt)
+
+
+@lowers(F.layer_norm, torch.layer_norm)
+def _f_layer_norm(cx: TraceContext, input: Any, normalized_shape: Any, weight: Any = None, bias: Any = None,
+                  eps: Any = 1e-5) -> TensorRef:
+    return _layer_norm(cx, input, normalized_shape, weight, bias, eps, "F.layer_norm")
+
+
+@lowers(torch.addmm, "addmm")
+def _addmm(cx: TraceContext, input: Any, mat1: Any, mat2: Any, *, beta: Any = 1, alpha: Any = 1) -> TensorRef:
+    """beta * input + alpha * (mat1 @ mat2) (GPT-2's Conv1D), as matmul, scales and add."""
+    prod = cx.emit("matmul", [cx.tensor(mat1, "addmm: mat1"), cx.tensor(mat2, "addmm: mat2")])
+    a, b = cx.number(alpha, "addmm: alpha"), cx.number(beta, "addmm: beta")
+    if a != 1:
+        prod = cx.binary("mul", prod, float(a))
+    if b == 0:
+        return prod
+    base = cx.tensor(input, "addmm: input")
+    return cx.binary("add", prod, base if b == 1 else cx.binary("mul", base, float(b)))
+
+
 # --- torch.nn leaf modules
 
 @lowers_module(nn.Linear)
@@ -118,6 +164,13 @@ def _m_rms_norm(cx: TraceContext, m: nn.RMSNorm, input: Any) -> TensorRef:
     w = module_attr(m, "weight")
     w = None if w is None else cx.param(w)
     return _rms_norm(cx, input, w, m.eps, m.normalized_shape, "nn.RMSNorm")
+
+
+@lowers_module(nn.LayerNorm)
+def _m_layer_norm(cx: TraceContext, m: nn.LayerNorm, input: Any) -> TensorRef:
+    w, b = module_attr(m, "weight"), module_attr(m, "bias")
+    return _layer_norm(cx, input, m.normalized_shape, None if w is None else cx.param(w),
+                       None if b is None else cx.param(b), m.eps, "nn.LayerNorm")
 
 
 def _module_unary(cls: type, op: str) -> None:

@@ -1,0 +1,56 @@
+"""nn.LayerNorm / F.layer_norm and torch.addmm (GPT-2's Conv1D) traced as existing ops and compiled on the
+interpreter, vs eager, with a symbolic token dimension (issue 13's plain-nn modules)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dsr_compiler as dsr
+from dsr_compiler.errors import TraceError
+from tolerances import assert_close
+
+
+class Conv1D(nn.Module):
+    """transformers' GPT-2 Conv1D: y = addmm(bias, x.view(-1, nx), weight)."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.05)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.LayerNorm(64))
+        self.conv = Conv1D(32, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.seq(x)
+        h = F.layer_norm(h, (64,), None, None, 1e-6) + h
+        return self.conv(h) + 0.5 * torch.addmm(self.conv.bias, h, self.conv.weight, beta=2.0, alpha=0.25)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sequential_layer_norm_and_addmm(dtype):
+    torch.manual_seed(0)
+    m = Block().to(dtype).eval()
+    with torch.no_grad():
+        m.seq[3].weight.uniform_(0.5, 1.5)
+        m.seq[3].bias.uniform_(-0.2, 0.2)
+    cm = dsr.compile(m, (torch.randn(8, 64, dtype=dtype),), dynamic={"x": {0: "T"}}, backend="interpret")
+    for t in (1, 8, 16):
+        x = torch.randn(t, 64, dtype=dtype) * 3 + 1
+        with torch.no_grad():
+            assert_close(cm(x), m(x), dtype)
+
+
+def test_layer_norm_over_two_dims_is_refused():
+    m = nn.LayerNorm((4, 16))
+    with pytest.raises(TraceError, match="normalize the last dim only"):
+        dsr.trace(m, (torch.randn(3, 4, 16),), dynamic={"input": {0: "T"}})
