@@ -54,3 +54,23 @@ def test_layer_norm_over_two_dims_is_refused():
     m = nn.LayerNorm((4, 16))
     with pytest.raises(TraceError, match="normalize the last dim only"):
         dsr.trace(m, (torch.randn(3, 4, 16),), dynamic={"input": {0: "T"}})
+
+
+class GqaAttention(nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def test_sdpa_with_grouped_query_heads():
+    """enable_gqa=True: 8 query heads over 2 key/value heads (head h reads kv head h // 4)."""
+    m = GqaAttention()
+
+    def inputs(s: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        return (torch.randn(1, 8, s, 16, generator=g), torch.randn(1, 2, s, 16, generator=g),
+                torch.randn(1, 2, s, 16, generator=g))
+    dyn = {n: {2: "S"} for n in ("q", "k", "v")}
+    cm = dsr.compile(m, inputs(8, 0), dynamic=dyn, backend="interpret")
+    for s in (1, 8, 13):
+        args = inputs(s, s)
+        assert_close(cm(*args), m(*args))

@@ -52,6 +52,23 @@ def _f_embedding(cx: TraceContext, input: Any, weight: Any, padding_idx: Any = N
     return _embedding(cx, input, cx.tensor(weight, "embedding: weight"), max_norm)
 
 
+def _repeat_kv_heads(cx: TraceContext, q: TensorRef, kv: TensorRef, what: str) -> TensorRef:
+    """enable_gqa: query head h reads key/value head h // (Hq / Hkv) (repeat_interleave), as expand + reshape."""
+    if q.type.rank < 3 or kv.type.rank != q.type.rank:
+        raise cx.fail(f"{what}: enable_gqa needs [..., heads, L, D] query and key/value, got {q.type} and {kv.type}")
+    hq, hkv = canon(q.type.shape[-3]), canon(kv.type.shape[-3])
+    if not (isinstance(hq, int) and isinstance(hkv, int)) or hkv < 1 or hq % hkv:
+        raise cx.fail(f"{what}: enable_gqa needs static head counts with the query's a multiple of the key's, "
+                      f"got {hq} and {hkv}")
+    if hq == hkv:
+        return kv
+    g = hq // hkv
+    lead, (length, d) = kv.type.shape[:-3], kv.type.shape[-2:]
+    x = cx.reshape(kv, (*lead, hkv, 1, length, d))
+    x = cx.emit("expand", [x], {"shape": tuple(canon(s) for s in (*lead, hkv, g, length, d))})
+    return cx.reshape(x, (*lead, hq, length, d))
+
+
 @lowers(F.scaled_dot_product_attention)
 def _sdpa(cx: TraceContext, query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: Any = 0.0,
           is_causal: Any = False, scale: Any = None, enable_gqa: Any = False) -> TensorRef:
@@ -61,10 +78,10 @@ def _sdpa(cx: TraceContext, query: Any, key: Any, value: Any, attn_mask: Any = N
                       hint="use is_causal=True for causal masking, or write the masked softmax with torch.where")
     if cx.number(dropout_p, f"{what}: dropout_p") != 0:
         raise cx.fail(f"{what}: dropout_p={dropout_p} is random", hint="trace in eval mode with dropout_p=0.0")
-    if cx.static_bool(enable_gqa, f"{what}: enable_gqa"):
-        raise cx.fail(f"{what}: enable_gqa=True is not supported",
-                      hint="repeat the key/value heads explicitly (expand + reshape) before attention")
+    gqa = cx.static_bool(enable_gqa, f"{what}: enable_gqa")
     q, k, v = (cx.tensor(t, f"{what}: {n}") for t, n in ((query, "query"), (key, "key"), (value, "value")))
+    if gqa:
+        k, v = _repeat_kv_heads(cx, q, k, what), _repeat_kv_heads(cx, q, v, what)
     causal = cx.static_bool(is_causal, f"{what}: is_causal")
     if q.type.rank < 2 or k.type.rank < 2:
         raise cx.fail(f"{what}: query and key need rank >= 2, got {q.type} and {k.type}")
