@@ -74,3 +74,27 @@ def test_sdpa_with_grouped_query_heads():
     for s in (1, 8, 13):
         args = inputs(s, s)
         assert_close(cm(*args), m(*args))
+
+
+class MaskedAttention(nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_sdpa_with_attn_mask(kind):
+    """A padding mask over keys (boolean: True = attend; additive: 0 / -1e4) broadcast over heads and queries."""
+    m = MaskedAttention()
+
+    def inputs(s: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        keep = torch.rand(1, 1, 1, s, generator=g) > 0.3
+        keep[..., 0] = True                                   # every query row keeps a key
+        mask = keep if kind == "bool" else torch.where(keep, 0.0, -1e4)
+        return (torch.randn(1, 4, s, 16, generator=g), torch.randn(1, 4, s, 16, generator=g),
+                torch.randn(1, 4, s, 16, generator=g), mask)
+    dyn = {"q": {2: "S"}, "k": {2: "S"}, "v": {2: "S"}, "mask": {3: "S"}}
+    cm = dsr.compile(m, inputs(8, 0), dynamic=dyn, backend="interpret")
+    for s in (1, 8, 13):
+        args = inputs(s, s)
+        assert_close(cm(*args), m(*args))

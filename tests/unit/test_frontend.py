@@ -438,13 +438,19 @@ def test_unsupported_dtype():
 
 
 def test_sdpa_attn_mask_and_misaligned_causal():
-    class Masked(nn.Module):
+    class Masked(nn.Module):          # attn_mask is supported (tests/models/test_layer_norm_addmm.py) ...
         def forward(self, q, k, v, mask):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
 
     q = torch.randn(2, 4, 8)
-    with pytest.raises(TraceError, match="attn_mask is not supported"):
+    with pytest.raises(TraceError, match="attn_mask together with is_causal=True"):    # ... but not with both
         trace(Masked(), (q, q, q, torch.ones(4, 4, dtype=torch.bool)))
+
+    class IntMask(nn.Module):
+        def forward(self, q, k, v, mask):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with pytest.raises(TraceError, match="attn_mask must be bool or float"):
+        trace(IntMask(), (q, q, q, torch.ones(4, 4, dtype=torch.int32)))
 
     class Causal(nn.Module):
         def forward(self, q, k, v):

@@ -52,6 +52,22 @@ def _f_embedding(cx: TraceContext, input: Any, weight: Any, padding_idx: Any = N
     return _embedding(cx, input, cx.tensor(weight, "embedding: weight"), max_norm)
 
 
+def _masked_attention(cx: TraceContext, q: TensorRef, k: TensorRef, v: TensorRef, mask: TensorRef, scale: float,
+                      what: str) -> TensorRef:
+    """SDPA with attn_mask, as its definition in existing ops: softmax(q k^T * scale [masked]) v. A boolean mask
+    keeps the True positions (the others get -inf), a float mask is added to the scores; it broadcasts."""
+    if not (mask.type.dtype is DType.bool or mask.type.dtype.is_float):
+        raise cx.fail(f"{what}: attn_mask must be bool or float, got {mask.type}")
+    r = k.type.rank
+    kt = cx.emit("permute", [k], {"dims": tuple(range(r - 2)) + (r - 1, r - 2)})
+    s = cx.binary("mul", cx.emit("matmul", [q, kt]), scale)
+    if mask.type.dtype is DType.bool:
+        s = cx.emit("where", [mask, s, cx.operand(float("-inf"), s.type)])
+    else:
+        s = cx.binary("add", s, cx.cast(mask, s.type.dtype))
+    return cx.emit("matmul", [cx.emit("softmax", [s], {"dim": s.type.rank - 1}), v])
+
+
 def _repeat_kv_heads(cx: TraceContext, q: TensorRef, kv: TensorRef, what: str) -> TensorRef:
     """enable_gqa: query head h reads key/value head h // (Hq / Hkv) (repeat_interleave), as expand + reshape."""
     if q.type.rank < 3 or kv.type.rank != q.type.rank:
@@ -73,9 +89,6 @@ def _repeat_kv_heads(cx: TraceContext, q: TensorRef, kv: TensorRef, what: str) -
 def _sdpa(cx: TraceContext, query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: Any = 0.0,
           is_causal: Any = False, scale: Any = None, enable_gqa: Any = False) -> TensorRef:
     what = "F.scaled_dot_product_attention"
-    if attn_mask is not None:
-        raise cx.fail(f"{what}: attn_mask is not supported",
-                      hint="use is_causal=True for causal masking, or write the masked softmax with torch.where")
     if cx.number(dropout_p, f"{what}: dropout_p") != 0:
         raise cx.fail(f"{what}: dropout_p={dropout_p} is random", hint="trace in eval mode with dropout_p=0.0")
     gqa = cx.static_bool(enable_gqa, f"{what}: enable_gqa")
@@ -90,6 +103,12 @@ def _sdpa(cx: TraceContext, query: Any, key: Any, value: Any, attn_mask: Any = N
         if not isinstance(d, int):
             raise cx.fail(f"{what}: the default scale needs a static head dim, got {d}", hint="pass scale=")
         scale = 1.0 / math.sqrt(d)
+    if attn_mask is not None:
+        if causal:
+            raise cx.fail(f"{what}: attn_mask together with is_causal=True is an error in PyTorch too",
+                          hint="fold the causal mask into attn_mask")
+        return _masked_attention(cx, q, k, v, cx.tensor(attn_mask, f"{what}: attn_mask"),
+                                 float(cx.number(scale, f"{what}: scale")), what)
     if causal and not same(q.type.shape[-2], k.type.shape[-2]):
         raise cx.fail(f"{what}: is_causal=True with query length {q.type.shape[-2]} != key length "
                       f"{k.type.shape[-2]}: SDPA's causal mask is top-left aligned, the IR's `attention` "
