@@ -98,3 +98,27 @@ def test_sdpa_with_attn_mask(kind):
     for s in (1, 8, 13):
         args = inputs(s, s)
         assert_close(cm(*args), m(*args))
+
+
+class Diffs(nn.Module):
+    def forward(self, x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return torch.diff(x, dim=-1), torch.diff(x, n=2, dim=-1, prepend=p), x.diff(append=p)
+
+
+def test_diff():
+    m = Diffs()
+    cm = dsr.compile(m, (torch.randn(8, 6), torch.randn(8, 2)), dynamic={"x": {0: "T"}, "p": {0: "T"}},
+                     backend="interpret")
+    for t in (2, 5):
+        x, p = torch.randn(t, 6), torch.randn(t, 2)
+        for a, b in zip(cm(x, p), m(x, p)):
+            assert_close(a, b)
+    with pytest.raises(TraceError, match="diff along the symbolic dim T"):
+        dsr.trace(lambda_module(lambda x: torch.diff(x, dim=0)), (torch.randn(4, 3),), dynamic={"x": {0: "T"}})
+
+
+def lambda_module(fn):
+    class M(nn.Module):
+        def forward(self, x):
+            return fn(x)
+    return M()

@@ -346,6 +346,34 @@ def _getitem(cx: TraceContext, obj: Any, idx: Any) -> Any:
     return obj[i]
 
 
+@lowers(torch.diff, "diff")
+def _diff(cx: TraceContext, input: Any, n: Any = 1, dim: Any = -1, prepend: Any = None, append: Any = None) -> TensorRef:
+    """x[1:] - x[:-1] along `dim`, n times, after cat(prepend, x, append) (torch.diff), as slices and sub."""
+    x = cx.tensor(input, "diff")
+    if not x.type.dtype.is_float and x.type.dtype.value not in ("i32", "i64"):
+        raise cx.fail(f"diff of a {x.type.dtype.value} tensor is not supported", hint="diff integer or float tensors")
+    d = cx.norm_dim(dim, x.type.rank, "diff")
+    times = cx.number(n, "diff: n")
+    if not isinstance(times, int) or isinstance(times, bool) or not 0 <= times <= 64:
+        raise cx.fail(f"diff: n must be an int in 0..64, got {n!r}")
+    parts = [cx.tensor(t, "diff: prepend/append") for t in (prepend, x, append) if t is not None]
+    if len(parts) > 1:
+        x = _cat(cx, parts, d)
+    for _ in range(times):
+        size = x.type.shape[d]
+        if size.free_symbols:
+            raise cx.fail(f"diff along the symbolic dim {size} of {x.type} is not supported",
+                          hint="the IR's slice takes static bounds (x[:-1] of a symbolic dim is not one); diff along "
+                               "a static dim, or make this dim static")
+        if int(size) <= 1:
+            raise cx.fail(f"diff of dim {d} of size {int(size)} of {x.type} gives an empty tensor",
+                          hint="the IR has no empty tensors of static shape; diff a dim of size >= 2 (n times: n + 1)")
+        hi = cx.emit("slice", [x], {"dim": d, "start": 1, "end": None, "step": 1})
+        lo = cx.emit("slice", [x], {"dim": d, "start": 0, "end": int(size) - 1, "step": 1})
+        x = cx.binary("sub", hi, lo)
+    return x
+
+
 @lowers(torch.cat, torch.concat, torch.concatenate)
 def _cat(cx: TraceContext, tensors: Any, dim: Any = 0) -> TensorRef:
     ts = [cx.tensor(t, "cat") for t in tensors]
