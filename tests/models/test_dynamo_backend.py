@@ -26,3 +26,33 @@ def test_torch_compile_nn_rmsnorm():
     x = torch.randn(4, 32)
     with torch.no_grad():
         assert_close(f(x), m(x))
+
+
+def test_torch_compile_lifts_constants_built_in_forward():
+    """Position ids from torch.arange(n) (n static under Dynamo) and torch.ones(...) are built from Python
+    numbers alone: the backend evaluates them once as buffers of the graph; a random one is refused."""
+    import pytest
+
+    class M(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            pos = torch.arange(x.shape[0], dtype=torch.float32)
+            return self.lin(x) + pos[:, None] * torch.ones(8)
+
+    torch._dynamo.reset()
+    m = M().eval()
+    f = torch.compile(m, backend="dsr", dynamic=False)
+    with torch.no_grad():
+        for t in (5, 7):                      # a recompile per shape, each with its own constants
+            x = torch.randn(t, 8)
+            assert_close(f(x), m(x))
+
+    class Noisy(torch.nn.Module):
+        def forward(self, x):
+            return x + torch.rand(4)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="random"):
+        torch.compile(Noisy(), backend="dsr", dynamic=False)(torch.randn(4))
