@@ -122,3 +122,15 @@ def lambda_module(fn):
         def forward(self, x):
             return fn(x)
     return M()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_tanh_approximation(dtype):
+    m = nn.Sequential(nn.Linear(32, 64), nn.GELU(approximate="tanh"), nn.Linear(64, 32)).to(dtype).eval()
+    cm = dsr.compile(m, (torch.randn(4, 32, dtype=dtype),), dynamic={"input": {0: "T"}}, backend="interpret")
+    for t in (1, 9):
+        x = torch.randn(t, 32, dtype=dtype) * 3
+        with torch.no_grad():
+            assert_close(cm(x), m(x), dtype)
+            assert_close(cm(x).float(), F.gelu(m[0](x).float(), approximate="tanh") @ m[2].weight.float().T +
+                         m[2].bias.float(), dtype)

@@ -6,6 +6,7 @@ Tensors arrive as TensorRef, sizes as ints or sympy expressions, dtypes as torch
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -142,11 +143,20 @@ def _f_silu(cx: TraceContext, input: Any, inplace: bool = False) -> TensorRef:
 
 @lowers(F.gelu)
 def f_gelu(cx: TraceContext, input: Any, approximate: str = "none") -> TensorRef:
-    """`F.gelu` (exact form only); also lowers the `nn.GELU` module."""
-    if approximate != "none":
-        raise cx.fail(f"F.gelu(approximate={approximate!r}) is not supported",
-                      hint="the IR's `gelu` is the exact (erf) GELU; use approximate='none'")
-    return cx.emit("gelu", [cx.tensor(input, "gelu")])
+    """`F.gelu`: the exact (erf) form is the IR's `gelu`; approximate='tanh' is its formula in existing ops,
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), computed in fp32 for a 16-bit input. Also lowers `nn.GELU`."""
+    if approximate == "none":
+        return cx.emit("gelu", [cx.tensor(input, "gelu")])
+    if approximate != "tanh":
+        raise cx.fail(f"F.gelu(approximate={approximate!r}) is not a GELU form", hint="use 'none' or 'tanh'")
+    x = cx.tensor(input, "gelu")
+    if not x.type.dtype.is_float:
+        raise cx.fail(f"gelu: input must be float, got {x.type}")
+    xf = cx.cast(x, DType.f32)
+    cube = cx.binary("mul", cx.binary("mul", xf, xf), xf)
+    inner = cx.binary("mul", cx.binary("add", xf, cx.binary("mul", cube, 0.044715)), math.sqrt(2.0 / math.pi))
+    y = cx.binary("mul", cx.binary("mul", xf, 0.5), cx.binary("add", cx.emit("tanh", [inner]), 1.0))
+    return cx.cast(y, x.type.dtype)
 
 
 @lowers(F.dropout)
