@@ -61,12 +61,17 @@ def _lift_constants(gm: torch.fx.GraphModule) -> None:
         if not name.startswith(("arange", "zeros", "ones", "full", "empty", "tensor", "linspace", "eye", "tril",
                                 "triu")):
             continue
-        val = node.target(*node.args, **node.kwargs)
-        if not isinstance(val, torch.Tensor):
+        try:            # its size first, on the meta device: nothing is allocated before the bound is checked
+            probe = node.target(*node.args, **{**node.kwargs, "device": "meta"})
+        except (TypeError, RuntimeError, ValueError):
+            continue    # not a constructor that takes a device: left to the trace, which names it
+        if not isinstance(probe, torch.Tensor):
             continue
-        if val.numel() > MAX_CONSTANT_ELEMENTS:
-            raise DsrError(f"torch.compile(backend='dsr'): a {tuple(val.shape)} tensor built in forward from constants "
-                           f"is over {MAX_CONSTANT_ELEMENTS:,} elements", hint="register it as a buffer of the module")
+        if probe.numel() > MAX_CONSTANT_ELEMENTS:
+            raise DsrError(f"torch.compile(backend='dsr'): a {tuple(probe.shape)} tensor built in forward from "
+                           f"constants is over {MAX_CONSTANT_ELEMENTS:,} elements",
+                           hint="register it as a buffer of the module")
+        val = node.target(*node.args, **node.kwargs)
         attr = f"_dsr_constant{count}"
         count += 1
         gm.register_buffer(attr, val.detach())

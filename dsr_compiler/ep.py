@@ -56,11 +56,9 @@ def _check_int(v: Any, what: str, lo: int) -> int:
     return v
 
 
-MODES = ("fixed", "exact")
-
-
 def resolve(ep: Any, mode: str = "fixed") -> ExpertParallel | None:
     """The ExpertParallel of a compile's `ep` and `ep_mode` arguments (None: one process holds every expert)."""
+    from dsr_compiler.ir.passes.expert_parallel import MODES
     if mode not in MODES:
         raise DsrError(f"ep_mode: expected one of {', '.join(MODES)}, got {mode!r}",
                        hint="fixed: fixed-capacity buffers, no host sync; exact: only the routed rows move, one "
@@ -100,8 +98,9 @@ def _resolve(ep: Any) -> ExpertParallel:
         raise DsrError("ep: this process is not a member of the given process group")
     backend = str(dist.get_backend(group))
     from dsr_compiler.ir.ops.ep import PROCESS_GROUPS
-    name = f"ep{world}" if group is dist.group.WORLD else f"ep{world}.g{getattr(group, 'group_name', id(group))}"
-    name = name.replace(" ", "")
+    import re
+    tag = re.sub(r"[^A-Za-z0-9_]", "_", str(getattr(group, "group_name", id(group))))[:40]
+    name = f"ep{world}" if group is dist.group.WORLD else f"ep{world}.g{tag}"
     PROCESS_GROUPS[name] = group
     return ExpertParallel(world, rank, name, group, backend)
 
@@ -132,7 +131,7 @@ def exchanges(graph: Any, env: dict[str, int]) -> list[dict[str, Any]]:
 
     def ev(e: Any) -> int:
         e = to_expr(e)
-        return int(e.subs({s: env[s.name] for s in e.free_symbols if s.name in env}))
+        return int(round(float(e.subs({s: env[s.name] for s in e.free_symbols if s.name in env}))))
     routes = [n for n in graph.nodes if n.op == "ep_route"] + \
         [n for k in graph.kernels for n in k.body.nodes if n.op == "ep_route"]
     found = [n for n in graph.nodes if n.op == "all_to_all"]
@@ -159,8 +158,7 @@ def exchanges(graph: Any, env: dict[str, int]) -> list[dict[str, Any]]:
             entry["mode"] = "exact"
             if "payload_rows" in entry:           # rows that leave this rank under uniform routing: (N-1)/N of them
                 sent = sympy.expand(slots * row_bytes * (ranks - 1) / ranks + 8 * ranks)
-                entry.update(sent_bytes_expr=str(sent), sent_bytes=int(round(float(sent.subs(
-                    {s: env[s.name] for s in sent.free_symbols if s.name in env})))),
+                entry.update(sent_bytes_expr=str(sent), sent_bytes=ev(sent),
                     sent_model="exact size: counts (8 B per rank) + the slot rows for other ranks, uniform routing")
         else:
             entry["mode"] = "fixed"

@@ -31,7 +31,7 @@ def in_group_env() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def _env_int(name: str, lo: int, hi: int) -> int:
+def env_int(name: str, lo: int, hi: int) -> int:
     raw = os.environ.get(name, "")
     try:
         v = int(raw)
@@ -46,9 +46,9 @@ def _env_int(name: str, lo: int, hi: int) -> int:
 def init_group(n_ranks: int, backend: str = "gloo"):
     """Initialise the default process group from the environment for an `--ep n_ranks` run; returns it."""
     from torch import distributed as dist
-    world = _env_int("WORLD_SIZE", 1, 1 << 16)
-    rank = _env_int("RANK", 0, world - 1)
-    _env_int("MASTER_PORT", 1, 65535)        # 0 (torchrun --master-port 0) leaves the ranks unable to meet
+    world = env_int("WORLD_SIZE", 1, 1 << 16)
+    rank = env_int("RANK", 0, world - 1)
+    env_int("MASTER_PORT", 1, 65535)        # 0 (torchrun --master-port 0) leaves the ranks unable to meet
     if not os.environ.get("MASTER_ADDR"):
         raise DsrError("environment variable MASTER_ADDR is not set", hint="set by torchrun or `dsrc run --ep N`")
     if world != n_ranks:
@@ -112,4 +112,4 @@ def launch(n_ranks: int, argv: Sequence[str], grace_s: float = GRACE_S) -> int:
     return max((p.returncode for p in procs), default=0)
 
 
-__all__ = ["ENV", "MAX_RANKS", "free_port", "in_group_env", "init_group", "launch"]
+__all__ = ["ENV", "MAX_RANKS", "env_int", "free_port", "in_group_env", "init_group", "launch"]

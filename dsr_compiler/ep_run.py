@@ -20,7 +20,7 @@ import os
 import sys
 
 from dsr_compiler.errors import DsrError
-from dsr_compiler.ep_launch import in_group_env, init_group, launch
+from dsr_compiler.ep_launch import env_int, in_group_env, init_group, launch
 
 RANK_SEED = 7919      # inputs of rank r: seed + r * RANK_SEED
 
@@ -34,7 +34,8 @@ def run_ep(args, cli) -> int:
     from dsr_compiler.runtime.device import resolve_backend
     be = resolve_backend(args.backend or "auto")
     if be == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0") or 0) % max(1, torch.cuda.device_count()))
+        local = env_int("LOCAL_RANK", 0, 1 << 16) if os.environ.get("LOCAL_RANK") else 0
+        torch.cuda.set_device(local % max(1, torch.cuda.device_count()))
     init_group(args.ep, "nccl" if be == "cuda" else "gloo")
     rank, n = dist.get_rank(), dist.get_world_size()
     out, err = io.StringIO(), None
@@ -57,12 +58,12 @@ def run_ep(args, cli) -> int:
     try:
         with contextlib.redirect_stdout(out):
             inputs = wl.make_inputs(args.batch * args.seq, args.seed + RANK_SEED * rank)
-            el = cm.options["ep"]
+            ep_opt = cm.options["ep"]
             print(f"rank {rank} of {n}: inputs of its own (seed {args.seed + RANK_SEED * rank}), "
                   f"{len(cm.kernels)} kernels, {_experts(cm)}")
             for e in cm.report().get("collectives", ()):
                 print(f"  exchange {e['direction']}: buffer {e['buffer_bytes']} bytes, sends {e['sent_bytes']} bytes "
-                      f"(payload {e.get('payload_bytes', '?')} bytes) per step over {el['group']}")
+                      f"(payload {e.get('payload_bytes', '?')} bytes) per step over {ep_opt['group']}")
             if one is not None:
                 rc = max(rc, _bitwise(cm, one, inputs, args))
             try:

@@ -44,7 +44,7 @@ def lower_route(k: Kernel, index: int) -> KernelSpec:
         ("IDS", names[("in", n.inputs[0])]), ("SEND", out_ptr(k, n, 0)), ("EID", out_ptr(k, n, 1)),
         ("POS", out_ptr(k, n, 2)), ("COUNTS", out_ptr(k, n, 3)), ("WS", ws.name),
     )
-    if not all(v for _, v in params[-5:-2]):
+    if not all(dict(params)[p] for p in ("SEND", "EID", "POS")):
         raise fail(k, "ep_route must return its three outputs (send rows, expert ids, slot rows)", n)
     flops = slots * bs * 6 + ranks * 4
     # 8 warps: the [64, 64] comparison's reductions, as in moe_dispatch

@@ -56,3 +56,15 @@ def test_torch_compile_lifts_constants_built_in_forward():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="random"):
         torch.compile(Noisy(), backend="dsr", dynamic=False)(torch.randn(4))
+
+
+def test_torch_compile_refuses_a_huge_constant_before_allocating_it():
+    """A constant built in forward is sized on the meta device first: 2^40 elements is refused, not allocated."""
+    import pytest
+
+    class Huge(torch.nn.Module):
+        def forward(self, x):
+            return x + torch.zeros(1 << 40)[:4]
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="over 16,777,216 elements"):
+        torch.compile(Huge(), backend="dsr", dynamic=False)(torch.randn(4))
