@@ -9,7 +9,7 @@ export TRITON_DEFAULT_FP_FUSION ?= 1
 $(BIN)/dsrc: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[test]'
 	touch $(BIN)/dsrc
 
 setup: $(BIN)/dsrc

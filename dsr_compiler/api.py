@@ -49,6 +49,10 @@ def _example_tuple(example_inputs: Any) -> tuple:
     return tuple(example_inputs)
 
 
+#: compiles one CompiledModule may add for sizes its size guards exclude (CompiledModule._specialized)
+MAX_SPECIALIZATIONS = 8
+
+
 @dataclass
 class CompiledModule:
     """A compiled module: call it like the original (with the same non-parameter inputs)."""
@@ -65,6 +69,9 @@ class CompiledModule:
     position_guards: tuple = ()    # signature.PositionGuard: decode positions checked on the host
     compile_options: CompileOptions | None = None
     ep: Any = None                 # dsr_compiler.ep.ExpertParallel when the experts are spread over ranks
+    size_guards: tuple = ()        # frontend.context.SizeGuard: the sizes this graph holds for (see __call__)
+    _respecialize: Callable[[tuple, dict], "CompiledModule"] | None = None
+    _specializations: dict[tuple, "CompiledModule"] = field(default_factory=dict)
     _plans: dict[str, Any] = field(default_factory=dict)
     _device_params: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
@@ -87,6 +94,10 @@ class CompiledModule:
             from dsr_compiler.signature import check_positions
             bound, host = self.signature.bind(args, kwargs, data, plan.device, where)
             inputs = [bound[v.name] for v in data]
+            if self.size_guards:
+                env = bind_symbols([v.type for v in data], inputs, where=where)
+                if not all(g.holds(env) for g in self.size_guards):
+                    return self._specialized(env, args, kwargs, where)(*args, backend=backend, **kwargs)
             if self.position_guards and host:
                 env = bind_symbols([v.type for v in data], inputs, where=where)
                 check_positions(self.position_guards, host, {str(k): v for k, v in env.items()}, where)
@@ -102,6 +113,29 @@ class CompiledModule:
             from dsr_compiler.grads import split_outputs
             return split_outputs(outs, self.options["grad_wrt"])
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _specialized(self, env: dict, args: tuple, kwargs: dict, where: str) -> "CompiledModule":
+        """The compile for sizes where a size guard of this one fails (forward branched on a symbolic size at
+        trace time, e.g. transformers' `q_length > 1`): traced again with these arguments as the example, so
+        the branch goes the other way, once per combination of guard outcomes (at most MAX_SPECIALIZATIONS)."""
+        key = tuple(g.holds(env) for g in self.size_guards)
+        hit = self._specializations.get(key)
+        if hit is not None:
+            return hit
+        failed = "; ".join(g.text() for g in self.size_guards if not g.holds(env))
+        if self._respecialize is None:
+            raise DsrError(f"{self.graph.name}: this plan holds only where {failed}, and it cannot be compiled "
+                           "again for these sizes", where=where, hint="compile with example inputs of these sizes")
+        if len(self._specializations) >= MAX_SPECIALIZATIONS:
+            raise DsrError(f"{self.graph.name}: sizes {dict((str(k), v) for k, v in env.items())} need another "
+                           f"specialization (not {failed}), and {MAX_SPECIALIZATIONS} exist already", where=where,
+                           hint="mark fewer dims dynamic, or compile one module per size class")
+        spec = self._respecialize(args, kwargs)
+        if not all(g.holds(env) for g in spec.size_guards):
+            raise DsrError(f"{self.graph.name}: compiled again for sizes {dict((str(k), v) for k, v in env.items())}, "
+                           "its guards still fail", where=where)
+        self._specializations[key] = spec
+        return spec
 
     def check(self) -> None:
         """Synchronise and raise (DsrError naming the kernel, the bad value and the valid range) the
@@ -158,7 +192,11 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
     trace_notes: list[str] = []
     if progress is not None:
         progress.stage("trace")
-    g = _trace(module, example_inputs, dynamic=dynamic, name=name, notes=trace_notes)
+    guards: list = []
+    g = _trace(module, example_inputs, dynamic=dynamic, name=name, notes=trace_notes, guards=guards)
+    for guard in guards:
+        trace_notes.append(f"specialized: {guard.text()}; a call with sizes where it is not compiles another "
+                           "specialization on first use")
     t_trace = (time.perf_counter() - t0) * 1e3
     from dsr_compiler.grads import check_grad_wrt
     wrt = check_grad_wrt(module, g, grad_wrt)
@@ -197,7 +235,13 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
         params=params, example_env={str(k): v for k, v in env.items()}, derived_params=derived, signature=signature,
         position_guards=position_guards(g),
         compile_ms={"trace": t_trace, "passes": t_passes, "codegen": t_codegen,
-                    "total": (time.perf_counter() - t0) * 1e3})
+                    "total": (time.perf_counter() - t0) * 1e3},
+        size_guards=tuple(guards))
+    if guards:
+        def respecialize(args: tuple, call_kwargs: dict) -> CompiledModule:
+            return compile(module, args, kwargs=call_kwargs or None, dynamic=dynamic, name=name, grad_wrt=grad_wrt,
+                           options=options, ep=ep, ep_mode=ep_mode)
+        cm._respecialize = respecialize
     if knobs.get("DSR_DEBUG") >= 1:
         from dsr_compiler.report import debug_log
         debug_log(cm)

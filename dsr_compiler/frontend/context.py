@@ -30,7 +30,7 @@ from dsr_compiler.ir.types import DType, TensorType, to_expr
 
 from .origins import ROOT_ATTR, USER_FRAME, class_name, fn_name, location_from_frames, location_from_user_frame
 from .registry import (DERIVED_PARAMS, FUNCTION_HANDLERS, FUNCTION_LOWERINGS, LEAF_LOWERINGS, METHOD_HANDLERS,
-                       MODULE_HANDLERS, Handler, function_op, supported_hint)
+                       MODULE_HANDLERS, RECOGNIZERS, Handler, Recognizer, function_op, supported_hint)
 
 @dataclass(frozen=True, slots=True)
 class TensorRef:
@@ -115,6 +115,22 @@ def module_attr(obj: Any, name: str) -> Any:
     return getattr(obj, name)
 
 
+@dataclass(frozen=True)
+class SizeGuard:
+    """A branch of forward on a symbolic size (transformers' `q_length > 1`), taken as the example sizes take
+    it: the traced graph holds for the sizes where `expr` is `value`; dsr.compile specializes for the others."""
+
+    expr: sympy.Basic
+    value: bool
+    where: str
+
+    def holds(self, env: dict) -> bool:
+        return bool(self.expr.subs(env)) == self.value
+
+    def text(self) -> str:
+        return f"`{self.expr}` is {self.value} (at {self.where})"
+
+
 class TraceContext:
     """The IR under construction while FX traces. Leaf and function lowerings receive it and use
     `tensor`, `param`, `emit`, `const`, `cast`, `reshape` and `fail`."""
@@ -134,6 +150,38 @@ class TraceContext:
         self._base = "v"
         self._tmp = 0
         self.last_concrete_error: ConcreteValueNeeded | None = None   # torch may swallow it (see below)
+        self.recognized: dict[int, tuple[Recognizer, Any]] = {}     # id(module) -> (recognizer, spec)
+        self.pattern_notes: list[str] = []                          # modules with a pattern's shape that missed it
+        self.example_sizes: dict[sympy.Symbol, int] = {}            # dim symbol -> its size in the example inputs
+        self.size_guards: list[SizeGuard] | None = None             # None: a branch on a symbolic size is an error
+
+    # --- modules of other libraries lowered as a whole (registry.RECOGNIZERS), decided before the trace
+    def recognize(self, user: nn.Module) -> None:
+        """Run every recognizer on every submodule of `user` (eagerly, outside FX: a match may run the
+        module on a probe). Modules of one class with equal attributes and tensor shapes share a verdict."""
+        seen: dict[Any, tuple[Recognizer, Any] | None] = {}
+        for path, m in user.named_modules():
+            if getattr(type(m), "dsr_op", None) is not None:
+                continue
+            key = (type(m), tuple((n, tuple(t.shape), t.dtype) for n, t in
+                                  list(m._parameters.items()) + list(m._buffers.items()) if t is not None),
+                   repr(sorted((k, v) for k, v in m.__dict__.items() if isinstance(v, (int, float, bool, str)))))
+            if key in seen:
+                if seen[key] is not None:
+                    self.recognized[id(m)] = seen[key]     # type: ignore[assignment]
+                continue
+            seen[key] = None
+            for rec in RECOGNIZERS.values():
+                verdict = rec.match(m)
+                if verdict is None:
+                    continue
+                if isinstance(verdict, str):
+                    where = f"`{path}`" if path else "the top-level module"
+                    self.pattern_notes.append(f"{rec.kind} {where} ({class_name(type(m))}) not recognised: {verdict}")
+                    break
+                seen[key] = (rec, verdict)
+                self.recognized[id(m)] = seen[key]
+                break
 
     # --- where am I (for errors and origins)
     @staticmethod
@@ -312,6 +360,10 @@ class TraceContext:
 
     def static_bool(self, v: Any, what: str) -> bool:
         v = canon(v)
+        if isinstance(v, sympy.Rel):       # `q_length > 1 and ...` hands on the size condition itself when it is false
+            taken = self.guarded(v, self.where())
+            if taken is not None:
+                return taken
         if not isinstance(v, (bool, int)):
             raise self.fail(f"{what} must be a Python bool, got {v!r}")
         return bool(v)
@@ -397,9 +449,22 @@ class TraceContext:
         if isinstance(v, sympy.Expr):
             v = canon(sympy.Ne(v, 0))
         if isinstance(v, sympy.Basic):
-            raise TraceError(f"trace: control flow depends on the symbolic size condition `{v}`", self.where(node),
-                             "make the branch independent of the dynamic size, or do not mark that dim dynamic")
+            taken = self.guarded(v, self.where(node))
+            if taken is None:
+                raise TraceError(f"trace: control flow depends on the symbolic size condition `{v}`", self.where(node),
+                                 "make the branch independent of the dynamic size, or do not mark that dim dynamic")
+            return taken
         return bool(v)
+
+    def guarded(self, cond: sympy.Basic, where: str) -> bool | None:
+        """A condition on symbolic sizes decided as the example sizes decide it, recorded as a size guard;
+        None when guards are off (plain `trace`) or it names sizes the example does not fix."""
+        if self.size_guards is None or not cond.free_symbols or not cond.free_symbols <= set(self.example_sizes):
+            return None
+        taken = bool(cond.subs(self.example_sizes))
+        if not any(g.expr == cond for g in self.size_guards):
+            self.size_guards.append(SizeGuard(cond, taken, where))
+        return taken
 
     # --- lowering one FX node
     def _attr(self, target: str) -> Any:
@@ -521,6 +586,10 @@ class TraceContext:
 
     def _call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
         mod = self._attr(target)
+        hit = self.recognized.get(id(mod))
+        if hit is not None:
+            rec, spec = hit
+            return rec.lower(self, mod, spec, tuple(args), kwargs)
         op = getattr(type(mod), "dsr_op", None)
         if op is not None:
             lower = LEAF_LOWERINGS.get(op)

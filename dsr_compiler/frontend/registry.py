@@ -60,6 +60,32 @@ class ParamDerivation:
         return DerivedParam((name,), self.rule, tuple(pre + s for s in self.sources), attrs, origin=self.doc)
 
 
+@dataclass(frozen=True)
+class Recognizer:
+    """A module of another library lowered as a whole, recognised by its structure and its behaviour, not
+    its class (lowerings/moe_patterns.py: transformers' MoE routers and stacked experts).
+    `match(module)` runs before the trace, outside FX: None (not this kind of module), a str (this kind,
+    but it behaves differently: why, kept as a trace note), or a spec that `lower(cx, module, spec, args,
+    kwargs)` gets when the module is called."""
+
+    name: str
+    kind: str                     # what it is, for notes ("MoE router")
+    match: Callable[[nn.Module], Any]
+    lower: Callable[..., Any]
+
+
+#: recognizer name -> Recognizer (tried in registration order on every submodule)
+RECOGNIZERS: dict[str, Recognizer] = {}
+
+
+def recognizes(name: str, match: Callable[[nn.Module], Any], kind: str) -> Callable[[Callable], Callable]:
+    """Register `lower` as the lowering of modules that `match` recognises (once per name)."""
+    def deco(fn: Callable) -> Callable:
+        _register(RECOGNIZERS, name, Recognizer(name, kind, match, fn), "recognizer")
+        return fn
+    return deco
+
+
 #: key (name relative to the owning module, e.g. "experts.w13") -> how to compute the param
 DERIVED_PARAMS: dict[str, ParamDerivation] = {}
 

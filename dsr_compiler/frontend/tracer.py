@@ -58,6 +58,7 @@ import traceback
 import types
 from typing import Any, Callable, Iterator
 
+import sympy
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -95,6 +96,22 @@ class _DsrProxy(fx.Proxy):
     def __len__(self) -> int:
         return self.tracer.cx.length(self.node)  # type: ignore[attr-defined]
 
+    def __getattr__(self, k: str) -> fx.proxy.Attribute:
+        return _DsrAttribute(self, k)
+
+
+class _DsrAttribute(fx.proxy.Attribute):
+    """`x.shape` and other attribute proxies, with the same trace-time values as _DsrProxy (so that
+    `x.view(*x.shape)`, whose argument unpacking asks for a length, traces)."""
+
+    __index__ = _DsrProxy.__index__
+    __int__ = _DsrProxy.__int__
+    __float__ = _DsrProxy.__float__
+    __len__ = _DsrProxy.__len__
+
+    def __getattr__(self, k: str) -> fx.proxy.Attribute:
+        return _DsrAttribute(self, k)
+
 
 def dsr_op_functions(module: nn.Module) -> list[Callable]:
     """Functions with a `dsr_op` attribute in the globals of `module`'s (and its submodules') forward:
@@ -123,9 +140,21 @@ class _DsrTracer(fx.Tracer):
         self.proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if getattr(type(m), "dsr_op", None) is not None:
+        if getattr(type(m), "dsr_op", None) is not None or id(m) in self.cx.recognized:
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        """A module that is not a submodule of the traced one (a function that a library turned into a
+        module object, e.g. transformers' hub-kernel `apply_rotary_pos_emb`) is traced through: it has no
+        path to name it by. Tensors it holds are then constants, refused like any other."""
+        try:
+            self.path_of_module(m)
+        except NameError:
+            if id(m) in self.cx.recognized or getattr(type(m), "dsr_op", None) is not None:
+                raise
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
 
     def create_node(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
                     type_expr: Any | None = None) -> fx.Node:
@@ -156,13 +185,16 @@ class _DsrTracer(fx.Tracer):
 # ----------------------------------------------------------------------------- public API
 
 def trace(module: nn.Module, example_inputs: tuple, dynamic: dict[str, dict[int, str]] | None = None,
-          name: str | None = None, notes: list[str] | None = None) -> Graph:
+          name: str | None = None, notes: list[str] | None = None, guards: list | None = None) -> Graph:
     """Trace `module` on `example_inputs` into a verified IR graph.
 
     `dynamic={"x": {0: "T"}}` makes dim 0 of input `x` the symbol `T` (shared by every input dim
     marked `T`; their example sizes must agree). Inputs are the forward's tensor arguments followed
     by the used parameters and buffers (`graph.params`, see `param_tensors`). Raises TraceError.
     Trace notes (e.g. a `print()` in forward, which runs only now) are appended to `notes`.
+    With `guards` (a list), a branch on a symbolic size (`if T > 1:`) is taken as the example sizes take it
+    and recorded there (`context.SizeGuard`): the graph then holds only where every guard holds (dsr.compile
+    specializes for the other sizes). Without it, such a branch is a TraceError.
     """
     if not isinstance(module, nn.Module):
         raise TraceError(f"trace: expected an nn.Module, got {type(module).__name__}")
@@ -181,16 +213,24 @@ def trace(module: nn.Module, example_inputs: tuple, dynamic: dict[str, dict[int,
     for n, t in in_types.items():
         cx.inputs[n] = TensorRef(n, t)
         cx.names.add(n)
+    for n, t in tensor_inputs:
+        for d, dim in enumerate(in_types[n].shape):
+            if isinstance(dim, sympy.Symbol):
+                cx.example_sizes[dim] = int(t.shape[d])
+    cx.size_guards = guards
+    cx.recognize(module)
     tracer = _DsrTracer(cx)
-    found: list[str] = []
+    found: list[str] = list(cx.pattern_notes)
     try:
         # a Ctrl-C swallowed inside torch is KeyboardInterrupt, not a TraceError
         with watch_interrupts(), _trace_time_prints(found):
             tracer.trace(root)
+    except TraceError as e:
+        raise _with_pattern_notes(e, cx) from None
     except DsrError:
         raise
     except ConcreteValueNeeded as e:
-        raise TraceError(e.what, e.where, e.hint) from None
+        raise _with_pattern_notes(TraceError(e.what, e.where, e.hint), cx) from None
     except Exception as e:
         where = cx.where_now(tracer.module_stack, traceback.extract_tb(e.__traceback__))
         what = f"trace: forward() raised {type(e).__name__} under symbolic tracing: {e}"
@@ -203,12 +243,21 @@ def trace(module: nn.Module, example_inputs: tuple, dynamic: dict[str, dict[int,
         if isinstance(e, TypeError) and "item assignment" in str(e):
             what = "trace: in-place op operator.setitem (x[...] = y) is not supported"
             hint = "build the tensor with torch.cat / torch.where instead of assigning into it"
-        raise TraceError(what, where, hint) from e
+        raise _with_pattern_notes(TraceError(what, where, hint), cx) from e
     if cx.outputs is None:
         raise TraceError("trace: forward produced no output", f"top-level module ({cls})")
     g = verify(_build_graph(cx, sanitize(name or cls)))
     _report_notes(found, notes)
     return g
+
+
+def _with_pattern_notes(e: TraceError, cx: TraceContext) -> TraceError:
+    """`e` with the modules that had a pattern's structure but missed it (why the MoE rewrite did not fire)
+    added to its hint: they are usually why the trace reached an op it cannot take."""
+    if not cx.pattern_notes:
+        return e
+    notes = "; ".join(cx.pattern_notes)
+    return TraceError(e.what, e.where, f"{e.hint}; {notes}" if e.hint else notes)
 
 
 @contextlib.contextmanager
