@@ -68,3 +68,33 @@ def test_torch_compile_refuses_a_huge_constant_before_allocating_it():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="over 16,777,216 elements"):
         torch.compile(Huge(), backend="dsr", dynamic=False)(torch.randn(4))
+
+
+def test_torch_compile_keeps_dynamo_dynamic_dims_symbolic(monkeypatch):
+    """A dim Dynamo marks dynamic (mark_dynamic, or its automatic dynamic after a second size) stays symbolic:
+    one compile serves every size, the SymInt graph input is read from the tensor's dim."""
+    from dsr_compiler import api
+    specs = []
+    real = api.compile
+    monkeypatch.setattr(api, "compile", lambda module, inputs, **kw: specs.append(kw.get("dynamic")) or
+                        real(module, inputs, **kw))
+    torch._dynamo.reset()
+
+    class Reshaping(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            b, t, h = x.shape
+            return self.lin(x).reshape(b * t, h).view(b, t, h) * 2
+
+    m = Reshaping().eval()
+    f = torch.compile(m, backend="dsr")
+    for t in (3, 5, 9, 17):
+        x = torch.randn(2, t, 32)
+        with torch.no_grad():
+            assert_close(f(x), m(x))
+    assert len(specs) == 2 and specs[0] is None, specs
+    assert [list(d) for d in specs[1].values()] == [[1]], specs
+    torch._dynamo.reset()

@@ -39,3 +39,30 @@ def test_unsupported_module_names_the_op_and_line():
     with pytest.raises(TraceError) as e:
         dsr.compile(m, inputs(8), dynamic=dyn, backend="interpret")
     assert "new_empty" in str(e.value) and "modeling_deepseek_v3.py" in str(e.value)
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_dense_module_under_torch_compile(name, monkeypatch):
+    """torch.compile(backend="dsr"): the second size makes Dynamo mark the token dim dynamic; the backend keeps
+    it symbolic (one more compile), so a third size reuses it. Every size matches eager."""
+    from dsr_compiler import api
+    specs: list = []
+    real = api.compile
+
+    def recording(module, inputs, **kw):
+        specs.append(kw.get("dynamic"))
+        return real(module, inputs, **kw)
+    monkeypatch.setattr(api, "compile", recording)
+    m, inputs, _ = build(name)
+    torch._dynamo.reset()
+    cm = torch.compile(m, backend="dsr")
+    for t in (8, 16, 1, 32):
+        x = inputs(t, seed=t)
+        with torch.no_grad():
+            ref = m(*x)
+            assert rel_err(cm(*x), ref) <= 1e-5, t
+    assert specs[0] is None and specs[1] is not None, specs            # static first, then the dynamic dim
+    symbols = {sym for dims in specs[1].values() for sym in dims.values()}
+    assert len(symbols) == 1, specs[1]
+    assert len(specs) <= 3, specs          # size 1 is a Dynamo specialization of its own (it never marks 0/1 dynamic)
+    torch._dynamo.reset()
