@@ -46,6 +46,7 @@ class Body:
         self.producer_index = {o.name: i for i, n in enumerate(self.g.nodes) for o in n.outputs}
         self.views: dict[str, tuple[str, View]] = {
             v.name: (v.name, View.contiguous(v.type.shape)) for v in self.g.inputs}
+        self.scalars: set[str] = set()        # 0-d constants and layout ops of them (broadcast at every index)
         self.var: dict[str, str] = {}
         self.vec: dict[str, bool] = {}        # register var -> is it a tile (vs a per-program scalar)
         self.kind: dict[str, str] = {}        # register var -> register kind
@@ -100,9 +101,13 @@ class Body:
         return terms + tuple((f"{ax.var}{ax.bcast} * 0", "1") for ax in missing)
 
     def check_layouts(self) -> None:
-        """Refuse layout ops on computed values up front (they are the usual fusion mistake)."""
+        """Refuse layout ops on computed values up front (they are the usual fusion mistake). A layout op on a
+        0-d constant (`x.new_zeros(...)` is `expand(const)`) is the same scalar at every index: allowed."""
         viewable = {v.name for v in self.g.inputs}
         for n in self.g.nodes:
+            if n.op == "const" or (n.op in INDEX_MAP_OPS and n.inputs[0] in self.scalars):
+                self.scalars.add(n.out.name)
+                continue
             if n.op in INDEX_MAP_OPS:
                 if n.inputs[0] not in viewable:
                     raise self.fail(n, f"{n.op} of %{n.inputs[0]}, a value computed inside the kernel; only kernel "
@@ -113,6 +118,10 @@ class Body:
     # --- loads
     def record_layout(self, n: Node) -> None:
         src = n.inputs[0]
+        if src in self.scalars:                  # a broadcast constant: the same register at every index
+            self.scalars.add(n.out.name)
+            self.var[n.out.name] = self.use(src, n)
+            return
         if src not in self.views:
             raise self.fail(n, f"{n.op} of %{src}, a value computed inside the kernel; only kernel inputs can "
                                "be re-indexed", "start a new kernel at the layout op (it reads from memory)")
@@ -244,10 +253,15 @@ class Body:
         pieces: list[tuple[str, str]] = []
         want = reg_kind(n.out.type.dtype)
         for src in n.inputs:
+            size = self.values[src].type.shape[d]
+            if src in self.scalars:              # a broadcast constant piece
+                hi = self.pool.lit(start + size)
+                pieces.append((self.convert(self.use(src, n), want), hi))
+                start = start + size
+                continue
             if src not in self.views:
                 raise self.fail(n, f"cat of %{src}, a value computed inside the kernel; only kernel inputs can be "
                                    "concatenated in place")
-            size = self.values[src].type.shape[d]
             _, view = self.views[src]
             try:
                 st = broadcast_strides(view, tuple(size if k == d else s for k, s in enumerate(self.shape)))

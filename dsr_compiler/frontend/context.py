@@ -30,7 +30,8 @@ from dsr_compiler.ir.types import DType, TensorType, to_expr
 
 from .origins import ROOT_ATTR, USER_FRAME, class_name, fn_name, location_from_frames, location_from_user_frame
 from .registry import (DERIVED_PARAMS, FUNCTION_HANDLERS, FUNCTION_LOWERINGS, LEAF_LOWERINGS, METHOD_HANDLERS,
-                       MODULE_HANDLERS, RECOGNIZERS, Handler, Recognizer, function_op, supported_hint)
+                       INPLACE_LOWERINGS, MODULE_HANDLERS, RECOGNIZERS, Handler, Recognizer, function_op,
+                       supported_hint)
 
 @dataclass(frozen=True, slots=True)
 class TensorRef:
@@ -154,6 +155,27 @@ class TraceContext:
         self.pattern_notes: list[str] = []                          # modules with a pattern's shape that missed it
         self.example_sizes: dict[sympy.Symbol, int] = {}            # dim symbol -> its size in the example inputs
         self.size_guards: list[SizeGuard] | None = None             # None: a branch on a symbolic size is an error
+        # functional writes (lowerings/alloc.py): tensors allocated in forward, slice views of them, and
+        # values that alias a tensor written since (reading one is an error: it holds the old values)
+        self.fresh: set[fx.Node] = set()
+        self.views: dict[fx.Node, tuple[fx.Node, Any]] = {}
+        self.stale: set[fx.Node] = set()
+
+    def current_node(self) -> fx.Node:
+        if self._fx is None:
+            raise TraceError("trace: no FX node is being lowered")
+        return self._fx
+
+    def rebind(self, node: fx.Node, value: TensorRef, aliasing: frozenset) -> None:
+        """`node` (a tensor allocated in forward) now has `value` (after an in-place write); the values taken
+        from it so far by ops that may alias it become stale."""
+        self.env[node] = value
+        for u in node.users:
+            if u is self._fx:
+                continue
+            name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")
+            if name in aliasing:
+                self.stale.add(u)
 
     # --- modules of other libraries lowered as a whole (registry.RECOGNIZERS), decided before the trace
     def recognize(self, user: nn.Module) -> None:
@@ -474,7 +496,14 @@ class TraceContext:
         return obj
 
     def args(self, a: Any) -> Any:
-        return map_arg(a, lambda n: self.env[n])
+        return map_arg(a, self._read)
+
+    def _read(self, n: fx.Node) -> Any:
+        if n in self.stale:
+            raise self.fail(f"%{n.name} is a view of a tensor allocated in forward taken before an in-place write "
+                            "into that tensor: it would hold the old values",
+                            hint="take the view after the last write")
+        return self.env[n]
 
     def lower(self, node: fx.Node) -> None:
         self._fx = node
@@ -498,6 +527,8 @@ class TraceContext:
         if isinstance(val, TensorRef):
             val = self._rename_result(val, start, base)
         self.env[node] = val
+        if node.target is operator.getitem and isinstance(val, TensorRef) and node.args and node.args[0] in self.fresh:
+            self.views[node] = (node.args[0], self.args(node.args[1]))
 
     def _rename_result(self, val: TensorRef, start: int, base: str) -> TensorRef:
         """The last IR node made for an FX node takes the FX node's name; helpers get `name.k`."""
@@ -562,6 +593,9 @@ class TraceContext:
                     raise
                 except Exception as e:
                     raise self.fail(f"{fn_name(fn)} on trace-time values {args!r} failed: {e}") from None
+        inplace = INPLACE_LOWERINGS.get(fn)
+        if inplace is not None:
+            return inplace(self, tuple(args), kwargs)
         h = FUNCTION_HANDLERS.get(fn)
         if h is None:
             if getattr(fn, "__name__", "").endswith("_") and not getattr(fn, "__name__", "").startswith("_"):
@@ -574,6 +608,9 @@ class TraceContext:
         return self._bind(h, fn_name(fn), args, kwargs)
 
     def _call_method(self, name: str, args: tuple, kwargs: dict) -> Any:
+        inplace = INPLACE_LOWERINGS.get(name)
+        if inplace is not None:
+            return inplace(self, tuple(args), kwargs)
         if name.endswith("_") and not name.startswith("_"):
             raise self.fail(f"in-place op Tensor.{name} is not supported",
                             hint=f"use the out-of-place form `.{name[:-1]}(...)` (the IR is SSA)")

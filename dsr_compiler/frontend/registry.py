@@ -86,6 +86,19 @@ def recognizes(name: str, match: Callable[[nn.Module], Any], kind: str) -> Calla
     return deco
 
 
+#: in-place writes that the IR takes as functional updates (lowerings/alloc.py): Tensor method name or
+#: function -> lowering(cx, args, kwargs); every other in-place op stays a TraceError
+INPLACE_LOWERINGS: dict[Any, Callable[..., Any]] = {}
+
+
+def lowers_inplace(*targets: Any) -> Callable[[Callable], Callable]:
+    def deco(fn: Callable) -> Callable:
+        for t in targets:
+            _register(INPLACE_LOWERINGS, t, fn, "in-place lowering")
+        return fn
+    return deco
+
+
 #: key (name relative to the owning module, e.g. "experts.w13") -> how to compute the param
 DERIVED_PARAMS: dict[str, ParamDerivation] = {}
 

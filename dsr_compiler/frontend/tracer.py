@@ -53,6 +53,7 @@ import contextlib
 import inspect
 import keyword
 import math
+import operator
 import sys
 import traceback
 import types
@@ -98,6 +99,10 @@ class _DsrProxy(fx.Proxy):
 
     def __getattr__(self, k: str) -> fx.proxy.Attribute:
         return _DsrAttribute(self, k)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        # `x[..., a:b] = y`: recorded as operator.setitem, a functional write (lowerings/alloc.py)
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
 
 class _DsrAttribute(fx.proxy.Attribute):

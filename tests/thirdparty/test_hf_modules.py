@@ -10,7 +10,9 @@ import dsr_compiler as dsr
 from dsr_compiler.errors import TraceError
 from hf_modules import build
 
-DENSE = ("deepseek_mlp", "llama_decoder_layer", "gpt2_block", "sequential")
+DENSE = ("deepseek_mlp", "deepseek_attention", "deepseek_decoder_layer", "llama_decoder_layer", "gpt2_block",
+         "sequential")
+ATTENTION = ("deepseek_attention", "deepseek_decoder_layer", "llama_decoder_layer", "gpt2_block")
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -26,22 +28,27 @@ def test_dense_module_matches_eager(name):
         with torch.no_grad():
             ref = m(*x)
         assert rel_err(cm(*x), ref) <= 1e-5, t
-    attention = name in ("llama_decoder_layer", "gpt2_block")
+    attention = name in ATTENTION
     assert [str(g.expr) for g in cm.size_guards] == (["T > 1"] if attention else [])
     assert list(cm._specializations) == ([(False,)] if attention else [])
+    fams = [k.spec.family for k in cm.kernels]
     if attention:
-        assert "attention" in [k.spec.family for k in cm.kernels]
+        assert "attention" in fams
+    if name == "deepseek_decoder_layer":                   # its MoE: the recognised router + experts
+        assert [f for f in fams if f.startswith("moe")] == ["moe_router", "moe_dispatch", "moe_gemm", "moe_gemm",
+                                                            "moe_combine"]
 
 
 def test_unsupported_module_names_the_op_and_line():
-    """DeepseekV3Attention's expand_kv allocates and assigns into slices: still refused, by op and source line."""
-    m, inputs, dyn = build("deepseek_attention")
+    """DeepseekV3ForCausalLM's mask utilities diff the position ids along the token dim: still refused, by op
+    and source line."""
+    m, inputs, dyn = build("deepseek_causal_lm")
     with pytest.raises(TraceError) as e:
         dsr.compile(m, inputs(8), dynamic=dyn, backend="interpret")
-    assert "new_empty" in str(e.value) and "modeling_deepseek_v3.py" in str(e.value)
+    assert "diff along the symbolic dim" in str(e.value) and "masking_utils.py" in str(e.value)
 
 
-@pytest.mark.parametrize("name", DENSE)
+@pytest.mark.parametrize("name", [n for n in DENSE if n != "deepseek_decoder_layer"])   # its MoE: dsr.compile only
 def test_dense_module_under_torch_compile(name, monkeypatch):
     """torch.compile(backend="dsr"): the second size makes Dynamo mark the token dim dynamic; the backend keeps
     it symbolic (one more compile), so a third size reuses it. Every size matches eager."""
