@@ -37,6 +37,16 @@ def run_ep(args, cli) -> int:
         local = env_int("LOCAL_RANK", 0, 1 << 16) if os.environ.get("LOCAL_RANK") else 0
         torch.cuda.set_device(local % max(1, torch.cuda.device_count()))
     init_group(args.ep, "nccl" if be == "cuda" else "gloo")
+    try:
+        return _rank(args, cli, dist)
+    finally:
+        # on every path, errors included: a group left to the interpreter's exit takes its threads down
+        # with std::terminate (seen as "terminate called without an active exception" and a changed exit code)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _rank(args, cli, dist) -> int:
     rank, n = dist.get_rank(), dist.get_world_size()
     out, err = io.StringIO(), None
     try:
@@ -84,7 +94,6 @@ def run_ep(args, cli) -> int:
         if args.check:
             print("check passed on every rank" if worst == 0 else "check failed on some rank")
     dist.barrier()
-    dist.destroy_process_group()
     return worst
 
 

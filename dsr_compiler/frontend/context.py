@@ -583,7 +583,15 @@ class TraceContext:
             if lower is None:
                 raise self.fail(f"wrapped function {fn_name(fn)} maps to op `{op}`, which has no lowering",
                                 hint="registered: " + ", ".join(sorted(FUNCTION_LOWERINGS)))
-            return lower(self, fn, tuple(args), kwargs)
+            out = lower(self, fn, tuple(args), kwargs)
+            flat = out if isinstance(out, (tuple, list)) else (out,)
+            if not flat or not all(isinstance(v, TensorRef) for v in flat):
+                # the user's code sees the FX proxy of this call, never the lowering's value: a None or a
+                # number here would silently become a tensor there (`mask is None` would be False)
+                raise self.fail(f"the lowering of wrapped function {fn_name(fn)} returned {out!r}: a wrapped "
+                                "function's call is a tensor (or a tuple of tensors) in forward",
+                                hint="return tensors, or replace the function at trace time (registry.replaces)")
+            return out
         if not has_tensor((args, kwargs)):
             scalar = _scalar_function(fn)
             if scalar is not None:

@@ -99,6 +99,19 @@ def lowers_inplace(*targets: Any) -> Callable[[Callable], Callable]:
     return deco
 
 
+#: library functions replaced, while tracing, by trace-time Python (lowerings/hf_masks.py): (defining module,
+#: name) -> factory(cx) -> the replacement, which runs on proxies and returns what the original would (None
+#: included: a wrapped function's FX node always gives a proxy, never None)
+PY_REPLACEMENTS: dict[tuple[str, str], Callable[[Any], Callable]] = {}
+
+
+def replaces(module: str, name: str) -> Callable[[Callable], Callable]:
+    def deco(factory: Callable) -> Callable:
+        _register(PY_REPLACEMENTS, (module, name), factory, "replacement")
+        return factory
+    return deco
+
+
 #: key (name relative to the owning module, e.g. "experts.w13") -> how to compute the param
 DERIVED_PARAMS: dict[str, ParamDerivation] = {}
 

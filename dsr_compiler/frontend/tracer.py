@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import inspect
 import keyword
 import math
@@ -74,7 +75,7 @@ from dsr_compiler.ir.verifier import verify
 from . import lowerings  # noqa: F401  (fills the registry's tables: every supported op)
 from .context import ConcreteValueNeeded, TensorRef, TraceContext, sanitize
 from .origins import ROOT_ATTR, USER_FRAME, is_user_file, short_path, user_frame
-from .registry import DERIVED_PARAMS, wrapped_function_objects
+from .registry import DERIVED_PARAMS, PY_REPLACEMENTS, wrapped_function_objects
 
 __all__ = ["derived_declaration", "derived_declarations", "dsr_op_functions", "evaluate_declaration", "named_tensors",
            "param_tensors", "trace"]
@@ -126,7 +127,8 @@ def dsr_op_functions(module: nn.Module) -> list[Callable]:
     found: dict[int, Callable] = {}
     seen: set[int] = set()                  # each module file's globals once (256 experts share one)
     for m in module.modules():
-        g = getattr(getattr(m, "forward", None), "__globals__", None)
+        fwd = getattr(type(m), "forward", None)
+        g = getattr(inspect.unwrap(fwd) if fwd is not None else None, "__globals__", None)
         if not isinstance(g, dict) or id(g) in seen:
             continue
         seen.add(id(g))
@@ -134,6 +136,35 @@ def dsr_op_functions(module: nn.Module) -> list[Callable]:
             if isinstance(v, types.FunctionType) and isinstance(v.__dict__.get("dsr_op"), str):
                 found.setdefault(id(v), v)
     return list(found.values())
+
+
+class PretrainedLike:
+    """Marker base: objects a lowering takes as opaque trace-time values (see `_DsrTracer.create_arg`)."""
+
+
+def _autowrap_unwrapped(tracer: "_DsrTracer", m: nn.Module) -> None:
+    """FX patches the functions it auto-wraps in the globals of `m.forward`; a decorated forward (transformers'
+    `@capture_outputs`, `@merge_with_config_defaults`) has the decorator module's globals, so patch those of the
+    undecorated function too. The same globals get the trace-time replacements of `PY_REPLACEMENTS` (e.g.
+    transformers' `create_causal_mask`, lowerings/hf_masks.py). Uses FX's own patcher
+    (`_symbolic_trace.CURRENT_PATCHER`, `_autowrap_check`), which reverts every patch after the trace; where a
+    torch version lacks them this is skipped and such calls are traced through as before."""
+    from torch.fx import _symbolic_trace as st
+    patcher, check = getattr(st, "CURRENT_PATCHER", None), getattr(st, "_autowrap_check", None)
+    fwd = getattr(type(m), "forward", None)
+    if patcher is None or check is None or fwd is None:
+        return
+    inner = inspect.unwrap(fwd)
+    for f in {id(fwd): fwd, id(inner): inner}.values():
+        g = getattr(f, "__globals__", None)
+        if not isinstance(g, dict):
+            continue
+        if f is inner and inner is not fwd:
+            check(patcher, g, tracer._autowrap_function_ids)
+        for (mod, name), factory in PY_REPLACEMENTS.items():
+            original = getattr(sys.modules.get(mod), name, None)
+            if original is not None and g.get(name) is original:
+                patcher.patch(g, name, factory(tracer.cx, original))
 
 
 class _DsrTracer(fx.Tracer):
@@ -153,6 +184,7 @@ class _DsrTracer(fx.Tracer):
         """A module that is not a submodule of the traced one (a function that a library turned into a
         module object, e.g. transformers' hub-kernel `apply_rotary_pos_emb`) is traced through: it has no
         path to name it by. Tensors it holds are then constants, refused like any other."""
+        _autowrap_unwrapped(self, m)
         try:
             self.path_of_module(m)
         except NameError:
@@ -184,6 +216,11 @@ class _DsrTracer(fx.Tracer):
                              "register module state with `self.register_buffer(name, tensor)`; tensors "
                              "created inside forward from Python numbers (torch.ones(4), torch.arange(8), ...) are "
                              "not supported; sizes of traced tensors are (torch.arange(x.size(1)))")
+        if isinstance(a, PretrainedLike) or (dataclasses.is_dataclass(a) and not isinstance(a, type)):
+            # a configuration object handed to a wrapped function (transformers' create_causal_mask(config,
+            # ...)): kept as the object itself; FX would rebuild a dataclass as a call of its class, which the
+            # lowering would meet as an op. The FX graph is never turned back into code, so this is safe.
+            return a
         return super().create_arg(a)
 
 

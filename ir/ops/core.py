@@ -547,10 +547,16 @@ def _slice_rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple[TensorT
     if step < 1 or start < 0:
         raise TypeRuleError(f"slice: need start >= 0 and step >= 1, got start={start} step={step}")
     size = x.shape[d]
-    stop = size if end is None else sympy.Min(sympy.Integer(end), size)
+    if end is not None and end < 0:                  # from the end: x[:-1] of a symbolic dim stays symbolic
+        stop = size + end
+    else:
+        stop = size if end is None else sympy.Min(sympy.Integer(end), size)
     n = sympy.ceiling((stop - start) / step)
     if n.is_Integer and int(n) <= 0:
         raise TypeRuleError(f"slice: empty result slicing dim {d} of {x} [{start}:{end}:{step}]")
+    if end is not None and end < 0 and not n.is_Integer and (n - 1).is_nonnegative is not True:
+        raise TypeRuleError(f"slice: [{start}:{end}:{step}] of dim {d} of {x} has {n} elements, which may be 0 "
+                            "(the IR has no empty tensors)")
     shape = list(x.shape)
     shape[d] = sympy.simplify(n)
     return (x.with_shape(tuple(shape)),)
@@ -566,7 +572,7 @@ register(OpDef("slice", LAYOUT, (1, 1), _slice_rule, _slice_ref,
                attrs={"dim": AttrSpec((int,)), "start": AttrSpec((int,)),
                       "end": AttrSpec((int,), required=False, default=None),
                       "step": AttrSpec((int,), required=False, default=1)}, index_map=True,
-               doc="x[start:end:step] along dim"))
+               doc="x[start:end:step] along dim (a negative end counts from the end: the size stays symbolic)"))
 
 
 def _cat_rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple[TensorType, ...]:

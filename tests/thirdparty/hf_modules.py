@@ -69,13 +69,14 @@ def _ids(t: int, seed: int = 0) -> tuple:
     return (torch.randint(0, 128, (1, t), generator=torch.Generator().manual_seed(seed)),)
 
 
-def build(name: str, experts: str = "eager", **config):
+def build(name: str, experts: str = "eager", attn: str = "sdpa", **config):
     """(module, make_inputs(T, seed), dynamic) of one of MODULES; `config` overrides DeepSeek config fields."""
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds
     hid = {"hidden_states": {1: "T"}}
     if name.startswith("deepseek"):
         cfg = deepseek_config(**config)
         cfg._experts_implementation = experts
+        cfg._attn_implementation = attn
 
         def hidden(t: int, seed: int = 0) -> tuple:
             return _hidden(t, seed, cfg.hidden_size)

@@ -10,9 +10,10 @@ import dsr_compiler as dsr
 from dsr_compiler.errors import TraceError
 from hf_modules import build
 
-DENSE = ("deepseek_mlp", "deepseek_attention", "deepseek_decoder_layer", "llama_decoder_layer", "gpt2_block",
-         "sequential")
-ATTENTION = ("deepseek_attention", "deepseek_decoder_layer", "llama_decoder_layer", "gpt2_block")
+DENSE = ("deepseek_mlp", "deepseek_attention", "deepseek_decoder_layer", "deepseek_causal_lm", "llama_decoder_layer",
+         "gpt2_block", "sequential")
+WITH_MOE = ("deepseek_decoder_layer", "deepseek_causal_lm")
+ATTENTION = ("deepseek_attention", "deepseek_decoder_layer", "deepseek_causal_lm", "llama_decoder_layer", "gpt2_block")
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -34,21 +35,42 @@ def test_dense_module_matches_eager(name):
     fams = [k.spec.family for k in cm.kernels]
     if attention:
         assert "attention" in fams
-    if name == "deepseek_decoder_layer":                   # its MoE: the recognised router + experts
+    if name in WITH_MOE:                                    # its MoE layer: the recognised router + experts
         assert [f for f in fams if f.startswith("moe")] == ["moe_router", "moe_dispatch", "moe_gemm", "moe_gemm",
                                                             "moe_combine"]
 
 
-def test_unsupported_module_names_the_op_and_line():
-    """DeepseekV3ForCausalLM's mask utilities diff the position ids along the token dim: still refused, by op
-    and source line."""
-    m, inputs, dyn = build("deepseek_causal_lm")
+def test_causal_lm_with_eager_attention():
+    """attn_implementation 'eager': the causal mask is built in the graph (additive, the dtype's minimum)."""
+    m, inputs, dyn = build("deepseek_causal_lm", attn="eager", num_hidden_layers=1)
+    cm = dsr.compile(m, inputs(8), dynamic=dyn, backend="interpret")
+    for t in (8, 3, 1):
+        x = inputs(t, seed=t)
+        with torch.no_grad():
+            ref = m(*x)
+        assert rel_err(cm(*x), ref) <= 1e-5, t
+
+
+class MaskedLogits(torch.nn.Module):
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask):
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def test_causal_lm_with_a_padding_mask_is_refused():
+    """A padding mask makes transformers' mask depend on its values: refused by name, with the line."""
+    m, inputs, _ = build("deepseek_causal_lm", num_hidden_layers=1)
+    ids = inputs(8)[0]
     with pytest.raises(TraceError) as e:
-        dsr.compile(m, inputs(8), dynamic=dyn, backend="interpret")
-    assert "diff along the symbolic dim" in str(e.value) and "masking_utils.py" in str(e.value)
+        dsr.compile(MaskedLogits(m.lm), (ids, torch.ones_like(ids)), backend="interpret")
+    assert "create_causal_mask is compiled only for a plain causal mask: an attention_mask is passed" in str(e.value)
+    assert "modeling_deepseek_v3.py" in str(e.value)
 
 
-@pytest.mark.parametrize("name", [n for n in DENSE if n != "deepseek_decoder_layer"])   # its MoE: dsr.compile only
+@pytest.mark.parametrize("name", [n for n in DENSE if n not in WITH_MOE])   # an MoE: dsr.compile only (see README)
 def test_dense_module_under_torch_compile(name, monkeypatch):
     """torch.compile(backend="dsr"): the second size makes Dynamo mark the token dim dynamic; the backend keeps
     it symbolic (one more compile), so a third size reuses it. Every size matches eager."""

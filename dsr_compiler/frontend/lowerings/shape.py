@@ -362,14 +362,18 @@ def _diff(cx: TraceContext, input: Any, n: Any = 1, dim: Any = -1, prepend: Any 
     for _ in range(times):
         size = x.type.shape[d]
         if size.free_symbols:
-            raise cx.fail(f"diff along the symbolic dim {size} of {x.type} is not supported",
-                          hint="the IR's slice takes static bounds (x[:-1] of a symbolic dim is not one); diff along "
-                               "a static dim, or make this dim static")
-        if int(size) <= 1:
+            if (size - 2).is_nonnegative is not True:
+                raise cx.fail(f"diff along the symbolic dim {size} of {x.type}: the result may be empty",
+                              hint="the IR has no empty tensors; diff with prepend= (as transformers' mask "
+                                   "utilities do), or along a static dim")
+            end = -1                                     # x[:-1]: the slice keeps the size symbolic
+        elif int(size) <= 1:
             raise cx.fail(f"diff of dim {d} of size {int(size)} of {x.type} gives an empty tensor",
                           hint="the IR has no empty tensors of static shape; diff a dim of size >= 2 (n times: n + 1)")
+        else:
+            end = int(size) - 1
         hi = cx.emit("slice", [x], {"dim": d, "start": 1, "end": None, "step": 1})
-        lo = cx.emit("slice", [x], {"dim": d, "start": 0, "end": int(size) - 1, "step": 1})
+        lo = cx.emit("slice", [x], {"dim": d, "start": 0, "end": end, "step": 1})
         x = cx.binary("sub", hi, lo)
     return x
 
