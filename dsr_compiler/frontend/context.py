@@ -160,6 +160,7 @@ class TraceContext:
         self.fresh: set[fx.Node] = set()
         self.views: dict[fx.Node, tuple[fx.Node, Any]] = {}
         self.stale: set[fx.Node] = set()
+        self._rebound = False
 
     def current_node(self) -> fx.Node:
         if self._fx is None:
@@ -170,6 +171,7 @@ class TraceContext:
         """`node` (a tensor allocated in forward) now has `value` (after an in-place write); the values taken
         from it so far by ops that may alias it become stale."""
         self.env[node] = value
+        self._rebound = True
         for u in node.users:
             if u is self._fx:
                 continue
@@ -523,9 +525,10 @@ class TraceContext:
         if node.op == "output":
             self._lower_output(node)
             return
+        self._rebound = False
         val = canon(self._dispatch(node))
-        if isinstance(val, TensorRef):
-            val = self._rename_result(val, start, base)
+        if isinstance(val, TensorRef) and not self._rebound:    # an in-place write keeps its values' names:
+            val = self._rename_result(val, start, base)         # another FX node is bound to them (rebind)
         self.env[node] = val
         if node.target is operator.getitem and isinstance(val, TensorRef) and node.args and node.args[0] in self.fresh:
             self.views[node] = (node.args[0], self.args(node.args[1]))

@@ -61,7 +61,7 @@ class Logits(nn.Module):
         return self.lm(input_ids=input_ids, use_cache=False).logits
 
 
-def _hidden(t: int, seed: int = 0, width: int = H) -> tuple:
+def _hidden_of(t: int, seed: int = 0, width: int = H) -> tuple:
     return (torch.randn(1, t, width, generator=torch.Generator().manual_seed(seed)),)
 
 
@@ -69,8 +69,15 @@ def _ids(t: int, seed: int = 0) -> tuple:
     return (torch.randint(0, 128, (1, t), generator=torch.Generator().manual_seed(seed)),)
 
 
-def build(name: str, experts: str = "eager", attn: str = "sdpa", **config):
-    """(module, make_inputs(T, seed), dynamic) of one of MODULES; `config` overrides DeepSeek config fields."""
+def build(name: str, experts: str = "eager", attn: str = "sdpa", wide: bool = False, **config):
+    """(module, make_inputs(T, seed), dynamic) of one of MODULES; `config` overrides DeepSeek config fields.
+    `wide`: every width a multiple of 128 (hidden 128, intermediates 256 / 128), so FP8 blocks apply."""
+    if wide:
+        return _build_wide(name, experts, attn, **config)
+    width = H
+
+    def _hidden(t: int, seed: int = 0) -> tuple:                 # noqa: F811  (this build's width)
+        return _hidden_of(t, seed, width)
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds
     hid = {"hidden_states": {1: "T"}}
     if name.startswith("deepseek"):
@@ -79,36 +86,36 @@ def build(name: str, experts: str = "eager", attn: str = "sdpa", **config):
         cfg._attn_implementation = attn
 
         def hidden(t: int, seed: int = 0) -> tuple:
-            return _hidden(t, seed, cfg.hidden_size)
+            return _hidden_of(t, seed, cfg.hidden_size)
         if name == "deepseek_mlp":
             return _init(ds.DeepseekV3MLP(cfg), 0), hidden, {"x": {1: "T"}}
         if name == "deepseek_moe":
             return _init(ds.DeepseekV3MoE(cfg), 1), hidden, hid
         if name == "deepseek_attention":
-            return _init(WithRotary(ds.DeepseekV3Attention(cfg, 0), ds.DeepseekV3RotaryEmbedding(cfg)), 2), _hidden, hid
+            return _init(WithRotary(ds.DeepseekV3Attention(cfg, 0), ds.DeepseekV3RotaryEmbedding(cfg)), 2), hidden, hid
         if name == "deepseek_decoder_layer":
             return _init(WithRotary(ds.DeepseekV3DecoderLayer(cfg, 1), ds.DeepseekV3RotaryEmbedding(cfg)), 3), \
-                _hidden, hid
+                hidden, hid
         if name == "deepseek_causal_lm":
             return _init(Logits(ds.DeepseekV3ForCausalLM(cfg)), 4), _ids, {"input_ids": {1: "T"}}
     if name == "llama_decoder_layer":
         from transformers import LlamaConfig
         from transformers.models.llama import modeling_llama as ll
-        cfg = LlamaConfig(hidden_size=H, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        cfg = LlamaConfig(hidden_size=H, intermediate_size=96 if H == 64 else 256, num_attention_heads=4, num_key_value_heads=2,
                           vocab_size=128, max_position_embeddings=256)
         cfg._attn_implementation = "sdpa"
         return _init(WithRotary(ll.LlamaDecoderLayer(cfg, 0), ll.LlamaRotaryEmbedding(cfg)), 5), _hidden, hid
     if name == "qwen3_moe_block":
         from transformers import Qwen3MoeConfig
         from transformers.models.qwen3_moe import modeling_qwen3_moe as qm
-        cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+        cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=32 if H == 64 else 128, num_experts=8, num_experts_per_tok=2,
                              norm_topk_prob=True, vocab_size=128)
         cfg._experts_implementation = experts
         return _init(qm.Qwen3MoeSparseMoeBlock(cfg), 6), _hidden, hid
     if name == "mixtral_moe_block":
         from transformers import MixtralConfig
         from transformers.models.mixtral import modeling_mixtral as mx
-        cfg = MixtralConfig(hidden_size=H, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+        cfg = MixtralConfig(hidden_size=H, intermediate_size=32 if H == 64 else 128, num_local_experts=4, num_experts_per_tok=2,
                             vocab_size=128)
         cfg._experts_implementation = experts
         return _init(mx.MixtralSparseMoeBlock(cfg), 7), _hidden, hid
@@ -119,9 +126,22 @@ def build(name: str, experts: str = "eager", attn: str = "sdpa", **config):
         cfg._attn_implementation = "sdpa"
         return _init(g2.GPT2Block(cfg), 8), _hidden, hid
     if name == "sequential":
-        m = nn.Sequential(nn.Linear(H, 128), nn.GELU(), nn.Linear(128, H), nn.LayerNorm(H))
+        m = nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.Linear(2 * H, H), nn.LayerNorm(H))
         return _init(m, 9), _hidden, {"input": {1: "T"}}
     raise KeyError(name)
+
+
+def _build_wide(name: str, experts: str, attn: str, **config):
+    global H
+    saved = H
+    H = 128
+    try:
+        if name.startswith("deepseek"):
+            config = {"hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 128,
+                      "q_lora_rank": 128, "kv_lora_rank": 128, **config}
+        return build(name, experts, attn, **config)
+    finally:
+        H = saved
 
 
 MODULES = ("deepseek_mlp", "deepseek_moe", "deepseek_attention", "deepseek_decoder_layer", "deepseek_causal_lm",

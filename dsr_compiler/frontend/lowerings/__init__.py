@@ -6,9 +6,9 @@ import the registry and the context, never the other way round. Every module is 
 once: a torch target, op or key registered twice raises at import, so the order carries no
 meaning (it is only the order in which the tables are filled).
 """
-from . import alloc, arith, hf_masks, loss, mla, moe, moe_patterns, nn, reduce, shape
+from . import alloc, arith, hf_masks, loss, mla, moe, moe_patterns, nn, reduce, select, shape
 
 #: every lowering module (what each registers is listed in its docstring)
-MODULES = (arith, reduce, shape, alloc, nn, moe, moe_patterns, hf_masks, mla, loss)
+MODULES = (arith, reduce, shape, alloc, select, nn, moe, moe_patterns, hf_masks, mla, loss)
 
 __all__ = ["MODULES"]

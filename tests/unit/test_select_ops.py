@@ -1,0 +1,92 @@
+"""topk / scatter(_) / one_hot along a static last dim as existing IR ops (frontend/lowerings/select.py):
+DeepSeek's group-limited routing written in plain torch, vs eager, 1..13 tokens from one compile."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dsr_compiler as dsr
+from dsr_compiler.errors import TraceError
+
+
+class GroupRouter(nn.Module):
+    """transformers' DeepseekV3TopkRouter's selection, op for op (8 experts in 2 groups, top-2 of the kept group)."""
+
+    def forward(self, x, b):
+        s = x.sigmoid()
+        sc = s + b
+        gs = sc.view(-1, 2, 4).topk(2, dim=-1)[0].sum(dim=-1)
+        gi = torch.topk(gs, k=1, dim=-1, sorted=False)[1]
+        gm = torch.zeros_like(gs)
+        gm.scatter_(1, gi, 1)
+        keep = gm.unsqueeze(-1).expand(-1, 2, 4).reshape(-1, 8)
+        sc = sc.masked_fill(~keep.bool(), float("-inf"))
+        ids = torch.topk(sc, k=2, dim=-1, sorted=False)[1]
+        return s.gather(1, ids), ids, F.one_hot(ids, num_classes=9), x.topk(3, largest=False), \
+            torch.scatter(x, 1, ids, 0.5)
+
+
+def test_group_limited_routing_in_plain_torch():
+    m = GroupRouter()
+    b = torch.randn(8) * 0.1
+    cm = dsr.compile(m, (torch.randn(6, 8), b), dynamic={"x": {0: "T"}}, backend="interpret")
+    for t in (1, 6, 13):
+        x = torch.randn(t, 8)
+        (w, ids, oh, lv, li, sc), (rw, rids, roh, (rlv, rli), rsc) = cm(x, b), m(x, b)   # outputs come flat
+        assert ids.dtype == rids.dtype == torch.int64 and oh.dtype == torch.int64
+        order, rorder = ids.sort(-1), rids.sort(-1)           # sorted=False: compare as sets
+        assert torch.equal(order.values, rorder.values)
+        torch.testing.assert_close(w.gather(-1, order.indices), rw.gather(-1, rorder.indices))
+        assert torch.equal(oh.sum(1), roh.sum(1))
+        torch.testing.assert_close(lv, rlv)
+        assert torch.equal(li, rli)                           # sorted (ascending for largest=False)
+        torch.testing.assert_close(sc, rsc)
+
+
+def test_topk_ties_take_the_lower_index_and_minus_inf_rows_stay_distinct():
+    class Ties(nn.Module):
+        def forward(self, x):
+            return torch.topk(x, 3, dim=-1)
+    x = torch.tensor([[1.0, 3.0, 3.0, 0.0], [float("-inf")] * 4])
+    v, i = dsr.compile(Ties(), (x,), backend="interpret")(x)
+    assert i.tolist() == [[1, 2, 0], [0, 1, 2]]
+    assert v[0].tolist() == [3.0, 3.0, 1.0]
+
+
+@pytest.mark.parametrize("fn, match", [
+    (lambda x: torch.topk(x, 2, dim=0), "only the last dim"),
+    (lambda x: F.one_hot(x.long()), "needs num_classes"),
+    (lambda x: x.scatter_(1, x.long(), 1.0), "did not allocate"),
+])
+def test_refused(fn, match):
+    class M(nn.Module):
+        def forward(self, x):
+            return fn(x)
+    with pytest.raises(TraceError, match=match):
+        dsr.trace(M(), (torch.randn(4, 8),))
+
+
+def test_transformers_router_without_recognition(monkeypatch):
+    """With the MoE recognizers off, transformers' DeepSeek router still compiles, through these ops."""
+    pytest.importorskip("transformers")
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "thirdparty"))
+    from hf_modules import build
+    from dsr_compiler.frontend import context
+    monkeypatch.setattr(context, "RECOGNIZERS", {})
+    m, inputs, _ = build("deepseek_moe")
+    gate = m.gate
+    cm = dsr.compile(gate, (inputs(8)[0].view(8, -1),), dynamic={"hidden_states": {0: "T"}}, backend="interpret")
+    assert "moe_router" not in [k.spec.family for k in cm.kernels]
+    for t in (1, 5):
+        x = inputs(t, seed=t)[0].view(t, -1)
+        with torch.no_grad():
+            logits, w, ids = gate(x)
+        cl, cw, cids = cm(x)
+        torch.testing.assert_close(cl, logits)
+        o, co = ids.sort(-1), cids.sort(-1)
+        assert torch.equal(o.values, co.values)
+        torch.testing.assert_close(cw.gather(-1, co.indices), w.gather(-1, o.indices))
