@@ -83,7 +83,9 @@ def row(name: str) -> dict:
     try:
         wm, winputs, wdyn = build(name, wide=True)
         wm = wm.to(torch.bfloat16)
-        cast = (lambda xs: tuple(x.bfloat16() if x.is_floating_point() else x for x in xs))
+
+        def cast(xs: tuple) -> tuple:
+            return tuple(x.bfloat16() if x.is_floating_point() else x for x in xs)
         fcm = dsr.compile(wm, cast(winputs(16)), dynamic=wdyn, fp8=True, backend="interpret")
         x = cast(winputs(16, seed=5))
         with torch.no_grad():
