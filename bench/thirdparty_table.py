@@ -21,24 +21,13 @@ import argparse
 import sys
 import time
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "thirdparty"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 warnings.filterwarnings("ignore")
-
-
-class _Count(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -48,6 +37,7 @@ def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 def row(name: str) -> dict:
     import dsr_compiler as dsr
     from dsr_compiler.ir.ops.fp8 import calc_diff
+    from dispatch_recorder import DispatchRecorder
     from hf_modules import build
     out: dict = {"module": name}
     m, inputs, dyn = build(name)
@@ -62,7 +52,7 @@ def row(name: str) -> dict:
                 errs.append(rel(cm(*x), m(*x)))
         out["error"] = " / ".join(f"{e:.1e}" for e in errs)
         x = inputs(16, seed=16)
-        with torch.no_grad(), _Count() as c:
+        with torch.no_grad(), DispatchRecorder() as c:
             m(*x)
         out["kernels"] = f"{len(cm.kernels)} vs {sum(c.ops.values())}"
     except Exception as e:                                  # noqa: BLE001  (a table cell)
