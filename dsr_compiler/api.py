@@ -70,6 +70,7 @@ class CompiledModule:
     compile_options: CompileOptions | None = None
     ep: Any = None                 # dsr_compiler.ep.ExpertParallel when the experts are spread over ranks
     size_guards: tuple = ()        # frontend.context.SizeGuard: the sizes this graph holds for (see __call__)
+    out_structure: Any = None      # frontend.context.OutputStructure: forward's result rebuilt (dicts, ModelOutput)
     _respecialize: Callable[[tuple, dict], "CompiledModule"] | None = None
     _specializations: dict[tuple, "CompiledModule"] = field(default_factory=dict)
     _plans: dict[str, Any] = field(default_factory=dict)
@@ -112,6 +113,8 @@ class CompiledModule:
         if self.options.get("grad_wrt"):
             from dsr_compiler.grads import split_outputs
             return split_outputs(outs, self.options["grad_wrt"])
+        if self.out_structure is not None and not self.out_structure.plain():
+            return self.out_structure.build(outs)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _specialized(self, env: dict, args: tuple, kwargs: dict, where: str) -> "CompiledModule":
@@ -193,7 +196,9 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
     if progress is not None:
         progress.stage("trace")
     guards: list = []
-    g = _trace(module, example_inputs, dynamic=dynamic, name=name, notes=trace_notes, guards=guards)
+    structure: list = []
+    g = _trace(module, example_inputs, dynamic=dynamic, name=name, notes=trace_notes, guards=guards,
+               structure=structure)
     for guard in guards:
         trace_notes.append(f"specialized: {guard.text()}; a call with sizes where it is not compiles another "
                            "specialization on first use")
@@ -236,7 +241,7 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
         position_guards=position_guards(g),
         compile_ms={"trace": t_trace, "passes": t_passes, "codegen": t_codegen,
                     "total": (time.perf_counter() - t0) * 1e3},
-        size_guards=tuple(guards))
+        size_guards=tuple(guards), out_structure=structure[0] if structure else None)
     if guards:
         def respecialize(args: tuple, call_kwargs: dict) -> CompiledModule:
             return compile(module, args, kwargs=call_kwargs or None, dynamic=dynamic, name=name, grad_wrt=grad_wrt,

@@ -132,6 +132,29 @@ class SizeGuard:
         return f"`{self.expr}` is {self.value} (at {self.where})"
 
 
+@dataclass(frozen=True)
+class OutputStructure:
+    """How forward's result is built from the graph's flat outputs: a pytree spec and its leaves (TENSOR: the
+    next graph output; anything else: that constant, e.g. a ModelOutput's None field)."""
+
+    TENSOR = "<tensor>"
+    spec: Any
+    leaves: tuple
+
+    def plain(self) -> bool:
+        """A bare tensor or a flat tuple/list of tensors: what a compiled module has always returned."""
+        if not all(v == self.TENSOR for v in self.leaves):
+            return False
+        if self.spec.is_leaf():
+            return True
+        return self.spec.type in (tuple, list) and self.spec.num_children == self.spec.num_leaves
+
+    def build(self, outs: Sequence[Any]) -> Any:
+        from torch.utils import _pytree as pytree
+        it = iter(outs)
+        return pytree.tree_unflatten([next(it) if v == self.TENSOR else v for v in self.leaves], self.spec)
+
+
 class TraceContext:
     """The IR under construction while FX traces. Leaf and function lowerings receive it and use
     `tensor`, `param`, `emit`, `const`, `cast`, `reshape` and `fail`."""
@@ -146,6 +169,7 @@ class TraceContext:
         self.env: dict[fx.Node, Any] = {}
         self.names: set[str] = set()
         self.outputs: list[str] | None = None
+        self.out_structure: OutputStructure | None = None
         self._fx: fx.Node | None = None
         self._origin = ""
         self._base = "v"
@@ -654,21 +678,31 @@ class TraceContext:
                         + "; or give the class a `dsr_op` attribute and register it in LEAF_LOWERINGS")
 
     def _lower_output(self, node: fx.Node) -> None:
+        """The graph's outputs: the tensors of what forward returns, flattened as a pytree (tuples, lists,
+        dicts, transformers' ModelOutput); `out_structure` keeps how to rebuild it (OutputStructure)."""
+        from torch.utils import _pytree as pytree
         val = self.args(node.args[0])
+        root_spec = getattr(self.root, "_dsr_out_spec", None)      # the user's structure (tracer._make_root)
+        if root_spec is not None and isinstance(val, tuple) and root_spec.num_leaves == len(val):
+            # the root returned its result's leaves; a leaf may itself hold several tensors (a topk proxy)
+            val = pytree.tree_unflatten(list(val), root_spec)
+        leaves, spec = pytree.tree_flatten(val)
         outs: list[str] = []
-
-        def collect(v: Any) -> None:
+        template: list[Any] = []
+        for v in leaves:
             if isinstance(v, TensorRef):
+                template.append(OutputStructure.TENSOR)
                 outs.append(v.name)
-            elif isinstance(v, (tuple, list)):
-                for x in v:
-                    collect(x)
+            elif v is None or isinstance(v, (bool, int, float, str)):
+                template.append(v)
             else:
-                raise self.fail(f"forward must return tensors (or tuples/lists of them), got {v!r}")
-        collect(val)
+                raise self.fail(f"forward returns {type(v).__name__} {v!r} inside its result",
+                                hint="return tensors in tuples, lists, dicts or ModelOutputs (None and numbers are "
+                                     "kept as they are)")
         if not outs:
             raise self.fail("forward returns no tensor")
         self.outputs = outs
+        self.out_structure = OutputStructure(spec, tuple(template))
 
 
 def _public_sig(sig: inspect.Signature, n_prefix: int) -> str:

@@ -216,6 +216,8 @@ class _DsrTracer(fx.Tracer):
                              "register module state with `self.register_buffer(name, tensor)`; tensors "
                              "created inside forward from Python numbers (torch.ones(4), torch.arange(8), ...) are "
                              "not supported; sizes of traced tensors are (torch.arange(x.size(1)))")
+        if isinstance(a, (tuple, list, dict)):
+            return super().create_arg(a)
         if isinstance(a, PretrainedLike) or (dataclasses.is_dataclass(a) and not isinstance(a, type)):
             # a configuration object handed to a wrapped function (transformers' create_causal_mask(config,
             # ...)): kept as the object itself; FX would rebuild a dataclass as a call of its class, which the
@@ -227,7 +229,8 @@ class _DsrTracer(fx.Tracer):
 # ----------------------------------------------------------------------------- public API
 
 def trace(module: nn.Module, example_inputs: tuple, dynamic: dict[str, dict[int, str]] | None = None,
-          name: str | None = None, notes: list[str] | None = None, guards: list | None = None) -> Graph:
+          name: str | None = None, notes: list[str] | None = None, guards: list | None = None,
+          structure: list | None = None) -> Graph:
     """Trace `module` on `example_inputs` into a verified IR graph.
 
     `dynamic={"x": {0: "T"}}` makes dim 0 of input `x` the symbol `T` (shared by every input dim
@@ -289,6 +292,8 @@ def trace(module: nn.Module, example_inputs: tuple, dynamic: dict[str, dict[int,
     if cx.outputs is None:
         raise TraceError("trace: forward produced no output", f"top-level module ({cls})")
     g = verify(_build_graph(cx, sanitize(name or cls)))
+    if structure is not None:
+        structure.append(cx.out_structure)          # how to rebuild forward's result (context.OutputStructure)
     _report_notes(found, notes)
     return g
 
@@ -522,8 +527,12 @@ def _make_root(module: nn.Module, tensor_names: list[str], call_exprs: list[str]
             n_const += 1
 
     def forward(self: nn.Module, *tensors: Any) -> Any:
+        from torch.utils import _pytree as pytree
         args = [tensors[i] if is_tensor else self._dsr_consts[i] for is_tensor, i in plan]
-        return getattr(self, ROOT_ATTR)(*args)
+        # forward's result as a pytree (tuples, dicts, ModelOutput): FX keeps only plain containers, so the
+        # structure is taken here, from the Python objects, and the graph returns the flat leaves
+        leaves, self._dsr_out_spec = pytree.tree_flatten(getattr(self, ROOT_ATTR)(*args))
+        return tuple(leaves)
     forward.__wrapped__ = _named_signature(tensor_names)   # type: ignore[attr-defined]
     cls = type("DsrTraceRoot", (nn.Module,), {"forward": forward})
     root = cls()

@@ -95,3 +95,16 @@ def test_dense_module_under_torch_compile(name, monkeypatch):
     assert len(symbols) == 1, specs[1]
     assert len(specs) <= 3, specs          # size 1 is a Dynamo specialization of its own (it never marks 0/1 dynamic)
     torch._dynamo.reset()
+
+
+def test_causal_lm_returns_its_model_output():
+    """DeepseekV3ForCausalLM compiled as it is: the call returns transformers' MoeCausalLMOutputWithPast."""
+    m, inputs, dyn = build("deepseek_causal_lm", num_hidden_layers=1)
+    lm = m.lm
+    cm = dsr.compile(lm, inputs(8), kwargs={"use_cache": False}, dynamic=dyn, backend="interpret")
+    x = inputs(5, seed=5)
+    out = cm(*x, use_cache=False)
+    with torch.no_grad():
+        ref = lm(*x, use_cache=False)
+    assert type(out) is type(ref) and list(out.keys()) == list(ref.keys()) == ["logits"]
+    assert rel_err(out.logits, ref.logits) <= 1e-5

@@ -34,7 +34,7 @@ def test_group_limited_routing_in_plain_torch():
     cm = dsr.compile(m, (torch.randn(6, 8), b), dynamic={"x": {0: "T"}}, backend="interpret")
     for t in (1, 6, 13):
         x = torch.randn(t, 8)
-        (w, ids, oh, lv, li, sc), (rw, rids, roh, (rlv, rli), rsc) = cm(x, b), m(x, b)   # outputs come flat
+        (w, ids, oh, (lv, li), sc), (rw, rids, roh, (rlv, rli), rsc) = cm(x, b), m(x, b)   # forward's nesting
         assert ids.dtype == rids.dtype == torch.int64 and oh.dtype == torch.int64
         order, rorder = ids.sort(-1), rids.sort(-1)           # sorted=False: compare as sets
         assert torch.equal(order.values, rorder.values)

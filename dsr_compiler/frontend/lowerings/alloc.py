@@ -34,7 +34,7 @@ from dsr_compiler.ir.types import DType, to_expr
 
 from ..context import TensorRef, TraceContext, canon, has_tensor
 from ..registry import lowers, lowers_inplace
-from .shape import _expand_to, _norm_slice, _varargs
+from .shape import expand_to, norm_slice, varargs
 
 #: Tensor methods / torch functions whose result may share memory with their input: after a write into a
 #: tensor allocated in forward, such results taken before the write are stale.
@@ -55,7 +55,7 @@ def _fill(cx: TraceContext, value: Any, dtype: DType, shape: tuple) -> TensorRef
             raise cx.fail(f"fill value {v} for a {dtype.value} tensor")
         v = int(v)
     c = cx.const(v, dtype)
-    out = _expand_to(cx, c, shape) if shape else c
+    out = expand_to(cx, c, shape) if shape else c
     cx.fresh.add(cx.current_node())
     return out
 
@@ -76,7 +76,7 @@ def _check_kw(cx: TraceContext, what: str, kw: dict) -> Any:
 
 def _sizes(cx: TraceContext, what: str, sizes: tuple, kw: dict) -> tuple:
     try:
-        return _varargs(sizes, {k: v for k, v in kw.items() if k == "size"}, "size")
+        return varargs(sizes, {k: v for k, v in kw.items() if k == "size"}, "size")
     except TypeError as e:
         raise cx.fail(f"{what}: {e}") from None
 
@@ -151,7 +151,7 @@ def _region(cx: TraceContext, base: TensorRef, idx: Any) -> list[tuple[int, int,
         items += [slice(None)] * (rank - n)
     out = []
     for d, it in enumerate(items):
-        s = _norm_slice(cx, it, base.type.shape[d])
+        s = norm_slice(cx, it, base.type.shape[d])
         if s is None:
             continue
         if s[2] != 1:
@@ -188,7 +188,7 @@ def _slice(cx: TraceContext, x: TensorRef, d: int, lo: int, hi: int | None) -> T
     if n is not None and n.op == "expand":
         c, cv = _made(cx, n.inputs[0])
         if c is not None and c.op == "const":
-            return _expand_to(cx, TensorRef(cv.name, cv.type), tuple(canon(v) for v in shape))
+            return expand_to(cx, TensorRef(cv.name, cv.type), tuple(canon(v) for v in shape))
     if n is not None and n.op == "cat" and n.attr("dim") % x.type.rank == d:
         at, picked = sympy.Integer(0), []
         for name in n.inputs:
@@ -244,7 +244,7 @@ def write(cx: TraceContext, target: fx.Node, idx: Any, value: Any, what: str) ->
         shape[d] = sympy.simplify(end - lo)
     src = value if isinstance(value, TensorRef) else cx.operand(value, base.type, f"{what}: value")
     src = cx.cast(src, base.type.dtype)
-    src = _expand_to(cx, src, tuple(canon(s) for s in shape))
+    src = expand_to(cx, src, tuple(canon(s) for s in shape))
     cx.rebind(base_node, _replace(cx, base, region, src), ALIASING)
     return src
 

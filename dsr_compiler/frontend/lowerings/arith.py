@@ -199,7 +199,7 @@ def ne(cx: TraceContext, input: Any, other: Any) -> TensorRef:
 
 
 @lowers(torch.logical_not, "logical_not")
-def _logical_not(cx: TraceContext, input: Any) -> TensorRef:
+def logical_not(cx: TraceContext, input: Any) -> TensorRef:
     return _not(cx, _as_bool(cx, input, "logical_not"))
 
 
@@ -212,12 +212,12 @@ def _invert(cx: TraceContext, input: Any) -> TensorRef:
 
 
 @lowers(torch.logical_and, "logical_and")
-def _logical_and(cx: TraceContext, input: Any, other: Any) -> TensorRef:
+def logical_and(cx: TraceContext, input: Any, other: Any) -> TensorRef:
     return cx.emit("where", [_as_bool(cx, input, "and"), _as_bool(cx, other, "and"), cx.const(False, DType.bool)])
 
 
 @lowers(torch.logical_or, "logical_or")
-def _logical_or(cx: TraceContext, input: Any, other: Any) -> TensorRef:
+def logical_or(cx: TraceContext, input: Any, other: Any) -> TensorRef:
     return cx.emit("where", [_as_bool(cx, input, "or"), cx.const(True, DType.bool), _as_bool(cx, other, "or")])
 
 
@@ -225,14 +225,14 @@ def _logical_or(cx: TraceContext, input: Any, other: Any) -> TensorRef:
 def _and(cx: TraceContext, input: Any, other: Any) -> TensorRef:
     if not all(isinstance(v, TensorRef) and v.type.dtype is DType.bool for v in (input, other)):
         raise cx.fail("& / bitwise_and is only supported between bool tensors")
-    return _logical_and(cx, input, other)
+    return logical_and(cx, input, other)
 
 
 @lowers(operator.or_, torch.bitwise_or, "bitwise_or")
 def _or(cx: TraceContext, input: Any, other: Any) -> TensorRef:
     if not all(isinstance(v, TensorRef) and v.type.dtype is DType.bool for v in (input, other)):
         raise cx.fail("| / bitwise_or is only supported between bool tensors")
-    return _logical_or(cx, input, other)
+    return logical_or(cx, input, other)
 
 
 @lowers(torch.where)

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from ..context import TensorRef, TraceContext
 from ..registry import lowers, lowers_inplace
 from .alloc import ALIASING
-from .arith import _logical_and, _logical_not, _logical_or, ne
-from .shape import _expand_to
+from .arith import logical_and, logical_not, logical_or, ne
+from .shape import expand_to
 
 MAX_TOPK = 64
 MAX_WIDTH = 1 << 16
@@ -86,11 +86,11 @@ def _topk(cx: TraceContext, input: Any, k: Any, dim: Any = -1, largest: Any = Tr
         m = _amax_last(cx, cur)
         hit = cx.emit("eq", [cur, m])
         if taken is not None:
-            hit = _logical_and(cx, hit, _logical_not(cx, taken))
+            hit = logical_and(cx, hit, logical_not(cx, taken))
         cand = cx.emit("where", [hit, pos, big])
         i = cx.emit("neg", [_amax_last(cx, cx.emit("neg", [cand]))])          # the lowest index holding the max
         mark = cx.emit("eq", [pos, i])
-        taken = mark if taken is None else _logical_or(cx, taken, mark)
+        taken = mark if taken is None else logical_or(cx, taken, mark)
         vals.append(m)
         idxs.append(i)
     values = vals[0] if kk == 1 else cx.emit("cat", vals, {"dim": r - 1})
@@ -123,7 +123,7 @@ def _scatter_value(cx: TraceContext, x: TensorRef, dim: Any, index: Any, value: 
         new = cx.emit("sum", [spread], {"dim": kdim, "keepdim": False})
     else:
         new = cx.cast(cx.operand(value, x.type, f"{what}: value"), x.type.dtype)
-    return cx.emit("where", [any_hit, _expand_to(cx, new, x.type.shape) if new.type.rank else new, x])
+    return cx.emit("where", [any_hit, expand_to(cx, new, x.type.shape) if new.type.rank else new, x])
 
 
 @lowers(torch.scatter, "scatter")

@@ -19,7 +19,7 @@ from ..context import DEVICE, TensorRef, TraceContext, canon, has_tensor, is_sym
 from ..registry import lowers
 
 
-def _varargs(args: tuple, kw: dict, key: str) -> tuple:
+def varargs(args: tuple, kw: dict, key: str) -> tuple:
     """Sizes given as `*sizes`, one sequence, or the keyword `key` (`view(2, 3)`, `view((2, 3))`, `view(size=...)`)."""
     if kw:
         extra = [k for k in kw if k != key]
@@ -105,7 +105,7 @@ def _resolve_sizes(cx: TraceContext, x: TensorRef, sizes: Sequence[Any], what: s
 def _view(cx: TraceContext, input: Any, *shape: Any, **kw: Any) -> TensorRef:
     x = cx.tensor(input, "view")
     try:
-        sizes = _varargs(shape, kw, "shape" if "shape" in kw else "size")
+        sizes = varargs(shape, kw, "shape" if "shape" in kw else "size")
     except TypeError as e:
         raise cx.fail(f"view/reshape: {e}") from None
     if len(sizes) == 1 and isinstance(sizes[0], torch.dtype):
@@ -182,7 +182,7 @@ def _permute_to(cx: TraceContext, x: TensorRef, dims: tuple[int, ...]) -> Tensor
 def _permute(cx: TraceContext, input: Any, *dims: Any, **kw: Any) -> TensorRef:
     x = cx.tensor(input, "permute")
     try:
-        raw = _varargs(dims, kw, "dims")
+        raw = varargs(dims, kw, "dims")
     except TypeError as e:
         raise cx.fail(f"permute: {e}") from None
     if len(raw) != x.type.rank:
@@ -213,7 +213,7 @@ def _t(cx: TraceContext, input: Any) -> TensorRef:
     return _permute_to(cx, x, tuple(reversed(range(x.type.rank))))
 
 
-def _expand_to(cx: TraceContext, x: TensorRef, sizes: Sequence[Any]) -> TensorRef:
+def expand_to(cx: TraceContext, x: TensorRef, sizes: Sequence[Any]) -> TensorRef:
     vals = [cx.size_value(s, "expand") for s in sizes]
     lead = len(vals) - x.type.rank
     if lead < 0:
@@ -234,20 +234,20 @@ def _expand_to(cx: TraceContext, x: TensorRef, sizes: Sequence[Any]) -> TensorRe
 @lowers("expand")
 def _expand(cx: TraceContext, input: Any, *sizes: Any, **kw: Any) -> TensorRef:
     try:
-        vals = _varargs(sizes, kw, "size")
+        vals = varargs(sizes, kw, "size")
     except TypeError as e:
         raise cx.fail(f"expand: {e}") from None
-    return _expand_to(cx, cx.tensor(input, "expand"), vals)
+    return expand_to(cx, cx.tensor(input, "expand"), vals)
 
 
 @lowers("expand_as")
 def _expand_as(cx: TraceContext, input: Any, other: Any) -> TensorRef:
-    return _expand_to(cx, cx.tensor(input, "expand_as"), cx.tensor(other, "expand_as").type.shape)
+    return expand_to(cx, cx.tensor(input, "expand_as"), cx.tensor(other, "expand_as").type.shape)
 
 
 @lowers(torch.broadcast_to)
 def _broadcast_to(cx: TraceContext, input: Any, size: Any) -> TensorRef:
-    return _expand_to(cx, cx.tensor(input, "broadcast_to"), tuple(size))
+    return expand_to(cx, cx.tensor(input, "broadcast_to"), tuple(size))
 
 
 def _slice_bound(cx: TraceContext, v: Any, size: Any, what: str) -> Any:
@@ -267,7 +267,7 @@ def _slice_bound(cx: TraceContext, v: Any, size: Any, what: str) -> Any:
                   hint="the IR's slice takes static bounds; pass the sliced tensor as a forward input instead")
 
 
-def _norm_slice(cx: TraceContext, s: slice, size: Any) -> tuple[int, int | None, int] | None:
+def norm_slice(cx: TraceContext, s: slice, size: Any) -> tuple[int, int | None, int] | None:
     step = 1 if s.step is None else cx.static_int(s.step, "slice step")
     if step < 1:
         raise cx.fail(f"slice step must be positive, got {step}")
@@ -310,7 +310,7 @@ def _index_tensor(cx: TraceContext, x: TensorRef, idx: Any) -> TensorRef:
             continue
         size = out.type.shape[d]
         if isinstance(it, slice):
-            s = _norm_slice(cx, it, size)
+            s = norm_slice(cx, it, size)
             if s is not None:
                 out = cx.emit("slice", [out], {"dim": d, "start": s[0], "end": s[1], "step": s[2]})
             plan.append(d)
@@ -400,7 +400,7 @@ def _pieces(cx: TraceContext, x: TensorRef, sizes: Sequence[int], d: int) -> tup
     out, start = [], 0
     for i, n in enumerate(sizes):
         last = i == len(sizes) - 1
-        s = _norm_slice(cx, slice(start, None if last else start + n), x.type.shape[d])
+        s = norm_slice(cx, slice(start, None if last else start + n), x.type.shape[d])
         out.append(x if s is None else cx.emit("slice", [x], {"dim": d, "start": s[0], "end": s[1], "step": 1}))
         start += n
     return tuple(out)
