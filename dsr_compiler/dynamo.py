@@ -167,7 +167,7 @@ def _with_signature(gm: torch.fx.GraphModule, sizes: dict[int, tuple[int, int]] 
             full[i] = a
         for i, (src, d) in sizes.items():
             full[i] = full[src].size(d)
-        return self.gm(*full)
+        return _Runner(self.gm).run(*full)
     # The tracer binds example inputs by `inspect.signature(module.forward)`; a signature object
     # names the placeholders without generating source.
     P = inspect.Parameter
@@ -177,6 +177,20 @@ def _with_signature(gm: torch.fx.GraphModule, sizes: dict[int, tuple[int, int]] 
     w = wrapper_cls()
     w.gm = gm
     return w
+
+
+class _Runner(torch.fx.Interpreter):
+    """Runs the Dynamo graph node by node (under our trace, on proxies), publishing the node being run so that
+    trace errors and IR origins name the user's source line and module path behind it (frontend/origins.py
+    DYNAMO_NODE), not the generated graph code and `gm`."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        from dsr_compiler.frontend.origins import DYNAMO_NODE
+        prev, DYNAMO_NODE[0] = DYNAMO_NODE[0], n
+        try:
+            return super().run_node(n)
+        finally:
+            DYNAMO_NODE[0] = prev
 
 
 def register() -> None:

@@ -28,7 +28,8 @@ from dsr_compiler.ir.graph import Node, Value, canon_attr
 from dsr_compiler.ir.ops import OPS, TypeRuleError
 from dsr_compiler.ir.types import DType, TensorType, to_expr
 
-from .origins import ROOT_ATTR, USER_FRAME, class_name, fn_name, location_from_frames, location_from_user_frame
+from .origins import (DYNAMO_MODULE, ROOT_ATTR, USER_FRAME, class_name, fn_name, location_from_frames,
+                      location_from_user_frame)
 from .registry import (DERIVED_PARAMS, FUNCTION_HANDLERS, FUNCTION_LOWERINGS, LEAF_LOWERINGS, METHOD_HANDLERS,
                        INPLACE_LOWERINGS, MODULE_HANDLERS, RECOGNIZERS, Handler, Recognizer, function_op,
                        supported_hint)
@@ -244,6 +245,8 @@ class TraceContext:
         """(module path, class name) of an FX node; ("", user class) at the top level."""
         if node is None:
             return "", self.user_class
+        if DYNAMO_MODULE in node.meta:                 # traced from a TorchDynamo graph: the user's module
+            return node.meta[DYNAMO_MODULE]
         if node.op == "call_module":
             return self._strip(str(node.target)), class_name(type(self._attr(str(node.target))))
         stack = node.meta.get("nn_module_stack")

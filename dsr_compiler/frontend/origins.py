@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import linecache
 import os
+import re
 import sys
 import traceback
 from typing import Any, Sequence
@@ -79,6 +80,29 @@ def user_frame() -> tuple[str, int, str] | None:
             return code.co_filename, f.f_lineno, code.co_name
         f = f.f_back
     return None
+
+
+#: the TorchDynamo graph node being run while the `dsr` backend traces its graph (dynamo.py sets it): our
+#: nodes then point at the user's line and module behind it, not at the generated graph code
+DYNAMO_NODE: list[Any] = [None]
+#: FX node meta key of (module path, class name) taken from the Dynamo node's nn_module_stack
+DYNAMO_MODULE = "dsr_dynamo_module"
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+def dynamo_origin(n: fx.Node) -> tuple[tuple[str, int, str] | None, tuple[str, str] | None]:
+    """(user frame, (module path, class)) of a Dynamo graph node, from its `stack_trace` and `nn_module_stack`."""
+    frames = _FRAME.findall(n.meta.get("stack_trace") or "")
+    user = [(p, int(line), fn) for p, line, fn in frames if is_user_file(p)]
+    frame = user[-1] if user else None
+    mod = None
+    stack = n.meta.get("nn_module_stack") or {}
+    if stack:
+        qual, cls = list(stack.values())[-1]
+        path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", str(qual))
+        path = path.removeprefix("L.self").removeprefix("L").lstrip(".")
+        mod = (path, class_name(cls) if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1].rstrip("'>"))
+    return frame, mod
 
 
 def location_from_user_frame(frame: tuple[str, int, str] | None) -> str:

@@ -74,7 +74,7 @@ from dsr_compiler.ir.verifier import verify
 
 from . import lowerings  # noqa: F401  (fills the registry's tables: every supported op)
 from .context import ConcreteValueNeeded, TensorRef, TraceContext, sanitize
-from .origins import ROOT_ATTR, USER_FRAME, is_user_file, short_path, user_frame
+from .origins import DYNAMO_MODULE, DYNAMO_NODE, ROOT_ATTR, USER_FRAME, dynamo_origin, is_user_file, short_path, user_frame
 from .registry import DERIVED_PARAMS, PY_REPLACEMENTS, wrapped_function_objects
 
 __all__ = ["derived_declaration", "derived_declarations", "dsr_op_functions", "evaluate_declaration", "named_tensors",
@@ -196,7 +196,11 @@ class _DsrTracer(fx.Tracer):
     def create_node(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
                     type_expr: Any | None = None) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
-        node.meta[USER_FRAME] = user_frame()
+        dyn = DYNAMO_NODE[0]
+        frame, mod = dynamo_origin(dyn) if dyn is not None else (None, None)
+        node.meta[USER_FRAME] = frame or user_frame()
+        if mod is not None and mod[0]:
+            node.meta[DYNAMO_MODULE] = mod
         self.cx.lower(node)
         return node
 

@@ -98,3 +98,32 @@ def test_torch_compile_keeps_dynamo_dynamic_dims_symbolic(monkeypatch):
     assert len(specs) == 2 and specs[0] is None, specs
     assert [list(d) for d in specs[1].values()] == [[1]], specs
     torch._dynamo.reset()
+
+
+class _CumsumInside(torch.nn.Module):
+    def forward(self, x):
+        return torch.cumsum(x, 0)
+
+
+class _Outer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _CumsumInside()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.inner(self.lin(x))
+
+
+def test_torch_compile_errors_name_the_user_line_and_module():
+    """Under Dynamo, a trace error points at the user's source line and module path behind the graph node
+    (not at the generated graph code, and not at `gm`)."""
+    import pytest
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as e:
+        torch.compile(_Outer(), backend="dsr", dynamic=False)(torch.randn(3, 4))
+    msg = str(e.value)
+    assert "unsupported op torch.cumsum" in msg
+    assert "module path `inner` (_CumsumInside)" in msg and "test_dynamo_backend.py" in msg, msg
+    assert "return torch.cumsum(x, 0)" in msg and "dynamo.py" not in msg
+    torch._dynamo.reset()
