@@ -223,7 +223,9 @@ def compile(module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
     on_kernel = None if progress is None else (lambda i, n, k: progress.step("codegen", i, n, k))
     kernels = build_kernels(final, options.target, options.ptx_families, ArtifactCache(), on_kernel=on_kernel)
     t_codegen = (time.perf_counter() - t2) * 1e3
-    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]   # None / scalars are baked in
+    from torch.utils import _pytree as pytree
+    tensors = [x for v in example_inputs for x in (pytree.tree_leaves(v) if isinstance(v, (tuple, list, dict))
+                                                   else [v]) if isinstance(x, torch.Tensor)]   # None / scalars baked
     env = bind_symbols([v.type for v in g.inputs], tensors + param_tensors(module, g, meta=True),
                        where=f"example inputs of {g.name}")
     if progress is not None:

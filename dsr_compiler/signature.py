@@ -42,6 +42,25 @@ class Slot:
     baked: Any = None               # the value the trace specialized on (baked slots)
     default: Any = _NO_DEFAULT      # the forward's default (used when a call omits the argument)
     keyword_only: bool = False
+    tree: Any = None                # a tuple/list/dict argument holding tensors: its pytree spec ...
+    leaves: tuple = ()              # ... and per leaf ("tensor", input name) or ("baked", value)
+
+
+def tree_leaf_name(param: str, i: int) -> str:
+    """The graph input of leaf i of a tuple/list/dict argument (`position_embeddings_0`)."""
+    return f"{param}_{i}"
+
+
+def tree_leaves(name: str, v: Any) -> tuple[Any, tuple] | None:
+    """(spec, leaves) of an argument that is a tuple/list/dict holding at least one tensor, else None."""
+    if not isinstance(v, (tuple, list, dict)):
+        return None
+    from torch.utils import _pytree as pytree
+    flat, spec = pytree.tree_flatten(v)
+    if not any(isinstance(x, torch.Tensor) for x in flat):
+        return None
+    return spec, tuple(("tensor", tree_leaf_name(name, i)) if isinstance(x, torch.Tensor) else ("baked", x)
+                       for i, x in enumerate(flat))
 
 
 @dataclass(frozen=True)
@@ -98,6 +117,10 @@ class CallSignature:
                     slots.append(Slot(p.name, False, p.default, p.default, keyword_only=True))
                 continue
             v = example[i] if i < len(example) else p.default
+            tree = tree_leaves(p.name, v)
+            if tree is not None:
+                slots.append(Slot(p.name, False, None, p.default, tree=tree[0], leaves=tree[1]))
+                continue
             slots.append(Slot(p.name, isinstance(v, torch.Tensor), None if isinstance(v, torch.Tensor) else v,
                               p.default))
         return CallSignature(owner, tuple(slots)), tuple(example)
@@ -130,6 +153,10 @@ class CallSignature:
                 v = s.default
             else:
                 raise DsrError(f"{self.owner}: missing argument `{s.name}`", where=where)
+            if s.tree is not None:
+                for name, x in _tree_args(s, v, where):
+                    out[name] = _tensor_arg(name, x, types[name], device, where)
+                continue
             if s.tensor:
                 out[s.name] = _tensor_arg(s.name, v, types[s.name], device, where)
                 if types[s.name].rank == 0 and (not isinstance(v, torch.Tensor) or v.device.type == "cpu"):
@@ -138,6 +165,25 @@ class CallSignature:
                 _check_baked(s, v, where)
         _check_shapes(out, types, where)
         return out, host
+
+
+def _tree_args(s: Slot, v: Any, where: str) -> list[tuple[str, Any]]:
+    """(input name, value) of the tensor leaves of a tuple/list/dict argument; its structure and baked leaves
+    must be those of the example."""
+    from torch.utils import _pytree as pytree
+    flat, spec = pytree.tree_flatten(v)
+    if spec != s.tree:
+        def shape(t: Any) -> str:
+            return f"{getattr(t.type, '__name__', 'leaf')} of {t.num_leaves} leaves"
+        raise DsrError(f"`{s.name}` is a {shape(spec)}, the compiled module was traced with a {shape(s.tree)} "
+                       "(or the keys differ)", where=where, hint=f"pass `{s.name}` as at compile time, or recompile")
+    out = []
+    for i, ((kind, what), x) in enumerate(zip(s.leaves, flat)):
+        if kind == "tensor":
+            out.append((what, x))
+        else:
+            _check_baked(Slot(f"{s.name}[leaf {i}]", False, what), x, where)
+    return out
 
 
 def _same_value(a: Any, b: Any) -> bool:

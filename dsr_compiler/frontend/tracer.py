@@ -435,7 +435,7 @@ def evaluate_declaration(module: nn.Module, d: DerivedParam,
 # ----------------------------------------------------------------------------- trace() helpers
 
 def _bind_example_inputs(module: nn.Module, ex: tuple
-                         ) -> tuple[list[str], list[str], list[Any], list[tuple[str, torch.Tensor]]]:
+                         ) -> tuple[list[str], list[Any], list[Any], list[tuple[str, torch.Tensor]]]:
     cls = type(module).__name__
     where = f"top-level module ({cls}), {cls}.forward"
     try:
@@ -458,7 +458,30 @@ def _bind_example_inputs(module: nn.Module, ex: tuple
     call_exprs: list[str] = []
     consts: list[Any] = []
     tensors: list[tuple[str, torch.Tensor]] = []
+    from dsr_compiler.signature import tree_leaves
+    taken = {p.name for p in params}
     for p, v in zip(positional, ex):
+        tree = tree_leaves(p.name, v)
+        if tree is not None:                 # a tuple/list/dict of tensors: one graph input per tensor leaf
+            from torch.utils import _pytree as pytree
+            spec, leaves = tree
+            sub: list[Any] = []
+            for (kind, what), x in zip(leaves, pytree.tree_leaves(v)):
+                if kind == "tensor":
+                    if what in taken:
+                        raise TraceError(f"trace: leaf input `{what}` of `{p.name}` has the name of a forward "
+                                         "parameter", where, "rename the parameter")
+                    taken.add(what)
+                    tensors.append((what, x))
+                    sub.append(what)
+                elif x is None or isinstance(x, (bool, int, float, str)):
+                    sub.append(f"self._dsr_consts[{len(consts)}]")
+                    consts.append(x)
+                else:
+                    raise TraceError(f"trace: example input `{p.name}` holds a {type(x).__name__}", where,
+                                     "tuple/list/dict inputs hold tensors and Python scalars/None")
+            call_exprs.append(("tree", spec, sub))
+            continue
         if isinstance(v, torch.Tensor):
             tensors.append((p.name, v))
             call_exprs.append(p.name)
@@ -512,27 +535,37 @@ def _input_types(tensors: list[tuple[str, torch.Tensor]], dynamic: dict, cls: st
     return out
 
 
-def _make_root(module: nn.Module, tensor_names: list[str], call_exprs: list[str], consts: list[Any]) -> nn.Module:
+def _make_root(module: nn.Module, tensor_names: list[str], call_exprs: list[Any], consts: list[Any]) -> nn.Module:
     """A wrapper whose forward takes exactly the tensor inputs and calls the user's module.
 
     Tracing through it makes the user's module a submodule, so a root that is itself a leaf
     (e.g. an RMSNorm with `dsr_op`, or nn.Linear) lowers to its op, and scalar example inputs and
     omitted defaults are bound by plain Python instead of FX's `concrete_args` (which adds guards).
-    No source is generated: `call_exprs` lists, per positional parameter, either a tensor input's
-    name or the next baked-in constant, and the wrapper's parameter names come from
-    `_named_signature`."""
-    plan: list[tuple[bool, int]] = []          # (is_tensor, index into the tensor args / consts)
+    No source is generated: `call_exprs` lists, per positional parameter, a tensor input's name, the
+    next baked-in constant, or ("tree", pytree spec, [those, per leaf]) for a tuple/list/dict argument,
+    and the wrapper's parameter names come from `_named_signature`."""
     n_const = 0
-    for e in call_exprs:
+
+    def entry(e: Any) -> Any:
+        """(True, tensor index) | (False, const index) | ("tree", spec, [entries]) for one call expression."""
+        nonlocal n_const
+        if isinstance(e, tuple) and e and e[0] == "tree":
+            return ("tree", e[1], [entry(x) for x in e[2]])
         if e in tensor_names:
-            plan.append((True, tensor_names.index(e)))
-        else:
-            plan.append((False, n_const))
-            n_const += 1
+            return (True, tensor_names.index(e))
+        n_const += 1
+        return (False, n_const - 1)
+    plan = [entry(e) for e in call_exprs]
+
+    def value(self: nn.Module, tensors: tuple, p: Any) -> Any:
+        if p[0] == "tree":
+            from torch.utils import _pytree as pytree
+            return pytree.tree_unflatten([value(self, tensors, x) for x in p[2]], p[1])
+        return tensors[p[1]] if p[0] is True else self._dsr_consts[p[1]]
 
     def forward(self: nn.Module, *tensors: Any) -> Any:
         from torch.utils import _pytree as pytree
-        args = [tensors[i] if is_tensor else self._dsr_consts[i] for is_tensor, i in plan]
+        args = [value(self, tensors, p) for p in plan]
         # forward's result as a pytree (tuples, dicts, ModelOutput): FX keeps only plain containers, so the
         # structure is taken here, from the Python objects, and the graph returns the flat leaves
         leaves, self._dsr_out_spec = pytree.tree_flatten(getattr(self, ROOT_ATTR)(*args))

@@ -108,3 +108,27 @@ def test_causal_lm_returns_its_model_output():
         ref = lm(*x, use_cache=False)
     assert type(out) is type(ref) and list(out.keys()) == list(ref.keys()) == ["logits"]
     assert rel_err(out.logits, ref.logits) <= 1e-5
+
+
+def test_llama_layer_takes_its_position_embeddings_tuple():
+    """transformers' calling convention as it is: position_embeddings=(cos, sin) is a tuple argument."""
+    from transformers import LlamaConfig
+    from transformers.models.llama import modeling_llama as ll
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                      vocab_size=128)
+    cfg._attn_implementation = "sdpa"
+    layer = ll.LlamaDecoderLayer(cfg, 0).eval()
+    rotary = ll.LlamaRotaryEmbedding(cfg)
+
+    def args(t: int, seed: int = 0):
+        x = torch.randn(1, t, 64, generator=torch.Generator().manual_seed(seed))
+        return x, rotary(x, torch.arange(t)[None])
+    x, pe = args(8)
+    dyn = {"hidden_states": {1: "T"}, "position_embeddings_0": {1: "T"}, "position_embeddings_1": {1: "T"}}
+    cm = dsr.compile(layer, (x,), kwargs={"position_embeddings": pe, "attention_mask": None}, dynamic=dyn,
+                     backend="interpret")
+    for t in (8, 1):
+        x, pe = args(t, t)
+        with torch.no_grad():
+            ref = layer(x, position_embeddings=pe, attention_mask=None)
+        assert rel_err(cm(x, position_embeddings=pe, attention_mask=None), ref) <= 1e-5
