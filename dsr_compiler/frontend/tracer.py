@@ -455,42 +455,38 @@ def _bind_example_inputs(module: nn.Module, ex: tuple
         raise TraceError(f"trace: {cls}.forward needs input(s) {', '.join(missing)} but got {len(ex)} example "
                          f"input(s) for ({', '.join(names)})", where,
                          "pass one example input per forward argument without a default")
-    call_exprs: list[str] = []
+    call_exprs: list[Any] = []
     consts: list[Any] = []
     tensors: list[tuple[str, torch.Tensor]] = []
-    from dsr_compiler.signature import tree_leaves
     taken = {p.name for p in params}
+
+    def bind(name: str, x: Any, what: str) -> str:
+        """The call expression of one value: a tensor input named `name`, or the next baked-in constant."""
+        if isinstance(x, torch.Tensor):
+            tensors.append((name, x))
+            return name
+        if x is None or isinstance(x, (bool, int, float, str)):
+            consts.append(x)
+            return f"self._dsr_consts[{len(consts) - 1}]"
+        raise TraceError(f"trace: example input {what} is a {type(x).__name__}", where,
+                         "example inputs are tensors, or Python scalars/None (which are baked in), or "
+                         "tuples/lists/dicts of those")
+    from torch.utils import _pytree as pytree
+    from dsr_compiler.signature import tree_leaves
     for p, v in zip(positional, ex):
         tree = tree_leaves(p.name, v)
-        if tree is not None:                 # a tuple/list/dict of tensors: one graph input per tensor leaf
-            from torch.utils import _pytree as pytree
-            spec, leaves = tree
-            sub: list[Any] = []
-            for (kind, what), x in zip(leaves, pytree.tree_leaves(v)):
-                if kind == "tensor":
-                    if what in taken:
-                        raise TraceError(f"trace: leaf input `{what}` of `{p.name}` has the name of a forward "
-                                         "parameter", where, "rename the parameter")
-                    taken.add(what)
-                    tensors.append((what, x))
-                    sub.append(what)
-                elif x is None or isinstance(x, (bool, int, float, str)):
-                    sub.append(f"self._dsr_consts[{len(consts)}]")
-                    consts.append(x)
-                else:
-                    raise TraceError(f"trace: example input `{p.name}` holds a {type(x).__name__}", where,
-                                     "tuple/list/dict inputs hold tensors and Python scalars/None")
-            call_exprs.append(("tree", spec, sub))
+        if tree is None:
+            call_exprs.append(bind(p.name, v, f"`{p.name}`"))
             continue
-        if isinstance(v, torch.Tensor):
-            tensors.append((p.name, v))
-            call_exprs.append(p.name)
-        elif v is None or isinstance(v, (bool, int, float, str)):
-            call_exprs.append(f"self._dsr_consts[{len(consts)}]")
-            consts.append(v)
-        else:
-            raise TraceError(f"trace: example input `{p.name}` is a {type(v).__name__}", where,
-                             "example inputs are tensors, or Python scalars/None (which are baked in)")
+        spec, leaves = tree                  # a tuple/list/dict of tensors: one graph input per tensor leaf
+        for kind, leaf in leaves:
+            if kind == "tensor" and leaf in taken:
+                raise TraceError(f"trace: leaf input `{leaf}` of `{p.name}` has the name of a forward parameter",
+                                 where, "rename the parameter")
+            taken.add(leaf)
+        sub = [bind(leaf if kind == "tensor" else "", x, f"`{p.name}` leaf {i}")
+               for i, ((kind, leaf), x) in enumerate(zip(leaves, pytree.tree_leaves(v)))]
+        call_exprs.append(("tree", spec, sub))
     return names, call_exprs, consts, tensors
 
 
