@@ -187,6 +187,17 @@ class TraceContext:
         self.stale: set[fx.Node] = set()
         self._rebound = False
 
+    def producer(self, name: str) -> tuple[Node | None, Value | None]:
+        """(IR node, value) that made the value `name` so far; (None, value) for a graph input or parameter,
+        (None, None) if no such value exists. Lowerings that look back at what they are given (the
+        functional writes' slice folds, the MoE experts' uncast ids, the causal mask's arange check) use this."""
+        for n in reversed(self.nodes):
+            for o in n.outputs:
+                if o.name == name:
+                    return n, o
+        ref = self.inputs.get(name) or self.params.get(name)
+        return None, (Value(ref.name, ref.type) if ref is not None else None)
+
     def current_node(self) -> fx.Node:
         if self._fx is None:
             raise TraceError("trace: no FX node is being lowered")

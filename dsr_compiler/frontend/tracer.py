@@ -138,10 +138,6 @@ def dsr_op_functions(module: nn.Module) -> list[Callable]:
     return list(found.values())
 
 
-class PretrainedLike:
-    """Marker base: objects a lowering takes as opaque trace-time values (see `_DsrTracer.create_arg`)."""
-
-
 def _autowrap_unwrapped(tracer: "_DsrTracer", m: nn.Module) -> None:
     """FX patches the functions it auto-wraps in the globals of `m.forward`; a decorated forward (transformers'
     `@capture_outputs`, `@merge_with_config_defaults`) has the decorator module's globals, so patch those of the
@@ -222,7 +218,7 @@ class _DsrTracer(fx.Tracer):
                              "not supported; sizes of traced tensors are (torch.arange(x.size(1)))")
         if isinstance(a, (tuple, list, dict)):
             return super().create_arg(a)
-        if isinstance(a, PretrainedLike) or (dataclasses.is_dataclass(a) and not isinstance(a, type)):
+        if dataclasses.is_dataclass(a) and not isinstance(a, type):
             # a configuration object handed to a wrapped function (transformers' create_causal_mask(config,
             # ...)): kept as the object itself; FX would rebuild a dataclass as a call of its class, which the
             # lowering would meet as an op. The FX graph is never turned back into code, so this is safe.

@@ -164,15 +164,6 @@ def _region(cx: TraceContext, base: TensorRef, idx: Any) -> list[tuple[int, int,
     return out
 
 
-def _made(cx: TraceContext, name: str):
-    """(node, value) that made the IR value `name` so far, or (None, None) for a graph input."""
-    for n in reversed(cx.nodes):
-        for o in n.outputs:
-            if o.name == name:
-                return n, o
-    return None, None
-
-
 def _same(a: Any, b: Any) -> bool:
     return sympy.simplify(to_expr(a) - to_expr(b)) == 0
 
@@ -181,19 +172,18 @@ def _slice(cx: TraceContext, x: TensorRef, d: int, lo: int, hi: int | None) -> T
     """x[lo:hi] along d, folded where the allocation's history makes it free: a slice of a broadcast constant
     is that constant broadcast to the smaller shape, a slice of a `cat` on piece boundaries is those pieces
     (so writes that cover the whole allocation leave only the cat of what was written)."""
-    n, _ = _made(cx, x.name)
+    n, _ = cx.producer(x.name)
     end = x.type.shape[d] if hi is None else sympy.Integer(hi)
     shape = list(x.type.shape)
     shape[d] = sympy.simplify(end - lo)
     if n is not None and n.op == "expand":
-        c, cv = _made(cx, n.inputs[0])
+        c, cv = cx.producer(n.inputs[0])
         if c is not None and c.op == "const":
             return expand_to(cx, TensorRef(cv.name, cv.type), tuple(canon(v) for v in shape))
     if n is not None and n.op == "cat" and n.attr("dim") % x.type.rank == d:
         at, picked = sympy.Integer(0), []
         for name in n.inputs:
-            _, pv = _made(cx, name)
-            pv = pv or cx.inputs.get(name) or cx.params.get(name)     # a graph input is made by no node
+            _, pv = cx.producer(name)
             if pv is None:
                 break
             stop = at + pv.type.shape[d]

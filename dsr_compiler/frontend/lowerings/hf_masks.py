@@ -33,10 +33,9 @@ _PASS_THROUGH = ("reshape", "expand", "cast")
 
 def _is_arange(cx: TraceContext, v: TensorRef, n: sympy.Expr) -> bool:
     """`v` is arange(n) (through reshapes/expands/casts and + 0) as the trace built it."""
-    made = {o.name: node for node in cx.nodes for o in node.outputs}
     name = v.name
     for _ in range(64):
-        node = made.get(name)
+        node, _ = cx.producer(name)
         if node is None:
             return False
         if node.op == "iota":
@@ -45,8 +44,8 @@ def _is_arange(cx: TraceContext, v: TensorRef, n: sympy.Expr) -> bool:
             name = node.inputs[0]
             continue
         if node.op == "add" and len(node.inputs) == 2:
-            zero = [i for i in node.inputs if made.get(i) is not None and made[i].op == "const"
-                    and made[i].attr("value") == 0]
+            zero = [i for i in node.inputs if (c := cx.producer(i)[0]) is not None and c.op == "const"
+                    and c.attr("value") == 0]
             if zero:
                 name = node.inputs[1] if zero[0] == node.inputs[0] else node.inputs[0]
                 continue

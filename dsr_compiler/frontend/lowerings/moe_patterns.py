@@ -133,12 +133,10 @@ def _router_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, att
 
 
 def match_router(m: nn.Module) -> RouterMatch | str | None:
-    if not _leafish(m):
-        return None
     own = _own_tensors(m)
     w = own.get("weight")
     k = _int_attr(m, "top_k", "num_experts_per_tok")
-    if w is None or w.dim() != 2 or k is None or not w.dtype.is_floating_point:
+    if w is None or w.dim() != 2 or k is None or not w.dtype.is_floating_point or not _leafish(m):
         return None
     if set(own) - {"weight", "e_score_correction_bias"}:
         return None
@@ -238,11 +236,9 @@ def _experts_ref(x, ids, wts, gate_up, down):
 
 
 def match_experts(m: nn.Module) -> ExpertsMatch | str | None:
-    if not _leafish(m):
-        return None
     own = _own_tensors(m)
     gu, dn = own.get("gate_up_proj"), own.get("down_proj")
-    if gu is None or dn is None:
+    if gu is None or dn is None or not _leafish(m):
         return None
     if set(own) != {"gate_up_proj", "down_proj"}:
         return f"it has tensors {sorted(own)}, expected exactly gate_up_proj and down_proj (no biases)"
@@ -279,13 +275,11 @@ def match_experts(m: nn.Module) -> ExpertsMatch | str | None:
 def _uncast_ids(cx: TraceContext, ids: TensorRef) -> TensorRef:
     """The router's i32 ids when `ids` is their cast to i64 (the router's output dtype): the dispatch takes
     either, and the widening copy would be a kernel of its own."""
-    for n in reversed(cx.nodes):
-        if n.outputs[0].name == ids.name:
-            if n.op == "cast" and len(n.inputs) == 1:
-                src = next((o for m in cx.nodes for o in m.outputs if o.name == n.inputs[0]), None)
-                if src is not None and src.type.dtype is DType.i32:
-                    return TensorRef(src.name, src.type)
-            break
+    n, _ = cx.producer(ids.name)
+    if n is not None and n.op == "cast" and len(n.inputs) == 1:
+        _, src = cx.producer(n.inputs[0])
+        if src is not None and src.type.dtype is DType.i32:
+            return TensorRef(src.name, src.type)
     return ids
 
 
