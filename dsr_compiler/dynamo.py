@@ -5,7 +5,8 @@ inline_inbuilt_nn_modules, the module's parameters. Dims that Dynamo made dynami
 shapes after a second size, `torch._dynamo.mark_dynamic`, `dynamic=True`) stay symbolic: they become our
 `dynamic` spec under Dynamo's symbol names (`s0`), and SymInt graph inputs are read from the tensor dims
 they name; other dims are static (Dynamo guards them and recompiles). We return a callable with the
-graph's output structure. Tensor constants Dynamo lifts out of forward (position ids from `torch.arange`, masks) become
+graph's output structure. Modules that a recognizer lowers as a whole (transformers' MoE routers and
+stacked experts) are cut back out of the inlined graph first (dynamo_recognize.py). Tensor constants Dynamo lifts out of forward (position ids from `torch.arange`, masks) become
 buffers of the graph module, so they enter the IR as parameters. Anything the compiler cannot take raises a DsrError: no silent fallback to eager.
 """
 from __future__ import annotations
@@ -19,11 +20,20 @@ import torch
 def dsr_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any):
     from dsr_compiler.api import compile as dsr_compile
     from dsr_compiler.options import CompileOptions
+    from dsr_compiler.dynamo_recognize import recognize_in_graph
+    from dsr_compiler.errors import DsrError
     dynamic, sizes = _dynamic_dims(gm, example_inputs)
     options = CompileOptions.make()         # defaults and knobs, validated like dsr.compile's
+    notes = recognize_in_graph(gm, example_inputs)   # MoE routers / experts that Dynamo inlined: one call again
     module = _with_signature(gm, sizes)
     tensors = tuple(x for x in example_inputs if isinstance(x, torch.Tensor))
-    cm = dsr_compile(module, tensors, name="dynamo", options=options, dynamic=dynamic or None)
+    try:
+        cm = dsr_compile(module, tensors, name="dynamo", options=options, dynamic=dynamic or None)
+    except DsrError as e:
+        if not notes:
+            raise
+        more = "; ".join(notes)
+        raise type(e)(e.what, e.where, f"{e.hint}; {more}" if e.hint else more) from None
     n_out = len(cm.graph.outputs)
 
     def run(*args: Any):

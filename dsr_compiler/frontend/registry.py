@@ -66,22 +66,26 @@ class Recognizer:
     its class (lowerings/moe_patterns.py: transformers' MoE routers and stacked experts).
     `match(module)` runs before the trace, outside FX: None (not this kind of module), a str (this kind,
     but it behaves differently: why, kept as a trace note), or a spec that `lower(cx, module, spec, args,
-    kwargs)` gets when the module is called."""
+    kwargs)` gets when the module is called. `io(module, spec)` gives the roles of its forward's tensor
+    arguments and results, each `(is_float, last_dim or None)`, so that a TorchDynamo graph in which the
+    module was inlined can be cut back to one call of it (dynamo.py); None: not done under Dynamo."""
 
     name: str
     kind: str                     # what it is, for notes ("MoE router")
     match: Callable[[nn.Module], Any]
     lower: Callable[..., Any]
+    io: Callable[[nn.Module, Any], tuple[list, list]] | None = None
 
 
 #: recognizer name -> Recognizer (tried in registration order on every submodule)
 RECOGNIZERS: dict[str, Recognizer] = {}
 
 
-def recognizes(name: str, match: Callable[[nn.Module], Any], kind: str) -> Callable[[Callable], Callable]:
+def recognizes(name: str, match: Callable[[nn.Module], Any], kind: str,
+               io: Callable[[nn.Module, Any], tuple[list, list]] | None = None) -> Callable[[Callable], Callable]:
     """Register `lower` as the lowering of modules that `match` recognises (once per name)."""
     def deco(fn: Callable) -> Callable:
-        _register(RECOGNIZERS, name, Recognizer(name, kind, match, fn), "recognizer")
+        _register(RECOGNIZERS, name, Recognizer(name, kind, match, fn, io), "recognizer")
         return fn
     return deco
 

@@ -101,3 +101,95 @@ def test_router_with_another_score_is_not_recognised():
         dsr.compile(SoftplusRouter(), (torch.randn(8, 64),), dynamic={"x": {0: "T"}}, backend="interpret")
     assert "MoE router the top-level module (SoftplusRouter) not recognised: no candidate routing matches" \
         in str(e.value)
+
+
+def _recording_compiles(monkeypatch) -> list:
+    """The CompiledModules that torch.compile(backend="dsr") builds, in order."""
+    from dsr_compiler import api
+    built: list = []
+    real = api.compile
+
+    def recording(module, inputs, **kw):
+        built.append(real(module, inputs, **kw))
+        return built[-1]
+    monkeypatch.setattr(api, "compile", recording)
+    return built
+
+
+@pytest.mark.parametrize("name,experts", [("deepseek_moe", "grouped_mm"), ("deepseek_moe", "batched_mm"),
+                                          ("qwen3_moe_block", "grouped_mm"), ("mixtral_moe_block", "grouped_mm")])
+def test_moe_block_under_torch_compile(name, experts, monkeypatch):
+    """torch.compile(backend="dsr"): Dynamo inlines the router and the experts; the backend cuts each call
+    back out of its graph (dynamo_recognize.py) and lowers it as dsr.compile does: the grouped-GEMM kernels,
+    one compile per Dynamo graph (static 8, then the dynamic token dim, then Dynamo's own size-1 graph)."""
+    built = _recording_compiles(monkeypatch)
+    m, inputs, _ = build(name, experts)
+    torch._dynamo.reset()
+    cm = torch.compile(m, backend="dsr")
+    for t in (8, 16, 1, 32):
+        x = inputs(t, seed=t)
+        with torch.no_grad():
+            ref = m(*x)
+            out = cm(*x)
+        out, ref = (out[0], ref[0]) if isinstance(ref, tuple) else (out, ref)
+        assert rel_err(out, ref) <= 1e-5, t
+    assert 2 <= len(built) <= 3, len(built)
+    for c in built:
+        fams = [k.spec.family for k in c.kernels]
+        assert [f for f in fams if f.startswith("moe")] == MOE_FAMILIES, fams
+    torch._dynamo.reset()
+
+
+def test_decoder_layer_under_torch_compile(monkeypatch):
+    """DeepSeek's MoE decoder layer (attention + MoE, transformers' default grouped_mm experts) under
+    torch.compile: one graph per size class, each with the recognised MoE kernels and the attention."""
+    built = _recording_compiles(monkeypatch)
+    m, inputs, _ = build("deepseek_decoder_layer", "grouped_mm")
+    torch._dynamo.reset()
+    cm = torch.compile(m, backend="dsr")
+    for t in (8, 16):
+        x = inputs(t, seed=t)
+        with torch.no_grad():
+            assert rel_err(cm(*x), m(*x)) <= 1e-5, t
+    fams = [k.spec.family for k in built[-1].kernels]
+    assert [f for f in fams if f.startswith("moe")] == MOE_FAMILIES and "attention" in fams, fams
+    torch._dynamo.reset()
+
+
+def test_eager_experts_under_torch_compile_say_why():
+    """transformers' eager experts loop breaks Dynamo's graph at `nonzero`: the piece Dynamo hands over is
+    refused, and the error says what to do (another experts implementation, or dsr.compile)."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    from dsr_compiler.errors import DsrError
+    m, inputs, _ = build("deepseek_moe", "eager")
+    torch._dynamo.reset()
+    with pytest.raises(BackendCompilerFailed) as e:
+        torch.compile(m, backend="dsr")(*inputs(8))
+    err = e.value.inner_exception
+    assert isinstance(err, DsrError)
+    assert "MoE experts DeepseekV3Experts is compiled by Dynamo as a frame of its own" in str(err)
+    assert '"grouped_mm"' in str(err) and "dsr.compile" in str(err)
+    torch._dynamo.reset()
+
+
+def test_cut_refuses_a_module_split_by_a_graph_break():
+    """Not every inlined call can be cut back: a graph holding only part of a recognised module's arguments
+    is left as it is, with the reason (the unit behind the torch.compile path)."""
+    from dsr_compiler import dynamo_recognize as dr
+    from dsr_compiler.frontend.registry import RECOGNIZERS
+    m, inputs, _ = build("deepseek_moe", "grouped_mm")
+    experts = m.experts
+    spec = RECOGNIZERS["moe_experts"].match(experts)
+    key = str(id(experts))
+    stack = {key: ("L['self'].experts", type(experts))}
+    g = torch.fx.Graph()
+    ids = g.placeholder("ids")
+    ids.meta["example_value"] = torch.zeros(4, 2, dtype=torch.long)
+    w = g.call_function(torch.ones_like, (ids,))
+    w.meta.update(nn_module_stack=stack, example_value=torch.ones(4, 2))
+    g.output(w)
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    why = dr._cut(gm, [torch.zeros(4, 2, dtype=torch.long)], key, experts,
+                  RECOGNIZERS["moe_experts"].io(experts, spec), "_x")
+    assert why is not None and "holds 1 of its 3 tensor arguments" in why
+    assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_function", "output"]   # left as it was

@@ -183,7 +183,13 @@ def match_router(m: nn.Module) -> RouterMatch | str | None:
     return why
 
 
-@recognizes("moe_router", match_router, kind="MoE router")
+def _router_io(m: nn.Module, spec: RouterMatch) -> tuple[list, list]:
+    """(hidden [..., H]) -> (router_logits [T, E], weights [T, k], indices [T, k])."""
+    n_exp, h = (int(s) for s in m._parameters["weight"].shape)
+    return [(True, h)], [(True, n_exp), (True, spec.attrs["topk"]), (False, spec.attrs["topk"])]
+
+
+@recognizes("moe_router", match_router, kind="MoE router", io=_router_io)
 def _lower_router(cx: TraceContext, m: nn.Module, spec: RouterMatch, args: tuple, kwargs: dict) -> tuple:
     name = type(m).__name__
     if len(args) + len(kwargs) != 1:
@@ -283,7 +289,13 @@ def _uncast_ids(cx: TraceContext, ids: TensorRef) -> TensorRef:
     return ids
 
 
-@recognizes("moe_experts", match_experts, kind="MoE experts")
+def _experts_io(m: nn.Module, spec: ExpertsMatch) -> tuple[list, list]:
+    """(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]."""
+    h = int(m._parameters["down_proj"].shape[1])
+    return [(True, h), (False, None), (True, None)], [(True, h)]
+
+
+@recognizes("moe_experts", match_experts, kind="MoE experts", io=_experts_io)
 def _lower_experts(cx: TraceContext, m: nn.Module, spec: ExpertsMatch, args: tuple, kwargs: dict) -> TensorRef:
     name = type(m).__name__
     vals = list(args) + list(kwargs.values())
