@@ -606,6 +606,31 @@ register(OpDef("embedding", GEMM, (2, 2), _embedding_rule, lambda w, ids: F.embe
                doc="rows of weight gathered by ids"))
 
 
+CUMSUM = "cumsum"
+
+
+def _cumsum_rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple[TensorType, ...]:
+    (x,) = ts
+    d = norm_dim(a["dim"], x.rank, CUMSUM)
+    if x.rank < 1 or d != x.rank - 1:
+        raise TypeRuleError(f"cumsum: only the last dim is supported (dim={a['dim']} of {x})")
+    if x.dtype in (DType.fp8e4m3, DType.fp8e5m2):
+        raise TypeRuleError(f"cumsum: no cumulative sum of {x.dtype.value} codes")
+    return (x if x.dtype.is_float else TensorType(DType.i64, x.shape),)
+
+
+def cumsum_ref(x: torch.Tensor, *, dim: int) -> torch.Tensor:
+    """torch.cumsum; bool / integer inputs sum in int64 (as torch does), floats in fp32 rounded to the input
+    dtype at each position (what the kernel does; torch's bf16 cumsum on CPU does the same)."""
+    if x.dtype.is_floating_point:
+        return torch.cumsum(x.float(), dim).to(x.dtype)
+    return torch.cumsum(x, dim, dtype=torch.int64)
+
+
+register(OpDef(CUMSUM, CUMSUM, (1, 1), _cumsum_rule, cumsum_ref, attrs={"dim": AttrSpec((int,))},
+               doc="inclusive cumulative sum along the last dim (bool / int -> i64, exact; float in fp32)"))
+
+
 # `call` runs a fused kernel defined in the graph; its type rule is the kernel body's.
 register(OpDef("call", CALL, (0, 1 << 16), lambda ts, a: (), lambda *a, **k: None,
                attrs={"kernel": AttrSpec((str,))}, doc="invoke a fused kernel by name"))

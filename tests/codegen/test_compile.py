@@ -80,6 +80,18 @@ def attention_mla():
     return kb.kernel(o)
 
 
+def cumsum_bool():
+    kb = KB("k8_cumsum_cumsum", "cumsum")
+    x = kb.input("x", DType.bool, 2, S)
+    return kb.kernel(kb.op("cumsum", x, dim=-1, name="y"))
+
+
+def cumsum_bf16():
+    kb = KB("k9_cumsum_cumsum", "cumsum")
+    x = kb.input("x", bf16, T, 3000)
+    return kb.kernel(kb.op("cumsum", x, dim=-1, name="y"))
+
+
 CASES = [
     pytest.param(pointwise_rope, id="pointwise_rope"),
     pytest.param(reduction_add_rms, id="reduction_add_rms_norm"),
@@ -88,6 +100,8 @@ CASES = [
     pytest.param(gemm_swiglu, id="gemm_swiglu", marks=pytest.mark.slow),
     pytest.param(gemm_residual_f32, id="gemm_residual_f32", marks=pytest.mark.slow),
     pytest.param(attention_mla, id="attention_mla", marks=pytest.mark.slow),
+    pytest.param(cumsum_bool, id="cumsum_bool"),
+    pytest.param(cumsum_bf16, id="cumsum_bf16"),
 ]
 
 

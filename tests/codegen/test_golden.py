@@ -41,8 +41,15 @@ class _Gather(torch.nn.Module):
         return torch.gather(x, -1, idx), x * 2.0
 
 
+class _Cumsum(torch.nn.Module):
+    """transformers' packed-sequence scan: a cumsum of a bool mask along a symbolic dim."""
+
+    def forward(self, pos: torch.Tensor) -> torch.Tensor:
+        return (pos != 1).cumsum(-1)
+
+
 def _graphs():
-    """(graph, grad_wrt) of every plan, then the dense attention example and a plain gather."""
+    """(graph, grad_wrt) of every plan, then the dense attention example, a plain gather and a cumsum."""
     import dsr_compiler as dsr
     from dsr_compiler.models import ModelConfig
     from dsr_compiler.workloads import build
@@ -62,6 +69,8 @@ def _graphs():
         (), None
     yield (dsr.trace(_Gather(), (torch.randn(4, 16), torch.zeros(4, 3, dtype=torch.int64)),
                      dynamic={"x": {0: "T"}, "idx": {0: "T"}}, name="gather"), False, "absorb", (), None)
+    yield (dsr.trace(_Cumsum(), (torch.zeros(1, 8, dtype=torch.int64),), dynamic={"pos": {1: "T"}}, name="cumsum"),
+           False, "absorb", (), None)
     wl = build(cfg, "moe", 1, 8, "f32", 0)          # expert parallelism: rank 1 of 2 (ep_route, gather_rows)
     yield (dsr.trace(wl.module, wl.example_inputs, dynamic=wl.dynamic, name="moe_ep"), True, "absorb", (),
            EpPlan(2, 1))

@@ -153,6 +153,16 @@ def _gather_rows_case() -> Case:
                           torch.tensor([0, 14, -1, 3, 7, 2, 13, -1, 9], dtype=torch.int32)])
 
 
+def _cumsum_case() -> Case:
+    t = sympy.Symbol("T", integer=True, positive=True)
+    b = GraphBuilder("k1_cumsum_cumsum")
+    b.add_input("x", TensorType(DType.f32, (3, t)))
+    b.add(Node((Value("out", TensorType(DType.f32, (3, t))),), "cumsum", ("x",), {"dim": -1}, "test"))
+    k = Kernel("k1_cumsum_cumsum", "cumsum", verify(b.build(("out",))))
+    gen = torch.Generator().manual_seed(0)
+    return _hand_case(k, [torch.randn(3, 1100, generator=gen)])     # two chunks: the carry is read
+
+
 # Where each family's case comes from; the default decoder plan first (those run in `make test`).
 SOURCES: dict[str, Any] = {
     "decoder": lambda: _plan_cases("decoder", True, phase="decode"),
@@ -160,7 +170,7 @@ SOURCES: dict[str, Any] = {
     "moe": lambda: _plan_cases("moe", False),
     "grpo": lambda: _plan_cases("grpo", False),
     "hand": lambda: {"attention": _attention_case(), "gather": _gather_case(), "ep_route": _ep_route_case(),
-                     "gather_rows": _gather_rows_case()},
+                     "gather_rows": _gather_rows_case(), "cumsum": _cumsum_case()},
 }
 
 
@@ -171,7 +181,7 @@ SOURCE_OF: dict[str, str] = {
                               "mla_decode", "mla_combine")},
     "mla_attention": "mla_prefill", "moe_gemm": "moe",
     **{f: "grpo" for f in ("vocab_logprobs", "vocab_grad_hidden", "vocab_grad_weight")},
-    "attention": "hand", "gather": "hand", "ep_route": "hand", "gather_rows": "hand",
+    "attention": "hand", "gather": "hand", "ep_route": "hand", "gather_rows": "hand", "cumsum": "hand",
 }
 
 

@@ -90,3 +90,41 @@ def test_transformers_router_without_recognition(monkeypatch):
         o, co = ids.sort(-1), cids.sort(-1)
         assert torch.equal(o.values, co.values)
         torch.testing.assert_close(cw.gather(-1, co.indices), w.gather(-1, o.indices))
+
+
+class Scans(nn.Module):
+    """transformers' packed-sequence scan and friends: cumsum of bool / int / float along the last dim."""
+
+    def forward(self, pos, f, h):
+        packed = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+        return packed, pos.cumsum(dim=1), torch.cumsum(f, -1), h.cumsum(-1), torch.cumsum(pos, -1, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("t", [1, 7, 1500])          # 1500: two 1024-wide chunks, the carry between them is read
+def test_cumsum_matches_torch(t):
+    g = torch.Generator().manual_seed(t)
+
+    def inputs(n: int):
+        pos = torch.arange(n, dtype=torch.int32)[None].repeat(2, 1)
+        pos[1, n // 2:] -= n // 2                                # a second packed sequence in row 1
+        return (pos, torch.randn(2, 3, n, generator=g), torch.randn(2, n, generator=g).bfloat16())
+    cm = dsr.compile(Scans(), inputs(8), dynamic={"pos": {1: "T"}, "f": {2: "T"}, "h": {1: "T"}}, backend="interpret")
+    x = inputs(t)
+    out, ref = cm(*x), Scans()(*x)
+    for i in (0, 1):                                           # integers: exact, int64 as torch gives them
+        assert out[i].dtype == ref[i].dtype == torch.int64 and torch.equal(out[i], ref[i]), i
+    assert (ref[0][1, t // 2:] == (1 if t > 1 else 0)).all() or t == 1
+    torch.testing.assert_close(out[2], ref[2], rtol=1e-5, atol=1e-5 * t ** 0.5)
+    assert out[3].dtype == torch.bfloat16                      # fp32 accumulation, rounded once per position
+    torch.testing.assert_close(out[3].float(), torch.cumsum(x[2].float(), -1).bfloat16().float(), rtol=0, atol=0)
+    torch.testing.assert_close(out[4], ref[4])
+    assert "cumsum" in [k.spec.family for k in cm.kernels]
+
+
+def test_cumsum_along_another_dim_is_refused():
+    class M(nn.Module):
+        def forward(self, x):
+            return x.cumsum(0)
+    with pytest.raises(TraceError) as e:
+        dsr.compile(M(), (torch.randn(4, 3),), backend="interpret")
+    assert "cumsum along dim 0" in str(e.value) and "movedim" in str(e.value)

@@ -1,4 +1,4 @@
-"""Frontend: selection ops along a static last dim (topk, scatter, one_hot) as existing IR ops.
+"""Frontend: selection ops along a static last dim (topk, scatter, one_hot) as existing IR ops, and cumsum.
 
 Where it sits: one of `frontend/lowerings/` (listed in its `__init__`). These are what a router that
 `moe_patterns` does not recognise is made of (transformers' routers: `topk`, `gather`, `scatter_` into a
@@ -13,7 +13,9 @@ and always along a dim of static size (the expert or group count), the last one:
 * `scatter(x, -1, index, value | src)` (and `scatter_` into a tensor allocated in forward): positions hit
   by `index` take the value (with `src`: the source element; indices must not repeat along the dim, as
   torch leaves that case unspecified);
-* `F.one_hot(index, n)`: `(index[..., None] == iota(n))` as int64 (n given: the IR needs a static size).
+* `F.one_hot(index, n)`: `(index[..., None] == iota(n))` as int64 (n given: the IR needs a static size);
+* `cumsum` along the last dim (any size, symbolic too) is an op with a scan kernel of its own
+  (codegen/families/scan.py): bool / integers -> int64, exact; floats accumulate in fp32.
 """
 from __future__ import annotations
 
@@ -164,6 +166,23 @@ def _one_hot(cx: TraceContext, tensor: Any, num_classes: Any = -1) -> TensorRef:
     if idx.type.dtype.is_float:
         raise cx.fail(f"one_hot of a {idx.type.dtype.value} tensor", hint="one_hot of integer indices")
     return cx.cast(_onehot(cx, idx, n), DType.i64)
+
+
+@lowers(torch.cumsum, "cumsum")
+def _cumsum(cx: TraceContext, input: Any, dim: Any, *, dtype: Any = None, out: Any = None) -> TensorRef:
+    x = cx.tensor(input, "cumsum")
+    if out is not None:
+        raise cx.fail("cumsum(out=...) writes into a tensor", hint="use the returned tensor")
+    d = cx.norm_dim(dim, x.type.rank, "cumsum")
+    if x.type.rank == 0:
+        return cx.cast(x, cx.dtype(dtype)) if dtype is not None else \
+            (x if x.type.dtype.is_float else cx.cast(x, DType.i64))
+    if d != x.type.rank - 1:
+        raise cx.fail(f"cumsum along dim {dim} of {x.type}: only the last dim is supported",
+                      hint="move the dim last first (x.movedim(d, -1).cumsum(-1).movedim(-1, d))")
+    if dtype is not None:
+        x = cx.cast(x, cx.dtype(dtype))
+    return cx.emit("cumsum", [x], {"dim": -1})
 
 
 __all__ = ["MAX_TOPK"]
