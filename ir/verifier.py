@@ -23,7 +23,7 @@ KERNEL_FAMILIES: tuple[str, ...] = (
     "rope_table", "index_copy", "mla_attention", "mla_decode", "mla_combine",
     "vocab_logprobs", "vocab_grad_hidden", "vocab_grad_weight", "gather",
     "ep_route", "gather_rows",                                           # expert parallelism
-    "cumsum",                                                            # scans
+    "cumsum", "index",                                                   # scans, advanced indexing
 )
 
 

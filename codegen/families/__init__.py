@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 from dsr_compiler.ir.errors import CodegenError
 from dsr_compiler.ir.verifier import KERNEL_FAMILIES
 
-from . import attention, ep, gemm, gemm_fp8, mla, moe, moe_gemm_fp8, pointwise, quant_fp8, reduction, scan, vocab_loss
+from . import attention, ep, gemm, gemm_fp8, index, mla, moe, moe_gemm_fp8, pointwise, quant_fp8, reduction, scan, vocab_loss
 from .record import PEAKS, TEMPLATE_DIR, KernelFamily, Lowering, PtxProgram
 
 FAMILIES: tuple[KernelFamily, ...] = (
@@ -47,6 +47,7 @@ FAMILIES: tuple[KernelFamily, ...] = (
     mla.MLA_DECODE_FAMILY,
     mla.MLA_COMBINE_FAMILY,
     scan.CUMSUM_FAMILY,                  # scans (transformers' mask code)
+    index.INDEX_FAMILY,                  # advanced indexing x[i0, ..., ik-1]
 )
 
 

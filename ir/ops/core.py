@@ -631,6 +631,29 @@ register(OpDef(CUMSUM, CUMSUM, (1, 1), _cumsum_rule, cumsum_ref, attrs={"dim": A
                doc="inclusive cumulative sum along the last dim (bool / int -> i64, exact; float in fp32)"))
 
 
+INDEX = "index"
+MAX_INDEX_TENSORS = 8
+
+
+def _index_rule(ts: Sequence[TensorType], a: Mapping[str, Any]) -> tuple[TensorType, ...]:
+    x, idx = ts[0], ts[1:]
+    if not 1 <= len(idx) <= min(x.rank, MAX_INDEX_TENSORS):
+        raise TypeRuleError(f"index: {len(idx)} index tensors for {x} (1 to min(rank, {MAX_INDEX_TENSORS}))")
+    for i in idx:
+        if i.dtype not in (DType.i32, DType.i64) or not dims_equal(i.shape, idx[0].shape):
+            raise TypeRuleError(f"index: index tensors must be i32/i64 of one shape, got {', '.join(map(str, idx))}")
+    return (TensorType(x.dtype, tuple(idx[0].shape) + tuple(x.shape[len(idx):])),)
+
+
+def index_ref(x: torch.Tensor, *idx: torch.Tensor) -> torch.Tensor:
+    """x[i0, ..., ik-1] (torch's advanced indexing of the first k dims; negative indices count from the end)."""
+    return x[tuple(i.long() for i in idx)]
+
+
+register(OpDef(INDEX, INDEX, (2, 1 + MAX_INDEX_TENSORS), _index_rule, index_ref,
+               doc="x[i0, ..., ik-1]: advanced indexing of the first k dims by k integer tensors of one shape"))
+
+
 # `call` runs a fused kernel defined in the graph; its type rule is the kernel body's.
 register(OpDef("call", CALL, (0, 1 << 16), lambda ts, a: (), lambda *a, **k: None,
                attrs={"kernel": AttrSpec((str,))}, doc="invoke a fused kernel by name"))

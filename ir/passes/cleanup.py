@@ -225,6 +225,23 @@ def rule_reduce_last_dim(n: Node, prod: Lookup, types: dict[str, TensorType]):
     return ("nodes", [xp, Node(n.outputs, n.op, (xp_name,), attrs, n.origin)])
 
 
+def rule_softmax_single(n: Node, prod: Lookup, types: dict[str, TensorType]):
+    """softmax / log_softmax over a dim of size 1 (attention over one key: transformers' masked SDPA at one
+    token) is `(x - x) + 1` / `x - x`: 1 / 0 for a finite x, NaN for an infinite or NaN one, as torch gives;
+    a row kernel has nothing to reduce there."""
+    if n.op not in ("softmax", "log_softmax") or len(n.inputs) != 1:
+        return None
+    x = types[n.inputs[0]]
+    if x.rank < 1 or x != n.out.type or x.shape[n.attr("dim") % x.rank] != 1:
+        return None
+    zero = Node((Value(f"{n.out.name}.zero", x),), "sub", (n.inputs[0], n.inputs[0]), {}, n.origin)
+    if n.op == "log_softmax":
+        return ("nodes", [zero.replace(outputs=n.outputs)])
+    one = Node((Value(f"{n.out.name}.one", TensorType(x.dtype, ())),), "const", (), {"value": 1.0, "dtype": x.dtype},
+               n.origin)
+    return ("nodes", [zero, one, Node(n.outputs, "add", (zero.out.name, one.out.name), {}, n.origin)])
+
+
 FOLD_RULES: tuple[tuple[str, Rule], ...] = (
     ("fold_const_pointwise", rule_fold_const_pointwise),
     ("cast_noop", rule_cast_noop),
@@ -234,6 +251,7 @@ FOLD_RULES: tuple[tuple[str, Rule], ...] = (
     ("reshape_noop", rule_reshape_noop),
     ("permute_compose", rule_permute),
     ("reduce_last_dim", rule_reduce_last_dim),
+    ("softmax_single", rule_softmax_single),
 )
 
 

@@ -92,6 +92,14 @@ def cumsum_bf16():
     return kb.kernel(kb.op("cumsum", x, dim=-1, name="y"))
 
 
+def index_bf16():
+    kb = KB("k10_index_index", "index")
+    x = kb.input("x", bf16, T, 8, 64)
+    i = kb.input("i", DType.i64, 3, S)
+    j = kb.input("j", DType.i32, 3, S)
+    return kb.kernel(kb.op("index", x, i, j, name="y"))
+
+
 CASES = [
     pytest.param(pointwise_rope, id="pointwise_rope"),
     pytest.param(reduction_add_rms, id="reduction_add_rms_norm"),
@@ -102,6 +110,7 @@ CASES = [
     pytest.param(attention_mla, id="attention_mla", marks=pytest.mark.slow),
     pytest.param(cumsum_bool, id="cumsum_bool"),
     pytest.param(cumsum_bf16, id="cumsum_bf16"),
+    pytest.param(index_bf16, id="index_bf16"),
 ]
 
 

@@ -48,6 +48,13 @@ class _Cumsum(torch.nn.Module):
         return (pos != 1).cumsum(-1)
 
 
+class _Index(torch.nn.Module):
+    """Advanced indexing of a symbolic-length table by a tensor and an int: the `index` op."""
+
+    def forward(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return h[ids, 1]
+
+
 def _graphs():
     """(graph, grad_wrt) of every plan, then the dense attention example, a plain gather and a cumsum."""
     import dsr_compiler as dsr
@@ -71,6 +78,8 @@ def _graphs():
                      dynamic={"x": {0: "T"}, "idx": {0: "T"}}, name="gather"), False, "absorb", (), None)
     yield (dsr.trace(_Cumsum(), (torch.zeros(1, 8, dtype=torch.int64),), dynamic={"pos": {1: "T"}}, name="cumsum"),
            False, "absorb", (), None)
+    yield (dsr.trace(_Index(), (torch.randn(8, 3, 4), torch.zeros(2, 5, dtype=torch.int64)), dynamic={"h": {0: "T"}},
+                     name="index"), False, "absorb", (), None)
     wl = build(cfg, "moe", 1, 8, "f32", 0)          # expert parallelism: rank 1 of 2 (ep_route, gather_rows)
     yield (dsr.trace(wl.module, wl.example_inputs, dynamic=wl.dynamic, name="moe_ep"), True, "absorb", (),
            EpPlan(2, 1))

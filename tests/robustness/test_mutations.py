@@ -163,6 +163,19 @@ def _cumsum_case() -> Case:
     return _hand_case(k, [torch.randn(3, 1100, generator=gen)])     # two chunks: the carry is read
 
 
+def _index_case() -> Case:
+    t = sympy.Symbol("T", integer=True, positive=True)
+    b = GraphBuilder("k1_index_index")
+    b.add_input("x", TensorType(DType.f32, (t, 4, 6)))
+    b.add_input("i", TensorType(DType.i64, (5,)))
+    b.add_input("j", TensorType(DType.i32, (5,)))
+    b.add(Node((Value("out", TensorType(DType.f32, (5, 6))),), "index", ("x", "i", "j"), {}, "test"))
+    k = Kernel("k1_index_index", "index", verify(b.build(("out",))))
+    gen = torch.Generator().manual_seed(0)
+    return _hand_case(k, [torch.randn(7, 4, 6, generator=gen), torch.tensor([0, 6, -1, 3, 2]),
+                          torch.tensor([3, 0, 1, -4, 2], dtype=torch.int32)])
+
+
 # Where each family's case comes from; the default decoder plan first (those run in `make test`).
 SOURCES: dict[str, Any] = {
     "decoder": lambda: _plan_cases("decoder", True, phase="decode"),
@@ -170,7 +183,8 @@ SOURCES: dict[str, Any] = {
     "moe": lambda: _plan_cases("moe", False),
     "grpo": lambda: _plan_cases("grpo", False),
     "hand": lambda: {"attention": _attention_case(), "gather": _gather_case(), "ep_route": _ep_route_case(),
-                     "gather_rows": _gather_rows_case(), "cumsum": _cumsum_case()},
+                     "gather_rows": _gather_rows_case(), "cumsum": _cumsum_case(),
+                     "index": _index_case()},
 }
 
 
@@ -182,6 +196,7 @@ SOURCE_OF: dict[str, str] = {
     "mla_attention": "mla_prefill", "moe_gemm": "moe",
     **{f: "grpo" for f in ("vocab_logprobs", "vocab_grad_hidden", "vocab_grad_weight")},
     "attention": "hand", "gather": "hand", "ep_route": "hand", "gather_rows": "hand", "cumsum": "hand",
+    "index": "hand",
 }
 
 

@@ -193,3 +193,23 @@ def test_cut_refuses_a_module_split_by_a_graph_break():
                   RECOGNIZERS["moe_experts"].io(experts, spec), "_x")
     assert why is not None and "holds 1 of its 3 tensor arguments" in why
     assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_function", "output"]   # left as it was
+
+
+def test_causal_lm_under_torch_compile(monkeypatch):
+    """DeepseekV3ForCausalLM (one MoE layer, default sdpa attention and grouped_mm experts) under torch.compile:
+    Dynamo inlines transformers' mask code (packed-sequence `cumsum`, position ids indexed by broadcast
+    aranges, a boolean SDPA mask) and the MoE modules; the logits match eager at 8, 16 (the dynamic
+    recompile) and 1 token (Dynamo's own graph, where the masked softmax has one key)."""
+    built = _recording_compiles(monkeypatch)
+    m, inputs, _ = build("deepseek_causal_lm", "grouped_mm", num_hidden_layers=1, first_k_dense_replace=0)
+    torch._dynamo.reset()
+    cm = torch.compile(m, backend="dsr")
+    for t in (8, 16, 1):
+        x = inputs(t, seed=t)
+        with torch.no_grad():
+            assert rel_err(cm(*x), m(*x)) <= 1e-5, t
+    for c in built:
+        fams = [k.spec.family for k in c.kernels]
+        assert [f for f in fams if f.startswith("moe")] == MOE_FAMILIES, fams
+        assert {"cumsum", "index"} <= set(fams), fams
+    torch._dynamo.reset()

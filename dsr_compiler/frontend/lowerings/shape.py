@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import sympy
 import torch
 
-from dsr_compiler.ir.types import TensorType, to_expr
+from dsr_compiler.ir.types import DType, TensorType, to_expr
 
 from ..context import DEVICE, TensorRef, TraceContext, canon, has_tensor, is_symbolic, same
 from ..registry import lowers
@@ -284,12 +284,40 @@ def norm_slice(cx: TraceContext, s: slice, size: Any) -> tuple[int, int | None, 
     return start, stop, step
 
 
+def _advanced_index(cx: TraceContext, x: TensorRef, items: list) -> TensorRef:
+    """`x[i0, ..., ik-1]` with k integer tensors leading the index (broadcast together, the trailing dims
+    kept whole): the `index` op. Other mixes of tensors with slices / None / Ellipsis and bool masks (whose
+    result size depends on the values) are refused."""
+    from dsr_compiler.ir.types import broadcast_shapes
+    what = "advanced indexing"
+    while items and isinstance(items[-1], slice) and items[-1] == slice(None):
+        items = items[:-1]                                   # x[i, :] is x[i]
+    if any(isinstance(it, list) for it in items):
+        raise cx.fail(f"{what} with a Python list", hint="index with a tensor (torch.tensor(list))")
+    items = [cx.const(canon(it), DType.i64) if isinstance(canon(it), int) and not isinstance(canon(it), bool)
+             else it for it in items]                        # x[i, 3]: an int joins the tensors (torch does so)
+    if not items or not all(isinstance(it, TensorRef) for it in items):
+        raise cx.fail(f"{what} mixing tensors with slices, None or Ellipsis is not supported",
+                      hint="index the leading dims with tensors only (x[i, j]), then slice the result")
+    if any(it.type.dtype is DType.bool for it in items):
+        raise cx.fail(f"{what} with a bool mask: the result's size depends on the mask's values",
+                      hint="use torch.where(mask, x, 0) or multiply by the mask")
+    if any(it.type.dtype.is_float for it in items):
+        raise cx.fail(f"{what} with a float tensor", hint="index with integer tensors")
+    if len(items) > min(x.type.rank, 8):
+        raise cx.fail(f"{what}: {len(items)} index tensors for {x.type} (at most its rank, and 8)")
+    try:
+        shape = broadcast_shapes(*(tuple(it.type.shape) for it in items))
+    except ValueError as e:
+        raise cx.fail(f"{what}: the index tensors do not broadcast: {e}") from None
+    idx = [expand_to(cx, it, shape) for it in items]
+    return cx.emit("index", [x, *idx])
+
+
 def _index_tensor(cx: TraceContext, x: TensorRef, idx: Any) -> TensorRef:
     items = list(idx) if isinstance(idx, tuple) else [idx]
-    for it in items:
-        if has_tensor(it) or isinstance(it, list):
-            raise cx.fail("advanced indexing (tensor or list index) is not supported",
-                          hint="use basic slicing; gather rows with F.embedding")
+    if any(has_tensor(it) or isinstance(it, list) for it in items):
+        return _advanced_index(cx, x, items)
     items = [canon(it) for it in items]
     if sum(it is Ellipsis for it in items) > 1:
         raise cx.fail("an index can only have one ellipsis")
