@@ -60,6 +60,9 @@ def _rank(args, cli, dist) -> int:
     oks = [None] * n
     dist.all_gather_object(oks, err is None)
     if err is not None or not all(oks):
+        # every rank is past the gather before any tears the group down: a peer still receiving when the
+        # group goes away dies in gloo's thread (std::terminate), and its exit code is lost
+        dist.barrier()
         if err is not None:
             sys.stderr.write(f"dsrc run: rank {rank} of {n}: {err}\n")
             return err.exit_code

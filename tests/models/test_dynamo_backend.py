@@ -100,15 +100,15 @@ def test_torch_compile_keeps_dynamo_dynamic_dims_symbolic(monkeypatch):
     torch._dynamo.reset()
 
 
-class _CumsumInside(torch.nn.Module):
+class _CumprodInside(torch.nn.Module):
     def forward(self, x):
-        return torch.cumsum(x, 0)
+        return torch.cumprod(x, 0)
 
 
 class _Outer(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.inner = _CumsumInside()
+        self.inner = _CumprodInside()
         self.lin = torch.nn.Linear(4, 4)
 
     def forward(self, x):
@@ -123,7 +123,7 @@ def test_torch_compile_errors_name_the_user_line_and_module():
     with pytest.raises(Exception) as e:
         torch.compile(_Outer(), backend="dsr", dynamic=False)(torch.randn(3, 4))
     msg = str(e.value)
-    assert "unsupported op torch.cumsum" in msg
-    assert "module path `inner` (_CumsumInside)" in msg and "test_dynamo_backend.py" in msg, msg
-    assert "return torch.cumsum(x, 0)" in msg and "dynamo.py" not in msg
+    assert "unsupported op torch.cumprod" in msg
+    assert "module path `inner` (_CumprodInside)" in msg and "test_dynamo_backend.py" in msg, msg
+    assert "return torch.cumprod(x, 0)" in msg and "dynamo.py" not in msg
     torch._dynamo.reset()

@@ -56,6 +56,23 @@ RULE_CASES = {
           return %s, %m, %p, %l
         }
     """, 3),
+    "softmax_single": ("""
+        graph g(%x : f32[T,4,1], %y : f32[T,4]) {
+          %p : f32[T,4,1] = softmax(%x, dim=-1)
+          %l : f32[T,4,1] = log_softmax(%x, dim=2)
+          %q : f32[T,4] = softmax(%y, dim=-1)
+          return %p, %l, %q
+        }
+    """, """
+        graph g(%x : f32[T,4,1], %y : f32[T,4]) {
+          %p.zero : f32[T,4,1] = sub(%x, %x)
+          %p.one : f32[] = const(value=1.0, dtype=f32)
+          %p : f32[T,4,1] = add(%p.zero, %p.one)
+          %l : f32[T,4,1] = sub(%x, %x)
+          %q : f32[T,4] = softmax(%y, dim=-1)
+          return %p, %l, %q
+        }
+    """, 2),
     "cast_noop": ("""
         graph g(%x : f32[T,8]) {
           %a : f32[T,8] = cast(%x, dtype=f32)
