@@ -128,3 +128,34 @@ def test_cumsum_along_another_dim_is_refused():
     with pytest.raises(TraceError) as e:
         dsr.compile(M(), (torch.randn(4, 3),), backend="interpret")
     assert "cumsum along dim 0" in str(e.value) and "movedim" in str(e.value)
+
+
+class Sorts(nn.Module):
+    def forward(self, x):
+        v, i = x.sort(dim=-1)
+        dv, di = torch.sort(x, descending=True, stable=True)
+        return v, i, dv, di, x.argsort(-1, descending=True)
+
+
+def test_sort_matches_torch_stable_sort():
+    """sort / argsort along a static last dim (<= 64): values and int64 indices as torch's stable sort, ties
+    (rounded scores repeat) in their original order, 1..9 rows from one compile."""
+    def inputs(t: int):
+        return (torch.randint(-3, 4, (t, 2, 6), generator=torch.Generator().manual_seed(t)).float() / 2,)
+    cm = dsr.compile(Sorts(), inputs(4), dynamic={"x": {0: "T"}}, backend="interpret")
+    for t in (1, 4, 9):
+        x = inputs(t)[0]
+        v, i, dv, di, ai = cm(x)
+        rv, ri = torch.sort(x, dim=-1, stable=True)
+        rdv, rdi = torch.sort(x, dim=-1, descending=True, stable=True)
+        assert torch.equal(v, rv) and torch.equal(i, ri) and i.dtype == torch.int64
+        assert torch.equal(dv, rdv) and torch.equal(di, rdi) and torch.equal(ai, rdi)
+
+
+def test_sort_of_a_wide_dim_is_refused():
+    class M(nn.Module):
+        def forward(self, x):
+            return x.sort()[0]
+    with pytest.raises(TraceError) as e:
+        dsr.compile(M(), (torch.randn(2, 65),), backend="interpret")
+    assert "sort along a dim of 65 elements: at most 64" in str(e.value)

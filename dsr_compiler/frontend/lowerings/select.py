@@ -1,4 +1,4 @@
-"""Frontend: selection ops along a static last dim (topk, scatter, one_hot) as existing IR ops, and cumsum.
+"""Frontend: selection ops along a static last dim (topk, sort, scatter, one_hot) as existing IR ops, and cumsum.
 
 Where it sits: one of `frontend/lowerings/` (listed in its `__init__`). These are what a router that
 `moe_patterns` does not recognise is made of (transformers' routers: `topk`, `gather`, `scatter_` into a
@@ -13,6 +13,7 @@ and always along a dim of static size (the expert or group count), the last one:
 * `scatter(x, -1, index, value | src)` (and `scatter_` into a tensor allocated in forward): positions hit
   by `index` take the value (with `src`: the source element; indices must not repeat along the dim, as
   torch leaves that case unspecified);
+* `sort` / `argsort` (n <= 64, floats) are topk of all n: ties keep their order (what `stable=True` gives);
 * `F.one_hot(index, n)`: `(index[..., None] == iota(n))` as int64 (n given: the IR needs a static size);
 * `cumsum` along the last dim (any size, symbolic too) is an op with a scan kernel of its own
   (codegen/families/scan.py): bool / integers -> int64, exact; floats accumulate in fp32.
@@ -100,6 +101,25 @@ def _topk(cx: TraceContext, input: Any, k: Any, dim: Any = -1, largest: Any = Tr
         values = cx.emit("neg", [values])
     index = idxs[0] if kk == 1 else cx.emit("cat", idxs, {"dim": r - 1})
     return values, cx.cast(index, DType.i64)
+
+
+@lowers(torch.sort, "sort")
+def _sort(cx: TraceContext, input: Any, dim: Any = -1, descending: Any = False, stable: Any = False, *,
+          out: Any = None) -> tuple[TensorRef, TensorRef]:
+    """All n elements by topk's rounds (n <= 64): ties keep their order, as `stable=True` gives them."""
+    x = cx.tensor(input, "sort")
+    if out is not None:
+        raise cx.fail("sort(out=...) is not supported")
+    n = _last_dim(cx, x, dim, "sort")
+    if n > MAX_TOPK:
+        raise cx.fail(f"sort along a dim of {n} elements: at most {MAX_TOPK} (sorting is k rounds of max here)")
+    cx.static_bool(stable, "sort: stable")
+    return _topk(cx, x, n, -1, largest=cx.static_bool(descending, "sort: descending"))
+
+
+@lowers(torch.argsort, "argsort")
+def _argsort(cx: TraceContext, input: Any, dim: Any = -1, descending: Any = False, stable: Any = False) -> TensorRef:
+    return _sort(cx, input, dim, descending, stable)[1]
 
 
 def _onehot(cx: TraceContext, index: TensorRef, n: int) -> TensorRef:
