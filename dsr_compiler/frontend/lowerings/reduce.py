@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import sympy
 import torch
 import torch.nn.functional as F
 
@@ -18,13 +19,16 @@ from ..registry import lowers
 
 # --- reductions
 
+MAX_EXACT_COUNT = 1 << 24        # a count of bools summed in fp32 is exact up to here
+
+
 def _reduce(cx: TraceContext, op: str, input: Any, dim: Any, keepdim: Any, dtype: Any = None) -> TensorRef:
     x = cx.tensor(input, op)
     keepdim = cx.static_bool(keepdim, f"{op}: keepdim")
     if dtype is not None:
         x = cx.cast(x, cx.dtype(dtype))
-    elif op == "sum" and not x.type.dtype.is_float:
-        x = cx.cast(x, DType.i64)                  # torch sums integers and bools in int64
+    elif not x.type.dtype.is_float and x.type.rank:
+        return _integer_reduce(cx, op, x, dim, keepdim)
     rank = x.type.rank
     dims = [] if dim is None else list(dim) if isinstance(dim, (tuple, list)) else [dim]
     if not dims:                                    # all dims
@@ -38,6 +42,35 @@ def _reduce(cx: TraceContext, op: str, input: Any, dim: Any, keepdim: Any, dtype
     for d in norm:                                  # high dims first, so lower indices stay valid
         x = cx.emit(op, [x], {"dim": d, "keepdim": keepdim})
     return x
+
+
+def _integer_reduce(cx: TraceContext, op: str, x: TensorRef, dim: Any, keepdim: bool) -> TensorRef:
+    """The reduction kernels accumulate in fp32: a sum of bools (a count) is exact there when at most
+    MAX_EXACT_COUNT elements are summed, a static number, and comes back as int64 as torch gives it; any
+    other integer reduction (values the fp32 sum or max could round) is refused with the line."""
+    what = f"{op} of a {x.type.dtype.value} tensor"
+    if op != "sum" or x.type.dtype is not DType.bool:
+        raise cx.fail(f"{what}: the reduction kernels accumulate in fp32, exact for integer values only up to "
+                      "2^24; only counts of bools are reduced as integers",
+                      hint="reduce a bool mask, or cast to float first (x.float().sum()) where the values are small")
+    rank = x.type.rank
+    dims = list(range(rank)) if dim is None else list(dim) if isinstance(dim, (tuple, list)) else [dim]
+    count = sympy.Integer(1)
+    for d in {cx.norm_dim(d, rank, op) for d in dims} or range(rank):
+        count = count * x.type.shape[d]
+    bound = sympy.Le(count, MAX_EXACT_COUNT)
+    if count.free_symbols:       # a size guard: a call past the bound respecializes, and that trace refuses
+        ok = cx.guarded(bound, cx.where())
+        if ok is None:
+            raise cx.fail(f"{what} over {count} elements: the count is summed in fp32, exact only up to "
+                          f"{MAX_EXACT_COUNT:,}, and a graph without size guards (dsr.trace) cannot bound {count}",
+                          hint="dsr.compile guards the size; or count over static dims")
+    else:
+        ok = bool(bound)
+    if not ok:
+        raise cx.fail(f"{what} of {count} elements: fp32 counts are exact only up to {MAX_EXACT_COUNT:,}",
+                      hint="split the count (sum partial counts as float), or cast to float and accept rounding")
+    return cx.cast(_reduce(cx, "sum", cx.cast(x, DType.f32), dim, keepdim), DType.i64)
 
 
 @lowers(torch.sum, "sum")
