@@ -17,9 +17,11 @@ graph is traced op by op as before.
 A module call is cut out only when it is whole in this graph and its boundary is unambiguous: the values
 it reads from outside (other than its own parameters) and the values read after it match the
 recognizer's roles (`Recognizer.io`: float / integer, last dim) one to one, all its reads come before the
-first use of its results, and it writes into nothing it did not create. Otherwise the graph is left as it
-is and the reason becomes a note added to the error the trace then meets (the usual case: transformers'
-`eager` experts loop, which Dynamo splits at `nonzero` into several graphs).
+first use of its results, it writes into nothing it did not create, and, called on its own on the values
+its arguments have when the graph runs on the example inputs, it gives the values its results have there
+(a misread boundary cannot pass silently). Otherwise the graph is left as it is and the reason becomes a
+note added to the error the trace then meets (the usual case: transformers' `eager` experts loop, which
+Dynamo splits at `nonzero` into several graphs).
 """
 from __future__ import annotations
 
@@ -96,8 +98,56 @@ def _writes_outside(n: fx.Node, inside: set[fx.Node]) -> bool:
     return bool(inplace) and isinstance(first, fx.Node) and first not in inside
 
 
+class _Values:
+    """Every node's value of `gm` run eagerly on the example inputs (SymInts at their hints), computed once
+    on first use: what a cut is checked against."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+        self.gm, self.inputs, self._env = gm, example_inputs, None
+
+    def env(self) -> dict | None:
+        if self._env is None:
+            args = []
+            for a in self.inputs:
+                if isinstance(a, torch.SymInt):
+                    hint = getattr(a.node, "hint", None)
+                    if hint is None:
+                        return None
+                    a = int(hint)
+                args.append(a)
+            interp = fx.Interpreter(self.gm, garbage_collect_values=False)
+            with torch.no_grad():
+                interp.run(*args)
+            self._env = interp.env
+        return self._env
+
+
+def _same(a: Any, b: Any) -> bool:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape:
+        return False
+    if not a.dtype.is_floating_point or not b.dtype.is_floating_point:
+        return bool(torch.equal(a, b))
+    return bool(torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6, equal_nan=True))
+
+
+def _check_call(values: _Values, m: nn.Module, args: list, results: list, roles: list[int], n_out: int) -> str | None:
+    """The module called on the values its arguments had inline must give the values its results had."""
+    env = values.env()
+    if env is None:
+        return "the example sizes have no concrete values to check the cut on"
+    with torch.no_grad():
+        out = m(*[env[a] for a in args])
+    outs = (out,) if n_out == 1 else tuple(out) if isinstance(out, (tuple, list)) else ()
+    if len(outs) != n_out:
+        return f"called on its own it returns {type(out).__name__}, not {n_out} tensors"
+    for r, i in zip(results, roles):
+        if not _same(outs[i], env[r]):
+            return f"called on its own, its result {i} differs from the inlined `{r.name}` (the boundary was misread)"
+    return None
+
+
 def _cut(gm: fx.GraphModule, example_inputs: Sequence[Any], key: str, m: nn.Module, io: tuple[list, list],
-         attr: str) -> str | None:
+         attr: str, values: _Values | None = None) -> str | None:
     """Replace the nodes of module `m`'s call (stack key `key`) by `call_module(attr)`; None, or why not."""
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
@@ -150,6 +200,10 @@ def _cut(gm: fx.GraphModule, example_inputs: Sequence[Any], key: str, m: nn.Modu
     args: list[fx.Node | None] = [None] * len(in_roles)
     for a, i in zip(reads, arg_roles):
         args[i] = a
+    if values is not None:
+        why = _check_call(values, m, args, results, res_roles, len(out_roles))
+        if why is not None:
+            return why
     depth = list(_stack(body[0])).index(key) + 1
     stack = dict(list(_stack(body[0]).items())[:depth])
     gm.add_submodule(attr, m)
@@ -163,6 +217,8 @@ def _cut(gm: fx.GraphModule, example_inputs: Sequence[Any], key: str, m: nn.Modu
                 new.meta.update(nn_module_stack=stack, stack_trace=body[0].meta.get("stack_trace"))
             if "example_value" in r.meta:        # what later cuts read roles from
                 new.meta["example_value"] = r.meta["example_value"]
+            if values is not None and values._env is not None and r in values._env:
+                values._env[new] = values._env[r]  # and check against
             r.replace_all_uses_with(new, delete_user_cb=lambda u: u not in inside)
     for n in reversed(body):
         gm.graph.erase_node(n)
@@ -182,6 +238,7 @@ def recognize_in_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> lis
     if not RECOGNIZERS:
         return []
     modules, me = frame_modules()
+    values = _Values(gm, example_inputs)
     notes: list[str] = []
     if me is not None:          # Dynamo compiles this module's forward (or a piece of it) as its own frame
         for rec in RECOGNIZERS.values():
@@ -207,7 +264,7 @@ def recognize_in_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> lis
             elif rec.io is None:
                 notes.append(f"{rec.kind} {where} is not recognised under torch.compile")
             else:
-                why = _cut(gm, example_inputs, key, m, rec.io(m, verdict), f"_dsr_recognized{count}")
+                why = _cut(gm, example_inputs, key, m, rec.io(m, verdict), f"_dsr_recognized{count}", values)
                 if why is None:
                     count += 1
                 else:

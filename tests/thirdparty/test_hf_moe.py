@@ -213,3 +213,33 @@ def test_causal_lm_under_torch_compile(monkeypatch):
         assert [f for f in fams if f.startswith("moe")] == MOE_FAMILIES, fams
         assert {"cumsum", "index"} <= set(fams), fams
     torch._dynamo.reset()
+
+
+def test_a_misread_boundary_is_caught_by_running_the_cut(monkeypatch):
+    """Each cut is checked by calling the module on the values its arguments have in the graph run on the
+    example inputs: a boundary read wrong (here: the router's results given each other's roles) is not cut,
+    and the note says why; the experts, read right, are still cut."""
+    from dsr_compiler import dynamo_recognize as dr
+    real = dr._assign
+
+    def swapped(values, roles):
+        out = real(values, roles)
+        if isinstance(out, list) and len(roles) == 3 and roles[2][0] is False and len(out) > 1:
+            return out[::-1]                         # the router's results: roles exchanged
+        return out
+    monkeypatch.setattr(dr, "_assign", swapped)
+    seen: list = []
+
+    def backend(gm, example_inputs):
+        seen.append(dr.recognize_in_graph(gm, example_inputs))
+        seen.append([n.target for n in gm.graph.nodes if n.op == "call_module"])
+        return gm.forward
+    m, inputs, _ = build("deepseek_moe", "grouped_mm")
+    torch._dynamo.reset()
+    x = inputs(8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(m, backend=backend)(*x), m(*x))
+    notes, calls = seen
+    assert any("MoE router" in n and "the boundary was misread" in n for n in notes), notes
+    assert calls == ["_dsr_recognized0"]               # only the experts were cut
+    torch._dynamo.reset()
