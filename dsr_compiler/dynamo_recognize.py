@@ -99,11 +99,12 @@ def _writes_outside(n: fx.Node, inside: set[fx.Node]) -> bool:
 
 
 class _Values:
-    """Every node's value of `gm` run eagerly on the example inputs (SymInts at their hints), computed once
-    on first use: what a cut is checked against."""
+    """The values of the nodes in `keep` when `gm` runs eagerly on the example inputs (SymInts at their hints),
+    computed once on first use: what a cut is checked against. Only those are held (the graph's other
+    intermediates are freed as the run goes), so the check costs one eager run, not the graph's memory."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
-        self.gm, self.inputs, self._env = gm, example_inputs, None
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], keep: set[fx.Node]) -> None:
+        self.gm, self.inputs, self.keep, self._env = gm, example_inputs, keep, None
 
     def env(self) -> dict | None:
         if self._env is None:
@@ -115,11 +116,23 @@ class _Values:
                         return None
                     a = int(hint)
                 args.append(a)
-            interp = fx.Interpreter(self.gm, garbage_collect_values=False)
+            run = _Keeping(self.gm, self.keep)
             with torch.no_grad():
-                interp.run(*args)
-            self._env = interp.env
+                run.run(*args)
+            self._env = run.saved
         return self._env
+
+
+class _Keeping(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, keep: set[fx.Node]) -> None:
+        super().__init__(gm)
+        self.keep, self.saved = keep, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        v = super().run_node(n)
+        if n in self.keep:
+            self.saved[n] = v
+        return v
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -238,7 +251,6 @@ def recognize_in_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> lis
     if not RECOGNIZERS:
         return []
     modules, me = frame_modules()
-    values = _Values(gm, example_inputs)
     notes: list[str] = []
     if me is not None:          # Dynamo compiles this module's forward (or a piece of it) as its own frame
         for rec in RECOGNIZERS.values():
@@ -249,11 +261,11 @@ def recognize_in_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> lis
                              "`nonzero`), so it is traced op by op: set `config._experts_implementation` to "
                              "\"grouped_mm\" or \"batched_mm\", or compile with dsr.compile, which takes it whole")
                 break
-    count = 0
+    matched: list[tuple[str, str, nn.Module, Any, Any]] = []     # (key, where, module, recognizer, spec)
     for key, (_, qual) in sorted(first.items(), key=lambda kv: kv[1][0]):
         m = modules.get(int(key)) if key.isdigit() else None
-        if m is None or not any(key in _stack(n) for n in gm.graph.nodes):
-            continue                        # not reached from the frame, or inside a module already cut
+        if m is None:
+            continue                        # not reached from the frame
         for rec in RECOGNIZERS.values():
             verdict = rec.match(m)
             if verdict is None:
@@ -264,13 +276,20 @@ def recognize_in_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> lis
             elif rec.io is None:
                 notes.append(f"{rec.kind} {where} is not recognised under torch.compile")
             else:
-                why = _cut(gm, example_inputs, key, m, rec.io(m, verdict), f"_dsr_recognized{count}", values)
-                if why is None:
-                    count += 1
-                else:
-                    notes.append(f"{rec.kind} {where} was inlined by Dynamo and cannot be cut back to one call: "
-                                 f"{why}")
+                matched.append((key, where, m, rec, verdict))
             break
+    keys = {k for k, *_ in matched}
+    body = {n for n in gm.graph.nodes if n.op.startswith("call") and keys & set(_stack(n))}
+    values = _Values(gm, example_inputs, body | {a for n in body for a in n.all_input_nodes})
+    count = 0
+    for key, where, m, rec, verdict in matched:
+        if not any(key in _stack(n) for n in gm.graph.nodes):
+            continue                        # inside a module already cut
+        why = _cut(gm, example_inputs, key, m, rec.io(m, verdict), f"_dsr_recognized{count}", values)
+        if why is None:
+            count += 1
+        else:
+            notes.append(f"{rec.kind} {where} was inlined by Dynamo and cannot be cut back to one call: {why}")
     if count:
         gm.graph.lint()
         gm.recompile()
