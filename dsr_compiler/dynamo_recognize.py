@@ -257,9 +257,10 @@ def recognize_in_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> lis
             verdict = rec.match(me)
             if verdict is not None and not isinstance(verdict, str):
                 notes.append(f"{rec.kind} {class_name(type(me))} is compiled by Dynamo as a frame of its own (a "
-                             "graph break around or inside its forward, e.g. transformers' `eager` experts loop at "
-                             "`nonzero`), so it is traced op by op: set `config._experts_implementation` to "
-                             "\"grouped_mm\" or \"batched_mm\", or compile with dsr.compile, which takes it whole")
+                             "graph break around or inside its forward: a data-dependent loop over experts, e.g. "
+                             "transformers' `eager` experts at `nonzero`), so it is traced op by op: compile it with "
+                             "dsr.compile, which takes it whole (transformers' experts: set "
+                             "`config._experts_implementation` to \"grouped_mm\" or \"batched_mm\")")
                 break
     matched: list[tuple[str, str, nn.Module, Any, Any]] = []     # (key, where, module, recognizer, spec)
     for key, (_, qual) in sorted(first.items(), key=lambda kv: kv[1][0]):

@@ -26,6 +26,12 @@ Recognition is by structure, then by behaviour, never by class name:
   against `sum_j w_j * down_e(silu(gate_e(x)) * up_e(x))` to 1e-5. Whichever experts implementation the
   module dispatches to (transformers' `eager`, `batched_mm`, `grouped_mm`) is what the probe runs.
 
+* **block** (`moe_block`): a user's loop over experts (transformers v4's Mixtral shape): a bias-free `gate`
+  Linear [E, H], an `experts` ModuleList of E bias-free SwiGLU MLPs named (w1, w3, w2) or (gate_proj,
+  up_proj, down_proj), an int `top_k`, no other tensor, forward(x) -> y or (y, router_logits). Probed with
+  random weights on 12 tokens against top-k softmax | sigmoid routing, normalised or not; the experts'
+  weights become stacked `[E, 2I, H]` / `[E, H, I]` params at compile time (`stack_experts`).
+
 A module that has the structure but fails its probe is traced through as usual (and usually stops at
 `topk`); the reason is kept as a trace note and added to that error's hint, e.g. "MoE router
 `mlp.gate` (MyRouter) not recognised: no candidate routing matches its output (selected experts
@@ -49,7 +55,7 @@ from torch import nn
 from dsr_compiler.ir.types import DType, to_expr
 
 from ..context import TensorRef, TraceContext
-from ..registry import recognizes
+from ..registry import ParamDerivation, derive_param, recognizes
 from .moe import BLOCK_M
 
 PROBE_TOKENS = 64                     # router probe
@@ -323,3 +329,157 @@ def _lower_experts(cx: TraceContext, m: nn.Module, spec: ExpertsMatch, args: tup
     (ys,) = cx.emit_multi("moe_gemm_down", [act, rows, blocks, cx.param(dn), cx.cast(wts, DType.f32)],
                           {"block_m": bm})
     return cx.emit("moe_combine", [ys], {"topk": k, "dtype": x.type.dtype})
+
+
+# ----------------------------------------------------------------------------- a block with a loop over experts
+
+#: expert naming -> (gate, up, down) Linear names of each expert; the derived-param keys of its stacked weights
+EXPERT_NAMES = {("w1", "w3", "w2"): ("experts.w13", "experts.w2"),                 # Mixtral v4, the zoo
+                ("gate_proj", "up_proj", "down_proj"): ("experts.gate_up_stack", "experts.down_stack")}
+
+
+@dataclass(frozen=True)
+class BlockMatch:
+    attrs: dict                                   # moe_router attributes
+    names: tuple[str, str, str]                   # (gate, up, down) of each expert
+    returns_logits: bool                          # forward -> (y, router_logits)
+
+
+def _expert_linears(ex: nn.Module) -> tuple[tuple[str, str, str], list[torch.Tensor]] | None:
+    for names in EXPERT_NAMES:
+        lins = [ex._modules.get(n) for n in names]
+        if all(isinstance(li, nn.Linear) and li.bias is None for li in lins):
+            return names, [li.weight for li in lins]
+    return None
+
+
+def _block_ref(x: torch.Tensor, gate_w: torch.Tensor, ws: list[list[torch.Tensor]], attrs: dict) -> torch.Tensor:
+    rw, rids = _router_ref(x, gate_w, None, attrs)
+    out = torch.zeros_like(x)
+    for j in range(rids.shape[1]):
+        for e, (wg, wu, wd) in enumerate(ws):
+            hit = rids[:, j] == e
+            if hit.any():
+                xe = x[hit]
+                out[hit] += rw[hit, j, None] * (F.silu(xe @ wg.T) * (xe @ wu.T)) @ wd.T
+    return out
+
+
+def match_block(m: nn.Module) -> BlockMatch | str | None:
+    """A module with a bias-free `gate` Linear [E, H], an `experts` ModuleList of E bias-free SwiGLU experts
+    ((w1, w3, w2) or (gate_proj, up_proj, down_proj)), an int top_k, and no other tensor: the shape of a
+    user's (or transformers v4's) loop over experts. Probed like the router and experts above."""
+    gate, experts = m._modules.get("gate"), m._modules.get("experts")
+    k = _int_attr(m, "top_k", "num_experts_per_tok")
+    if not isinstance(gate, nn.Linear) or gate.bias is not None or not isinstance(experts, nn.ModuleList) or k is None:
+        return None
+    n_exp, h = (int(s) for s in gate.weight.shape)
+    if len(experts) != n_exp or n_exp < 2 or not 1 <= k <= n_exp:
+        return None
+    found = [_expert_linears(ex) for ex in experts]
+    if any(f is None for f in found) or len({f[0] for f in found}) != 1:     # type: ignore[index]
+        return None
+    names = found[0][0]                                                     # type: ignore[index]
+    ws = [f[1] for f in found]                                              # type: ignore[index]
+    shapes = {tuple(tuple(w.shape) for w in row) for row in ws}
+    if len(shapes) != 1:
+        return "its experts differ in shape"
+    (gs, us, ds), = shapes
+    inter = gs[0]
+    if gs != (inter, h) or us != (inter, h) or ds != (h, inter):
+        return f"its experts are not SwiGLU MLPs of the gate's width {h} (got {gs}, {us}, {ds})"
+    tensors = {n for n, _ in m.named_parameters()} | {n for n, _ in m.named_buffers()}
+    expected = {"gate.weight"} | {f"experts.{e}.{n}.weight" for e in range(n_exp) for n in names}
+    if tensors != expected:
+        return f"it holds other tensors than its gate and experts: {sorted(tensors - expected)[:4]}"
+    if n_exp * (h + 3 * inter * h) > MAX_PROBE_ELEMENTS:
+        return f"its {n_exp} experts are too large to probe"
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, PROBE_EXPERT_TOKENS, h, generator=g)
+    pg = torch.randn(n_exp, h, generator=g) * (2.0 / math.sqrt(h))
+    pws = [[torch.randn(inter, h, generator=g) / math.sqrt(h), torch.randn(inter, h, generator=g) / math.sqrt(h),
+            torch.randn(h, inter, generator=g) / math.sqrt(inter)] for _ in range(n_exp)]
+    probe = {"gate.weight": pg}
+    for e, row in enumerate(pws):
+        probe.update({f"experts.{e}.{n}.weight": w for n, w in zip(names, row)})
+    try:
+        out = _run(m, probe, (x,))
+    except Exception as ex:                                   # noqa: BLE001
+        return f"its forward failed on a probe ({type(ex).__name__}: {ex})"
+    y, logits = (out, None) if isinstance(out, torch.Tensor) else (out[0], out[1]) \
+        if isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out) else (None, None)
+    if y is None or tuple(y.shape) != tuple(x.shape):
+        return "its forward does not return y (or (y, router_logits)) shaped like its input"
+    if logits is not None and not torch.allclose(logits.float().reshape(-1, n_exp), x[0] @ pg.T,
+                                                 rtol=PROBE_RTOL, atol=PROBE_RTOL):
+        return "its second result is not the router logits x @ gate.weight^T"
+    why = "no candidate routing"
+    for scoring in ("softmax", "sigmoid"):
+        for norm in (True, False):
+            attrs = {"topk": k, "n_group": 1, "topk_group": 1, "scoring": scoring, "group_score": "top2_sum",
+                     "route_scale": 1.0, "norm_topk": norm}
+            ref = _block_ref(x[0], pg, pws, attrs)
+            if torch.allclose(y[0].float(), ref, rtol=PROBE_RTOL, atol=PROBE_RTOL):
+                return BlockMatch(attrs, names, logits is not None)
+            why = (f"its output is no top-{k} {scoring} routing over sum_j w_j * down(silu(gate(x)) * up(x)) "
+                   f"(differs by {(y[0].float() - ref).abs().max().item():.2e})")
+    return why
+
+
+def _block_io(m: nn.Module, spec: BlockMatch) -> tuple[list, list]:
+    n_exp, h = (int(s) for s in m._modules["gate"]._parameters["weight"].shape)
+    return [(True, h)], [(True, h)] + ([(True, n_exp)] if spec.returns_logits else [])
+
+
+def _stacked(names: tuple[str, ...]):
+    from .moe import _expert_weights
+
+    def type_of(owner: nn.Module) -> tuple[torch.dtype, tuple[int, ...]]:
+        ws = _expert_weights(owner, names)
+        w = ws[0][0]
+        return w.dtype, (len(ws), len(names) * w.shape[0], w.shape[1])
+    return type_of
+
+
+def _count(owner: nn.Module) -> int:
+    return len(owner._modules["experts"])
+
+
+derive_param("experts.gate_up_stack", ParamDerivation(
+    "stack_experts", ("experts.{e}.gate_proj.weight", "experts.{e}.up_proj.weight"), _stacked(("gate_proj", "up_proj")),
+    _count, "[E, 2I, H] = stack over e of cat(experts.{e}.gate_proj.weight, experts.{e}.up_proj.weight)"))
+derive_param("experts.down_stack", ParamDerivation(
+    "stack_experts", ("experts.{e}.down_proj.weight",), _stacked(("down_proj",)), _count,
+    "[E, H, I] = stack over e of experts.{e}.down_proj.weight"))
+
+
+@recognizes("moe_block", match_block, kind="MoE block", io=_block_io)
+def _lower_block(cx: TraceContext, m: nn.Module, spec: BlockMatch, args: tuple, kwargs: dict) -> Any:
+    name = type(m).__name__
+    if len(args) + len(kwargs) != 1:
+        raise cx.fail(f"{name} (recognised MoE block) takes one input, got {len(args) + len(kwargs)}")
+    x = cx.tensor(args[0] if args else next(iter(kwargs.values())), f"{name}: hidden_states")
+    gate_w = m._modules["gate"]._parameters["weight"]
+    n_exp, h = (int(s) for s in gate_w.shape)
+    if x.type.rank < 1 or not x.type.dtype.is_float or to_expr(x.type.shape[-1]) != h:
+        raise cx.fail(f"{name}: expected float hidden_states [..., {h}], got {x.type}")
+    if DType.from_torch(gate_w.dtype) is not x.type.dtype:
+        raise cx.fail(f"{name}: its weights are {gate_w.dtype} but hidden_states is {x.type.dtype.value}",
+                      hint="cast the module and its input to one dtype")
+    tokens = to_expr(1)
+    for d in x.type.shape[:-1]:
+        tokens = tokens * d
+    flat = cx.reshape(x, (tokens, h))
+    gw = cx.param(gate_w)
+    weights, ids = cx.emit_multi("moe_router", [flat, gw], spec.attrs)
+    k, bm = spec.attrs["topk"], BLOCK_M.get(x.type.dtype, 64)
+    gate_up_key, down_key = EXPERT_NAMES[spec.names]
+    rows, blocks = cx.emit_multi("moe_dispatch", [ids], {"n_experts": n_exp, "block_m": bm})
+    (act,) = cx.emit_multi("moe_gemm_gate_up", [flat, rows, blocks, cx.derived_param(m, gate_up_key)],
+                           {"topk": k, "block_m": bm})
+    (ys,) = cx.emit_multi("moe_gemm_down", [act, rows, blocks, cx.derived_param(m, down_key), weights],
+                          {"block_m": bm})
+    y = cx.reshape(cx.emit("moe_combine", [ys], {"topk": k, "dtype": x.type.dtype}), x.type.shape)
+    if not spec.returns_logits:
+        return y
+    return y, cx.emit("linear", [flat, gw])
