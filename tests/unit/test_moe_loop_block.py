@@ -84,3 +84,17 @@ def test_loop_block_with_another_activation_is_not_recognised():
         dsr.compile(m, (_x(8),), backend="interpret")
     assert "MoE block the top-level module (LoopMoE) not recognised" in str(e.value)
     assert "top-2 softmax routing" in str(e.value) or "routing" in str(e.value)
+
+
+def test_loop_block_fp8():
+    """fp8=True (bf16 block, 128-multiples): the stacked experts take the FP8 grouped GEMMs like the zoo's MoE."""
+    from dsr_compiler.tolerance import compare_fp8
+    m = _init(LoopMoE(h=128, i=128), 0).to(torch.bfloat16)
+    x = torch.randn(1, 16, 128, generator=torch.Generator().manual_seed(3)).bfloat16()
+    cm = dsr.compile(m, (x,), dynamic={"x": {1: "T"}}, fp8=True, backend="interpret")
+    fams = [k.spec.family for k in cm.kernels]
+    assert fams.count("moe_gemm_fp8") == 2 and "moe_gemm" not in fams, fams
+    with torch.no_grad():
+        ref = m(x)
+    r = compare_fp8(cm(x), ref, "fp8")
+    assert r["ok"] and r["calc_diff"] > 1e-6, r
