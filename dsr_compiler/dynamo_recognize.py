@@ -105,9 +105,12 @@ class _Values:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], keep: set[fx.Node]) -> None:
         self.gm, self.inputs, self.keep, self._env = gm, example_inputs, keep, None
+        self.failed = "the example sizes have no concrete values to check the cut on"
+        self._tried = False
 
     def env(self) -> dict | None:
-        if self._env is None:
+        if self._env is None and not self._tried:
+            self._tried = True
             args = []
             for a in self.inputs:
                 if isinstance(a, torch.SymInt):
@@ -117,8 +120,13 @@ class _Values:
                     a = int(hint)
                 args.append(a)
             run = _Keeping(self.gm, self.keep)
-            with torch.no_grad():
-                run.run(*args)
+            try:
+                with torch.no_grad():
+                    run.run(*args)
+            except Exception as e:                  # noqa: BLE001  (the user's graph failed eagerly: no cut)
+                first = (str(e).splitlines() or [""])[0]
+                self.failed = f"the graph failed to run eagerly on the example inputs ({type(e).__name__}: {first})"
+                return None
             self._env = run.saved
         return self._env
 
@@ -147,7 +155,7 @@ def _check_call(values: _Values, m: nn.Module, args: list, results: list, roles:
     """The module called on the values its arguments had inline must give the values its results had."""
     env = values.env()
     if env is None:
-        return "the example sizes have no concrete values to check the cut on"
+        return values.failed
     with torch.no_grad():
         out = m(*[env[a] for a in args])
     outs = (out,) if n_out == 1 else tuple(out) if isinstance(out, (tuple, list)) else ()
