@@ -18,7 +18,7 @@ from dsr_compiler.ir.ops import OPS, POINTWISE, SOURCE, flops_per_element, index
 from dsr_compiler.ir.types import dim_str, to_expr
 from dsr_compiler.ir.verifier import ir_window
 
-from .spec import ArgSpec, Stmt, comment_text, ident
+from .spec import ArgSpec, KernelSpec, Stmt, comment_text, ident
 
 # Layout ops that a kernel folds into the index map of the input they re-index (`OpDef.index_map`).
 INDEX_MAP_OPS = index_map_ops()
@@ -133,5 +133,34 @@ def closure(stmts: Sequence[Stmt], roots: Iterable[int], have: set[str]) -> list
     return sorted(need)
 
 
-__all__ = ["INDEX_MAP_OPS", "TOKEN", "arg_names", "attr_int", "closure", "fail", "kernel_bytes", "kernel_name",
-           "next_pow2", "pointwise_flops", "source_nodes", "static_int", "tensor_args"]
+def single_op(k: Kernel, op: str, only_output: bool = True) -> Node:
+    """The one op of a kernel that holds exactly one `op` (consts aside) whose operands are all kernel inputs and
+    (with `only_output`) whose result is the kernel's only output: the one-op families (cumsum, index, gather,
+    the vocabulary kernels)."""
+    ops = [n for n in k.body.nodes if n.op != "const"]
+    if len(ops) != 1 or ops[0].op != op:
+        raise fail(k, f"a {k.family} kernel holds exactly one {op} op, got {[n.op for n in ops]}",
+                   ops[1] if len(ops) > 1 else None)
+    n = ops[0]
+    inputs = {v.name for v in k.body.inputs}
+    for v in n.inputs:
+        if v not in inputs:
+            raise fail(k, f"{op} operand %{v} is computed inside the kernel; operands must be kernel inputs", n)
+    if only_output and list(k.body.outputs) != [n.out.name]:
+        raise fail(k, f"must return only %{n.out.name}", n)
+    return n
+
+
+def flat_spec(k: Kernel, index: int, family: str, template: str, pool: Any, params: tuple, numel: sympy.Expr,
+              block: int, bytes_read: sympy.Expr, bytes_written: sympy.Expr) -> KernelSpec:
+    """The spec of a copy kernel over `numel` outputs, one program per `block` of them (gather, index)."""
+    g = k.body
+    return KernelSpec(
+        name=kernel_name(k, index), family=family, template=template,
+        args=tuple(tensor_args(g)) + tuple(pool.args), grid=(dim_str(sympy.ceiling(numel / block)),),
+        num_warps=attr_int(k, "num_warps", 4), num_stages=1, params=params, body=(), source_nodes=source_nodes(g),
+        flops="0", bytes_read=dim_str(sympy.expand(bytes_read)), bytes_written=dim_str(sympy.expand(bytes_written)))
+
+
+__all__ = ["INDEX_MAP_OPS", "TOKEN", "arg_names", "attr_int", "closure", "fail", "flat_spec", "kernel_bytes", "kernel_name",
+           "next_pow2", "pointwise_flops", "single_op", "source_nodes", "static_int", "tensor_args"]

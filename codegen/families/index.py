@@ -16,9 +16,8 @@ import sympy
 
 from dsr_compiler.ir.graph import Kernel
 from dsr_compiler.ir.ops.core import INDEX
-from dsr_compiler.ir.types import dim_str
 
-from ..lower_common import arg_names, attr_int, fail, kernel_name, next_pow2, source_nodes, static_int, tensor_args
+from ..lower_common import arg_names, attr_int, flat_spec, next_pow2, single_op, static_int
 from ..spec import KernelSpec
 from ..views import ScalarPool
 from .record import KernelFamily
@@ -33,19 +32,9 @@ def _prod(dims) -> sympy.Expr:
 
 def lower_index(k: Kernel, index: int) -> KernelSpec:
     g = k.body
-    ops = [n for n in g.nodes if n.op != "const"]
-    if len(ops) != 1 or ops[0].op != INDEX:
-        raise fail(k, f"an index kernel holds exactly one index op, got {[n.op for n in ops]}",
-                   ops[1] if len(ops) > 1 else None)
-    n = ops[0]
+    n = single_op(k, INDEX)
     vals = g.values()
     names = arg_names(g)
-    inputs = {v.name for v in g.inputs}
-    for v in n.inputs:
-        if v not in inputs:
-            raise fail(k, f"index operand %{v} is computed inside the kernel; operands must be kernel inputs", n)
-    if list(g.outputs) != [n.out.name]:
-        raise fail(k, f"must return only %{n.out.name}", n)
     x, idx = n.inputs[0], n.inputs[1:]
     xt = vals[x].type
     kk = len(idx)
@@ -59,11 +48,7 @@ def lower_index(k: Kernel, index: int) -> KernelSpec:
               ("OUT", names[("out", 0)]), ("OOB", 'float("nan")' if xt.dtype.is_float else "0"))
     it = sum(vals[i].type.dtype.itemsize for i in idx)
     rd = numel * xt.dtype.itemsize + _prod(vals[idx[0]].type.shape) * it
-    return KernelSpec(
-        name=kernel_name(k, index), family=INDEX, template="index.py.j2",
-        args=tuple(tensor_args(g)) + tuple(pool.args), grid=(dim_str(sympy.ceiling(numel / block)),),
-        num_warps=attr_int(k, "num_warps", 4), num_stages=1, params=params, body=(), source_nodes=source_nodes(g),
-        flops="0", bytes_read=dim_str(sympy.expand(rd)), bytes_written=dim_str(sympy.expand(numel * xt.dtype.itemsize)))
+    return flat_spec(k, index, INDEX, "index.py.j2", pool, params, numel, block, rd, numel * xt.dtype.itemsize)
 
 
 INDEX_FAMILY = KernelFamily(INDEX, lower=lower_index, template="index.py.j2", peak="bf16")

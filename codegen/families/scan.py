@@ -17,7 +17,8 @@ from dsr_compiler.ir.ops.core import CUMSUM
 from dsr_compiler.ir.types import dim_str
 
 from ..exprs import store_value
-from ..lower_common import arg_names, attr_int, fail, kernel_name, next_pow2, source_nodes, static_int, tensor_args
+from ..lower_common import (arg_names, attr_int, kernel_name, next_pow2, single_op, source_nodes, static_int,
+                            tensor_args)
 from ..spec import KernelSpec
 from ..views import ScalarPool
 from .record import KernelFamily
@@ -25,18 +26,10 @@ from .record import KernelFamily
 
 def lower_cumsum(k: Kernel, index: int) -> KernelSpec:
     g = k.body
-    ops = [n for n in g.nodes if n.op != "const"]
-    if len(ops) != 1 or ops[0].op != CUMSUM:
-        raise fail(k, f"a cumsum kernel holds exactly one cumsum op, got {[n.op for n in ops]}",
-                   ops[1] if len(ops) > 1 else None)
-    n = ops[0]
+    n = single_op(k, CUMSUM)
     vals = g.values()
     names = arg_names(g)
     (x,) = n.inputs
-    if x not in {v.name for v in g.inputs}:
-        raise fail(k, f"cumsum operand %{x} is computed inside the kernel; it must be a kernel input", n)
-    if list(g.outputs) != [n.out.name]:
-        raise fail(k, f"must return only %{n.out.name}", n)
     xt, ot = vals[x].type, n.out.type
     width = xt.shape[-1]
     rows = sympy.Integer(1)

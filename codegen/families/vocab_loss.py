@@ -43,7 +43,8 @@ from dsr_compiler.ir.ops.loss import (
 )
 from dsr_compiler.ir.types import DType, dim_str
 
-from ..lower_common import arg_names, attr_int, fail, kernel_name, next_pow2, source_nodes, static_int, tensor_args
+from ..lower_common import (arg_names, attr_int, fail, flat_spec, kernel_name, next_pow2, single_op, source_nodes,
+                            static_int, tensor_args)
 from ..spec import ArgSpec, KernelSpec
 from ..views import ScalarPool, prod
 from .record import KernelFamily
@@ -65,17 +66,7 @@ _DOT = {DType.bf16: "bf16", DType.f16: "f16", DType.f32: ""}
 
 
 def _the_op(k: Kernel) -> Node:
-    want = _OPS[k.family]
-    ops = [n for n in k.body.nodes if n.op != "const"]
-    if len(ops) != 1 or ops[0].op != want:
-        raise fail(k, f"a {k.family} kernel holds exactly one {want} op, got {[n.op for n in ops]}",
-                   ops[1] if len(ops) > 1 else None)
-    n = ops[0]
-    inputs = {v.name for v in k.body.inputs}
-    for x in n.inputs:
-        if x not in inputs:
-            raise fail(k, f"{want} operand %{x} is computed inside the kernel; operands must be kernel inputs", n)
-    return n
+    return single_op(k, _OPS[k.family], only_output=False)
 
 
 def _fit(size: sympy.Expr, default: int, lo: int = 16) -> int:
@@ -194,11 +185,8 @@ def lower_gather(k: Kernel, index: int) -> KernelSpec:
     params = (("BLOCK", block), ("NUMEL", pool.lit(numel)), ("K", pool.lit(it.shape[-1])), ("V", pool.lit(xt.shape[-1])),
               ("X", names[("in", x)]), ("INDEX", names[("in", idx)]), ("OUT", names[("out", 0)]), ("OOB", oob))
     rd = numel * (it.dtype.itemsize + xt.dtype.itemsize)
-    return KernelSpec(
-        name=kernel_name(k, index), family=GATHER, template="gather.py.j2",
-        args=tuple(tensor_args(g)) + tuple(pool.args), grid=(dim_str(sympy.ceiling(numel / block)),),
-        num_warps=attr_int(k, "num_warps", 4), num_stages=1, params=params, body=(), source_nodes=source_nodes(g),
-        flops="0", bytes_read=dim_str(sympy.expand(rd)), bytes_written=dim_str(sympy.expand(numel * xt.dtype.itemsize)))
+    return flat_spec(k, index, GATHER, "gather.py.j2", pool, params, numel, block, rd, numel * xt.dtype.itemsize)
+
 
 
 VOCAB_LOGPROBS_FAMILY = KernelFamily(VOCAB_LOGPROBS, lower=lower_vocab, template="vocab_logprobs.py.j2", peak="bf16")

@@ -195,20 +195,25 @@ def _router_io(m: nn.Module, spec: RouterMatch) -> tuple[list, list]:
     return [(True, h)], [(True, n_exp), (True, spec.attrs["topk"]), (False, spec.attrs["topk"])]
 
 
-@recognizes("moe_router", match_router, kind="MoE router", io=_router_io)
-def _lower_router(cx: TraceContext, m: nn.Module, spec: RouterMatch, args: tuple, kwargs: dict) -> tuple:
+def _hidden(cx: TraceContext, m: nn.Module, args: tuple, kwargs: dict, kind: str, h: int) -> tuple[TensorRef, TensorRef]:
+    """The one argument of a recognised router / block, float [..., h], and its rows [tokens, h]."""
     name = type(m).__name__
     if len(args) + len(kwargs) != 1:
-        raise cx.fail(f"{name} (recognised MoE router) takes one input, got {len(args) + len(kwargs)}")
+        raise cx.fail(f"{name} (recognised {kind}) takes one input, got {len(args) + len(kwargs)}")
     x = cx.tensor(args[0] if args else next(iter(kwargs.values())), f"{name}: hidden_states")
-    w = m._parameters["weight"]
-    h = int(w.shape[1])
     if x.type.rank < 1 or not x.type.dtype.is_float or to_expr(x.type.shape[-1]) != h:
         raise cx.fail(f"{name}: expected float hidden_states [..., {h}], got {x.type}")
     tokens = to_expr(1)
     for d in x.type.shape[:-1]:
         tokens = tokens * d
-    flat = cx.reshape(x, (tokens, h))
+    return x, cx.reshape(x, (tokens, h))
+
+
+@recognizes("moe_router", match_router, kind="MoE router", io=_router_io)
+def _lower_router(cx: TraceContext, m: nn.Module, spec: RouterMatch, args: tuple, kwargs: dict) -> tuple:
+    name = type(m).__name__
+    w = m._parameters["weight"]
+    x, flat = _hidden(cx, m, args, kwargs, "MoE router", int(w.shape[1]))
     gate_w = cx.param(w)
     ins = [flat, gate_w]
     if spec.has_bias:
@@ -455,21 +460,12 @@ derive_param("experts.down_stack", ParamDerivation(
 
 @recognizes("moe_block", match_block, kind="MoE block", io=_block_io)
 def _lower_block(cx: TraceContext, m: nn.Module, spec: BlockMatch, args: tuple, kwargs: dict) -> Any:
-    name = type(m).__name__
-    if len(args) + len(kwargs) != 1:
-        raise cx.fail(f"{name} (recognised MoE block) takes one input, got {len(args) + len(kwargs)}")
-    x = cx.tensor(args[0] if args else next(iter(kwargs.values())), f"{name}: hidden_states")
     gate_w = m._modules["gate"]._parameters["weight"]
     n_exp, h = (int(s) for s in gate_w.shape)
-    if x.type.rank < 1 or not x.type.dtype.is_float or to_expr(x.type.shape[-1]) != h:
-        raise cx.fail(f"{name}: expected float hidden_states [..., {h}], got {x.type}")
+    x, flat = _hidden(cx, m, args, kwargs, "MoE block", h)
     if DType.from_torch(gate_w.dtype) is not x.type.dtype:
-        raise cx.fail(f"{name}: its weights are {gate_w.dtype} but hidden_states is {x.type.dtype.value}",
+        raise cx.fail(f"{type(m).__name__}: its weights are {gate_w.dtype} but hidden_states is {x.type.dtype.value}",
                       hint="cast the module and its input to one dtype")
-    tokens = to_expr(1)
-    for d in x.type.shape[:-1]:
-        tokens = tokens * d
-    flat = cx.reshape(x, (tokens, h))
     gw = cx.param(gate_w)
     weights, ids = cx.emit_multi("moe_router", [flat, gw], spec.attrs)
     k, bm = spec.attrs["topk"], BLOCK_M.get(x.type.dtype, 64)
