@@ -115,6 +115,9 @@ def stack_experts(*per_source: Sequence[torch.Tensor]) -> torch.Tensor:
 
 # `block` x `block` FP8 weight quantization (DeepSeek `weight_scale_inv` semantics: w ~ q * s).
 register_rule("fp8_block_quant", lambda w, block=128, scale_fmt=None: quant_weight_ref(w, block, scale_fmt))
+# the same, of a weight stored [K, N] (a matmul's right operand, GPT-2's Conv1D): the codes of its transpose
+register_rule("fp8_block_quant_t",
+              lambda w, block=128, scale_fmt=None: quant_weight_ref(w.t().contiguous(), block, scale_fmt))
 register_rule("stack_experts", stack_experts)
 # the experts [start, stop) of a stacked [E, ...] tensor: one expert-parallel rank's share (passes/expert_parallel.py)
 register_rule("expert_slice", lambda w, start, stop: w[start:stop])

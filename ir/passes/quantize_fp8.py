@@ -150,12 +150,13 @@ def quantize_fp8(g: Graph, ctx: PassContext) -> Graph:
         return name
 
     for f in policy.force:
-        if not any(n.op == "linear" and (n.origin == f or n.origin.startswith(f + ".")) for n in g.nodes):
+        if not any((n.op == "linear" or _param_matmul(n, vals, params)) and (n.origin == f or n.origin.startswith(f + "."))
+                   for n in g.nodes):
             raise DsrError(f"fp8 policy: force={f!r} matches no linear of graph {g.name}",
                            "fp8 policy", "force takes module paths as printed after `#` in the IR (dsrc ir)")
 
     quant_of: dict[tuple[str, int, str | None], tuple[str, str]] = {}   # activation -> (codes, scales)
-    weight_of: dict[str, tuple[str, str]] = {}                          # weight param -> (codes, scales)
+    weight_of: dict[tuple[str, bool], tuple[str, str]] = {}             # (weight param, transposed) -> (codes, scales)
     new_params: dict[str, list[Value]] = {}                              # after which param they go
     out_nodes: list[Node] = []
     counts = {"gemms": 0, "activation_quants": 0, "moe_expert_gemms": 0}
@@ -193,18 +194,20 @@ def quantize_fp8(g: Graph, ctx: PassContext) -> Graph:
             quant_of[key] = (q, s)
         return quant_of[key]
 
-    def weight(w: str, origin: str) -> tuple[str, str]:
-        """(codes, scales) params of weight param w ([..., N, K]), derived once at compile time."""
-        if w not in weight_of:
+    def weight(w: str, origin: str, transposed: bool = False) -> tuple[str, str]:
+        """(codes, scales) params of weight param w ([..., N, K]; `transposed`: a matmul's [K, N], whose codes
+        are those of its transpose), derived once at compile time."""
+        if (w, transposed) not in weight_of:
             wt = vals[w].type
-            wq, ws = fresh(f"{w}.q"), fresh(f"{w}.s")
-            st = wt.shape[:-2] + (n_blocks(wt.shape[-2], b), n_blocks(wt.shape[-1], b))
-            new_params.setdefault(w, []).extend([Value(wq, TensorType(DType.fp8e4m3, wt.shape)),
+            shape = (wt.shape[1], wt.shape[0]) if transposed else wt.shape
+            wq, ws = fresh(f"{w}.T.q" if transposed else f"{w}.q"), fresh(f"{w}.T.s" if transposed else f"{w}.s")
+            st = shape[:-2] + (n_blocks(shape[-2], b), n_blocks(shape[-1], b))
+            new_params.setdefault(w, []).extend([Value(wq, TensorType(DType.fp8e4m3, shape)),
                                                  Value(ws, TensorType(DType.f32, st))])
-            weight_of[w] = (wq, ws)
-            ctx.derive(DerivedParam((wq, ws), "fp8_block_quant", (w,), {"block": b, "scale_fmt": policy.scale_fmt},
-                                    origin))
-        return weight_of[w]
+            weight_of[(w, transposed)] = (wq, ws)
+            ctx.derive(DerivedParam((wq, ws), "fp8_block_quant_t" if transposed else "fp8_block_quant", (w,),
+                                    {"block": b, "scale_fmt": policy.scale_fmt}, origin))
+        return weight_of[(w, transposed)]
 
     users = g.users()
     moe_down: dict[int, Node] = {}          # id of a moe_gemm_down node -> its FP8 replacement
@@ -236,7 +239,7 @@ def quantize_fp8(g: Graph, ctx: PassContext) -> Graph:
                      f"%{down.out.name} = moe_gemm_down @ {down.origin} -> FP8 grouped GEMMs "
                      f"(the SwiGLU product leaves the first as fp8 codes + scales)")
             continue
-        if n.op != "linear":
+        if n.op != "linear" and not _param_matmul(n, vals, params):
             out_nodes.append(n)
             continue
         why = _refusal(n, vals, params, policy)
@@ -246,16 +249,16 @@ def quantize_fp8(g: Graph, ctx: PassContext) -> Graph:
             if forced and kind != "policy":
                 hint = ("remove it from the policy's force list" + ("" if kind == "island" else
                         f", or pad the layer to a multiple of {b} (DeepSeek's dims all are)"))
-                raise DsrError(f"quantize_fp8: cannot quantize %{n.out.name} = linear @ {n.origin}: {msg}",
+                raise DsrError(f"quantize_fp8: cannot quantize %{n.out.name} = {n.op} @ {n.origin}: {msg}",
                                f"graph {g.name}, module {n.origin}", hint)
             if not (kind == "policy" and forced):
-                ctx.note(f"not quantized: %{n.out.name} = linear @ {n.origin or '?'}: {msg}")
+                ctx.note(f"not quantized: %{n.out.name} = {n.op} @ {n.origin or '?'}: {msg}")
                 out_nodes.append(n)
                 continue
         x, w = n.inputs[0], n.inputs[1]
         wt = vals[w].type
         xq, xs = activation(x, n.origin)
-        wq, ws = weight(w, n.origin)
+        wq, ws = weight(w, n.origin, transposed=n.op == "matmul")
         y = n.out
         attrs: dict[str, Any] = {"block": b}
         if policy.block_m is not None:
@@ -277,8 +280,10 @@ def quantize_fp8(g: Graph, ctx: PassContext) -> Graph:
         elif not plain:
             out_nodes.append(Node((Value(y.name, y.type),), "cast", (cur.name,), {"dtype": y.type.dtype}, n.origin))
         counts["gemms"] += 1
-        ctx.note(f"quantized: %{y.name} = linear @ {n.origin or '?'} -> gemm_fp8 (K={wt.shape[1]}, N={wt.shape[0]}; "
-                 f"weights %{wq}, %{ws} derived once from %{w} in {b}x{b} blocks)")
+        kk, nn_ = (wt.shape[0], wt.shape[1]) if n.op == "matmul" else (wt.shape[1], wt.shape[0])
+        ctx.note(f"quantized: %{y.name} = {n.op} @ {n.origin or '?'} -> gemm_fp8 (K={kk}, N={nn_}; "
+                 f"weights %{wq}, %{ws} derived once from %{w}{' transposed' if n.op == 'matmul' else ''} "
+                 f"in {b}x{b} blocks)")
     n_done = counts["gemms"] + counts["moe_expert_gemms"]
     if not n_done:
         return g.replace()
@@ -324,8 +329,15 @@ def _moe_pair(n: Node, users: dict[str, list[Node]], vals: dict[str, Value], par
     return downs[0]
 
 
+def _param_matmul(n: Node, vals: dict[str, Value], params: set[str]) -> bool:
+    """`x @ W` with W a 2-D parameter [K, N] (GPT-2's Conv1D through addmm): a linear with W transposed."""
+    return n.op == "matmul" and len(n.inputs) == 2 and n.inputs[1] in params and vals[n.inputs[1]].type.rank == 2 \
+        and vals[n.inputs[0]].type.rank >= 2
+
+
 def _refusal(n: Node, vals: dict[str, Value], params: set[str], policy: Fp8Policy) -> tuple[str, str] | None:
-    """Why `n` (a linear) is not quantized: (kind, message), kind "policy" or "shape"; None if it is."""
+    """Why `n` (a linear, or a matmul by a 2-D parameter) is not quantized: (kind, message), kind "policy" or
+    "shape"; None if it is."""
     cls = classify(n.origin)
     if cls in HIGH_PRECISION:
         return "island", f"{HIGH_PRECISION[cls]} stays high precision (DESIGN.md section 5)"
@@ -337,7 +349,7 @@ def _refusal(n: Node, vals: dict[str, Value], params: set[str], policy: Fp8Polic
         return "shape", "its weight is computed in the graph, not a parameter (FP8 weights are prepared once)"
     if wt.dtype not in (DType.f32, DType.bf16, DType.f16):
         return "shape", f"weight dtype {wt.dtype.value} is not f32/bf16/f16"
-    k = wt.shape[1]
+    k = wt.shape[0] if n.op == "matmul" else wt.shape[1]
     if not k.is_Integer:
         return "shape", f"K={k} is not static"
     if int(k) % policy.block:

@@ -192,3 +192,40 @@ def test_quantizes_before_a_view_that_keeps_the_last_dim_so_the_norm_fuses():
     k1 = fused.kernels[0]
     assert k1.family == "quant_fp8" and [n.op for n in k1.body.nodes] == ["rms_norm", "quant_fp8"]
     assert set(k1.body.outputs) == {"n", "n.q", "n.s"}      # the router gate reads the norm output in bf16
+
+
+CONV1D = """
+    graph g(%x : bf16[T,128], param %w : bf16[128,256], param %b : bf16[256], param %v : bf16[96,64]) {
+      %m : bf16[T,256] = matmul(%x, %w)  # attn.c_attn
+      %y : bf16[T,256] = add(%m, %b)  # attn.c_attn
+      %z : bf16[T,96] = slice(%x, dim=1, start=0, end=96)
+      %u : bf16[T,64] = matmul(%z, %v)  # mlp.c_fc
+      return %y, %u
+    }
+"""
+
+
+def test_matmul_by_a_parameter_is_a_linear_with_the_weight_transposed():
+    """GPT-2's Conv1D (`addmm(b, x, W)` with W [K, N]): the codes and scales are those of W's transpose, derived
+    once (rule fp8_block_quant_t), and the result is the FP8 contract of x @ W; K=96 stays bf16, with a note."""
+    from dsr_compiler.ir.ops.fp8 import dequant_fp8_ref, dequant_weight_ref, quant_fp8_ref, quant_weight_ref
+    from dsr_compiler.tolerance import compare_fp8
+    ctx = PassContext(options={"fp8": True})
+    q = quantize_fp8(ir(CONV1D), ctx)
+    text = body(q)
+    assert "%m : bf16[T,256] = gemm_fp8(%x.q, %x.s, %w.T.q, %w.T.s, block=128)  # attn.c_attn" in text
+    assert "matmul(%z, %v)" in text
+    assert [d.rule for d in ctx.derived] == ["fp8_block_quant_t"]
+    assert "not quantized: %u = matmul @ mlp.c_fc: K=96 not a multiple of 128" in "\n".join(ctx.notes)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 128, generator=gen).bfloat16()
+    ws = {"w": (torch.randn(128, 256, generator=gen) / 11).bfloat16(), "b": torch.randn(256, generator=gen).bfloat16(),
+          "v": torch.randn(96, 64, generator=gen).bfloat16()}
+    vals = dict(ws)
+    for d in ctx.derived:
+        vals.update(zip(d.outputs, evaluate(d, [ws[s] for s in d.sources])))
+    y, _ = run_graph(q, [x] + [vals[p] for p in q.params])
+    aq, as_ = quant_fp8_ref(x)
+    wq, wsc = quant_weight_ref(ws["w"].t().contiguous())
+    ref = (dequant_fp8_ref(aq, as_) @ dequant_weight_ref(wq, wsc).T).bfloat16() + ws["b"]
+    assert compare_fp8(y, ref, "fp8_sim")["ok"]
