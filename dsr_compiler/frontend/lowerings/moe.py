@@ -52,7 +52,7 @@ def _experts(owner: nn.Module) -> list[nn.Module]:
     return list(experts)
 
 
-def _expert_weights(owner: nn.Module, names: tuple[str, ...]) -> list[list[torch.Tensor]]:
+def expert_weights(owner: nn.Module, names: tuple[str, ...]) -> list[list[torch.Tensor]]:
     """[[w of each name] for each expert]; every expert must be a bias-free SwiGLU MLP of one shape."""
     out = []
     for e, ex in enumerate(_experts(owner)):
@@ -72,13 +72,13 @@ def _expert_weights(owner: nn.Module, names: tuple[str, ...]) -> list[list[torch
 
 
 def _w13_type(owner: nn.Module) -> tuple[torch.dtype, tuple[int, ...]]:
-    ws = _expert_weights(owner, ("w1", "w3"))
+    ws = expert_weights(owner, ("w1", "w3"))
     w1 = ws[0][0]
     return w1.dtype, (len(ws), 2 * w1.shape[0], w1.shape[1])
 
 
 def _w2_type(owner: nn.Module) -> tuple[torch.dtype, tuple[int, ...]]:
-    ws = _expert_weights(owner, ("w2",))
+    ws = expert_weights(owner, ("w2",))
     return ws[0][0].dtype, (len(ws),) + tuple(ws[0][0].shape)
 
 

@@ -56,7 +56,7 @@ from dsr_compiler.ir.types import DType, to_expr
 
 from ..context import TensorRef, TraceContext
 from ..registry import ParamDerivation, derive_param, recognizes
-from .moe import BLOCK_M
+from .moe import BLOCK_M, expert_weights
 
 PROBE_TOKENS = 64                     # router probe
 PROBE_EXPERT_TOKENS = 12              # experts probe
@@ -437,10 +437,8 @@ def _block_io(m: nn.Module, spec: BlockMatch) -> tuple[list, list]:
 
 
 def _stacked(names: tuple[str, ...]):
-    from .moe import _expert_weights
-
     def type_of(owner: nn.Module) -> tuple[torch.dtype, tuple[int, ...]]:
-        ws = _expert_weights(owner, names)
+        ws = expert_weights(owner, names)
         w = ws[0][0]
         return w.dtype, (len(ws), len(names) * w.shape[0], w.shape[1])
     return type_of
