@@ -156,8 +156,11 @@ def _check_call(values: _Values, m: nn.Module, args: list, results: list, roles:
     env = values.env()
     if env is None:
         return values.failed
-    with torch.no_grad():
-        out = m(*[env[a] for a in args])
+    try:
+        with torch.no_grad():
+            out = m(*[env[a] for a in args])
+    except Exception as e:                          # noqa: BLE001  (its own forward failed: no cut)
+        return f"called on its own it failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
     outs = (out,) if n_out == 1 else tuple(out) if isinstance(out, (tuple, list)) else ()
     if len(outs) != n_out:
         return f"called on its own it returns {type(out).__name__}, not {n_out} tensors"
@@ -175,7 +178,7 @@ def _cut(gm: fx.GraphModule, example_inputs: Sequence[Any], key: str, m: nn.Modu
     body = [n for n in nodes if n.op.startswith("call") and key in _stack(n)]
     inside = set(body)
     own = {id(t) for t in list(m.parameters()) + list(m.buffers())}
-    placeholders = [n for n in nodes if n.op == "placeholder"]
+    placeholders = {n: i for i, n in enumerate(n for n in nodes if n.op == "placeholder")}
     reads: list[fx.Node] = []
     for n in body:
         if _writes_outside(n, inside):
@@ -184,7 +187,7 @@ def _cut(gm: fx.GraphModule, example_inputs: Sequence[Any], key: str, m: nn.Modu
             if a in inside or a in reads:
                 continue
             if a.op == "placeholder":
-                ex = example_inputs[placeholders.index(a)]
+                ex = example_inputs[placeholders[a]]
                 if not isinstance(ex, torch.Tensor) or id(ex) in own:
                     continue                # its own parameter, or a size
             elif a.op == "get_attr":
@@ -250,7 +253,7 @@ def recognize_in_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> lis
     """Cut each recognised module call of `gm` back to one call (outermost modules first); the notes say
     which modules had a pattern's structure and were not cut, and why."""
     from dsr_compiler.frontend.origins import class_name
-    from dsr_compiler.frontend.registry import RECOGNIZERS
+    from dsr_compiler.frontend.registry import RECOGNIZERS, verdict_key
     first: dict[str, tuple[int, str]] = {}
     for n in gm.graph.nodes:
         if n.op.startswith("call"):
@@ -271,12 +274,15 @@ def recognize_in_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> lis
                              "`config._experts_implementation` to \"grouped_mm\" or \"batched_mm\")")
                 break
     matched: list[tuple[str, str, nn.Module, Any, Any]] = []     # (key, where, module, recognizer, spec)
+    verdicts: dict[Any, list] = {}                               # verdict_key -> [(recognizer, verdict)]
     for key, (_, qual) in sorted(first.items(), key=lambda kv: kv[1][0]):
         m = modules.get(int(key)) if key.isdigit() else None
         if m is None:
             continue                        # not reached from the frame
-        for rec in RECOGNIZERS.values():
-            verdict = rec.match(m)
+        vk = verdict_key(m)
+        if vk not in verdicts:              # one probe per kind of module, not per layer
+            verdicts[vk] = [(rec, rec.match(m)) for rec in RECOGNIZERS.values()]
+        for rec, verdict in verdicts[vk]:
             if verdict is None:
                 continue
             where = f"`{qual}` ({class_name(type(m))})"

@@ -32,7 +32,7 @@ from .origins import (DYNAMO_MODULE, ROOT_ATTR, USER_FRAME, class_name, fn_name,
                       location_from_user_frame)
 from .registry import (DERIVED_PARAMS, FUNCTION_HANDLERS, FUNCTION_LOWERINGS, LEAF_LOWERINGS, METHOD_HANDLERS,
                        INPLACE_LOWERINGS, MODULE_HANDLERS, RECOGNIZERS, Handler, Recognizer, function_op,
-                       supported_hint)
+                       supported_hint, verdict_key)
 
 @dataclass(frozen=True, slots=True)
 class TensorRef:
@@ -218,14 +218,12 @@ class TraceContext:
     # --- modules of other libraries lowered as a whole (registry.RECOGNIZERS), decided before the trace
     def recognize(self, user: nn.Module) -> None:
         """Run every recognizer on every submodule of `user` (eagerly, outside FX: a match may run the
-        module on a probe). Modules of one class with equal attributes and tensor shapes share a verdict."""
+        module on a probe). Modules with one `registry.verdict_key` share a verdict."""
         seen: dict[Any, tuple[Recognizer, Any] | None] = {}
         for path, m in user.named_modules():
             if getattr(type(m), "dsr_op", None) is not None:
                 continue
-            key = (type(m), tuple((n, tuple(t.shape), t.dtype) for n, t in
-                                  list(m._parameters.items()) + list(m._buffers.items()) if t is not None),
-                   repr(sorted((k, v) for k, v in m.__dict__.items() if isinstance(v, (int, float, bool, str)))))
+            key = verdict_key(m)
             if key in seen:
                 if seen[key] is not None:
                     self.recognized[id(m)] = seen[key]     # type: ignore[assignment]

@@ -81,6 +81,21 @@ class Recognizer:
 RECOGNIZERS: dict[str, Recognizer] = {}
 
 
+def verdict_key(m: nn.Module) -> Any:
+    """Modules with equal keys get one recognizer verdict (the probe runs once per key): the class, and for
+    the module and every submodule its path, class, tensor shapes and dtypes, and its public attributes
+    (numbers and strings by value; functions, configs and any other object by identity, so two modules
+    that differ in an activation function or a config never share a verdict)."""
+    parts = []
+    for path, sub in m.named_modules():
+        tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in
+                        list(sub._parameters.items()) + list(sub._buffers.items()) if t is not None)
+        attrs = tuple(sorted((k, repr(v) if isinstance(v, (int, float, bool, str, type(None))) else ("id", id(v)))
+                             for k, v in sub.__dict__.items() if not k.startswith("_")))
+        parts.append((path, type(sub), tensors, attrs))
+    return type(m), tuple(parts)
+
+
 def recognizes(name: str, match: Callable[[nn.Module], Any], kind: str,
                io: Callable[[nn.Module, Any], tuple[list, list]] | None = None) -> Callable[[Callable], Callable]:
     """Register `lower` as the lowering of modules that `match` recognises (once per name)."""

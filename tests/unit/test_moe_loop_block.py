@@ -98,3 +98,20 @@ def test_loop_block_fp8():
         ref = m(x)
     r = compare_fp8(cm(x), ref, "fp8")
     assert r["ok"] and r["calc_diff"] > 1e-6, r
+
+
+class TwoBlocks(nn.Module):
+    """Two blocks of one class, the second with GELU experts: each gets its own verdict (no shared probe)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = _init(LoopMoE(), 0), _init(LoopMoE(act=F.gelu), 1)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_blocks_of_one_class_with_other_activations_do_not_share_a_verdict():
+    with pytest.raises(TraceError) as e:
+        dsr.compile(TwoBlocks().eval(), (_x(8),), backend="interpret")
+    assert "MoE block `b` (LoopMoE) not recognised" in str(e.value)
